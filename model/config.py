@@ -1,0 +1,179 @@
+"""The one config tree: dataclasses loaded from ``configs/*.yaml`` plus dotted overrides.
+
+Every field is documented once, in its ``metadata["help"]``; the CLI builds its flags and help
+from these dataclasses, so nothing is re-declared by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+LAYOUTS = ("video-turn", "stream")
+DIFFP_REFERENCES = ("previous", "last_kept")
+# Paper / transformers threshold: mean |diff| of normalized pixels x 255 (not grey levels).
+DIFFP_PREVIOUS_THRESHOLD = 0.1
+# Grey levels of the 0-255 image, measured on noisy static footage (README "DiffFP threshold").
+DIFFP_LAST_KEPT_THRESHOLD = 6.0
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    spec: str = _help(
+        '"tiny" (random weights built in code), a local checkpoint directory, or a hub id',
+        default="lkhl/VideoLLaMA3-2B-Image-HF",
+    )
+    device: str | None = _help("torch device; None = cuda if available, else cpu", default=None)
+    dtype: str | None = _help("float32|bfloat16|float16; None = bfloat16 on cuda, float32 on cpu", default=None)
+    attn: str | None = _help("attention backend: flash_attention_2|sdpa|eager; None = auto", default=None)
+    seed: int = _help("seed for the tiny random-weight model", default=0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attn not in (None, "flash_attention_2", "sdpa", "eager"):
+            raise ValueError(f"model.attn must be flash_attention_2, sdpa or eager, got {self.attn!r}")
+
+
+@dataclass
+class SessionConfig:
+    layout: str = _help('token layout: "video-turn" (any checkpoint) or "stream" (stream tokens)',
+                        default="video-turn")
+    frame_pixels: int = _help("per-frame pixel budget (max pixels after smart_resize)", default=448 * 336)
+    min_pixels: int = _help("per-frame minimum pixels after smart_resize", default=28 * 28)
+    diffp_reference: str = _help('DiffFP reference: "last_kept" (live default) or "previous" (paper)',
+                                 default="last_kept")
+    diffp_threshold: float | None = _help(
+        "DiffFP threshold; None = mode default (previous: 0.1 normalized x 255; last_kept: grey levels)",
+        default=None,
+    )
+    diffp_min_tokens: int = _help("tokens kept at least per frame", default=1)
+    system_prompt: str | None = _help("system prompt; None = the checkpoint chat template's", default=None)
+    max_cache_tokens: int | None = _help("refuse to grow the KV cache past this; None = model max positions",
+                                         default=None)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"session.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.diffp_reference not in DIFFP_REFERENCES:
+            raise ValueError(f"session.diffp_reference must be one of {DIFFP_REFERENCES}, got {self.diffp_reference!r}")
+        if self.frame_pixels < 28 * 28:
+            raise ValueError(f"session.frame_pixels must be >= {28 * 28}, got {self.frame_pixels}")
+        if not 28 * 28 <= self.min_pixels <= self.frame_pixels:
+            raise ValueError("session.min_pixels must be in [784, frame_pixels]")
+        if self.diffp_min_tokens < 1:
+            raise ValueError("session.diffp_min_tokens must be >= 1")
+        if self.diffp_threshold is not None and self.diffp_threshold < 0:
+            raise ValueError("session.diffp_threshold must be >= 0")
+
+    @property
+    def threshold(self) -> float:
+        """The DiffFP threshold in force (the mode's default when unset)."""
+        if self.diffp_threshold is not None:
+            return float(self.diffp_threshold)
+        return DIFFP_PREVIOUS_THRESHOLD if self.diffp_reference == "previous" else DIFFP_LAST_KEPT_THRESHOLD
+
+
+@dataclass
+class Config:
+    """Root of the config tree (``configs/default.yaml``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated type ``tp`` (dataclasses recurse)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{where}: cannot read {value!r} as {tp}")
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}")
+    kwargs = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``configs/default.yaml`` (or ``path``) and apply dotted overrides."""
+    path = Path(path) if path is not None else CONFIG_DIR / "default.yaml"
+    if not path.exists() and not path.is_absolute() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)

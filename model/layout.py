@@ -1,0 +1,130 @@
+"""Token layouts of a live session, shared by :class:`model.StreamSession` and ``training/``.
+
+The renderer is a small state machine fed with events (frame, question, answer end); each
+event returns the text around it, where a frame's visual tokens go between ``before`` and
+``after``. Rendering a recorded conversation event by event gives exactly the sequence the live
+session builds, so what the model is trained on is what it sees live.
+
+``video-turn``::
+
+    {system}<|im_start|>user\\nTime 0.0s:<frame>,Time 1.0s:<frame>\\n{question}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n<|im_start|>user\\nTime 2.0s:<frame>...
+
+``stream``::
+
+    {system}<|stream_start|>stream\\nTime 0.0s:<frame>\\n<|stream_end|>\\n
+    <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+STREAM_START = "<|stream_start|>"
+STREAM_END = "<|stream_end|>"
+_Q = "\u2402QUESTION\u2402"  # sentinel, cannot occur in a template
+
+
+@dataclass(frozen=True)
+class ChatPieces:
+    """The ChatML pieces a checkpoint's chat template produces around a video and a question."""
+
+    system_prefix: str = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    user_open: str = "<|im_start|>user\n"
+    video_suffix: str = "\n"
+    turn_close: str = "<|im_end|>\n"
+    assistant_open: str = "<|im_start|>assistant\n"
+
+    @classmethod
+    def from_processor(cls, processor: object, system_prompt: str | None = None) -> ChatPieces:
+        """Derive the pieces by rendering the processor's own chat template around a sentinel."""
+        base = cls()
+        template = getattr(processor, "chat_template", None)
+        pieces = base
+        if template:
+            video_token = getattr(processor, "video_token", "<|video_pad|>")
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _Q}]}],
+                tokenize=False, add_generation_prompt=True,
+            )
+            if isinstance(text, list):
+                text = text[0]
+            head, sep, tail = text.partition(video_token)
+            suffix, sep2, close = tail.partition(_Q)
+            if sep and sep2 and head.endswith(base.user_open) and close.endswith(base.assistant_open):
+                turn_close = close[: -len(base.assistant_open)]
+                pieces = cls(system_prefix=head[: -len(base.user_open)], user_open=base.user_open,
+                             video_suffix=suffix, turn_close=turn_close or base.turn_close,
+                             assistant_open=base.assistant_open)
+        if system_prompt is not None:
+            pieces = cls(system_prefix=f"<|im_start|>system\n{system_prompt}<|im_end|>\n",
+                         user_open=pieces.user_open, video_suffix=pieces.video_suffix,
+                         turn_close=pieces.turn_close, assistant_open=pieces.assistant_open)
+        return pieces
+
+
+@dataclass
+class _State:
+    in_user_turn: bool = False  # video-turn: a user turn is open and holds frames
+    frames_in_turn: int = 0
+    started: bool = False
+
+
+def timestamp(t: float) -> str:
+    return f"Time {t:.1f}s:"
+
+
+class LayoutRenderer:
+    """Renders session events to text for one of the two layouts."""
+
+    def __init__(self, layout: str, pieces: ChatPieces):
+        if layout not in ("video-turn", "stream"):
+            raise ValueError(f"unknown layout {layout!r}")
+        self.layout = layout
+        self.pieces = pieces
+        self.state = _State()
+
+    def snapshot(self) -> _State:
+        return copy.copy(self.state)
+
+    def restore(self, state: _State) -> None:
+        self.state = copy.copy(state)
+
+    def _start(self) -> str:
+        if self.state.started:
+            return ""
+        self.state.started = True
+        return self.pieces.system_prefix
+
+    def frame(self, t: float) -> tuple[str, str]:
+        """Text before and after one frame's visual tokens."""
+        head = self._start()
+        if self.layout == "stream":
+            return head + f"{STREAM_START}stream\n{timestamp(t)}", f"\n{STREAM_END}\n"
+        s = self.state
+        if s.in_user_turn:
+            s.frames_in_turn += 1
+            return head + "," + timestamp(t), ""
+        s.in_user_turn, s.frames_in_turn = True, 1
+        return head + self.pieces.user_open + timestamp(t), ""
+
+    def question(self, text: str) -> str:
+        """Text of a user question up to and including the assistant turn opening."""
+        head = self._start()
+        p = self.pieces
+        if self.layout == "video-turn" and self.state.in_user_turn:
+            body = p.video_suffix + text
+        else:
+            body = p.user_open + text
+        self.state.in_user_turn, self.state.frames_in_turn = False, 0
+        return head + body + p.turn_close + p.assistant_open
+
+    def assistant_open(self) -> str:
+        """Text that opens an assistant turn the model starts by itself (stream layout)."""
+        self.state.in_user_turn, self.state.frames_in_turn = False, 0
+        return self._start() + self.pieces.assistant_open
+
+    def answer_close(self) -> str:
+        """Text that closes an assistant answer (its end-of-turn token and newline)."""
+        return self.pieces.turn_close
