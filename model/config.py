@@ -177,3 +177,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
     return from_dict(Config, data)
+
+
+def add_dataclass_arguments(parser: Any, cls: type, positional: tuple[str, ...] = ()) -> None:
+    """Add one CLI flag per dataclass field (``--max-new-tokens``), help text from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        if f.name in positional:
+            parser.add_argument(f.name, help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=default, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
+
+
+def dataclass_from_args(cls: type, args: Any) -> Any:
+    """Build ``cls`` from parsed CLI args, coercing each value to its field type."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return from_dict(cls, values, where="--")

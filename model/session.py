@@ -112,6 +112,12 @@ class StreamSession:
         """Every token id in the KV cache, in order (visual tokens as the video pad id)."""
         return list(self._ids)
 
+    def next_logits(self) -> torch.Tensor:
+        """Logits (V,) for the token after the last one in the cache (inside an answer: the next token)."""
+        if self._last_logits is None:
+            raise RuntimeError("no logits yet: add a frame or ask first")
+        return self._last_logits.detach().float().cpu().clone()
+
     def respond_probability(self) -> float:
         """P(``<|im_start|>``) against P(``<|stream_start|>``) after the last frame (``stream`` layout)."""
         if self._stream_ids is None:
@@ -208,11 +214,13 @@ class StreamSession:
 
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
-            top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[TokenDelta]:
+            top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+            ignore_eos: bool = False) -> Iterator[TokenDelta]:
         """Append ``question`` and stream the answer as :class:`TokenDelta`.
 
         Arguments are checked now (``ValueError``); the work happens as the iterator is consumed.
         Question and answer stay in the cache. Closing the iterator early ends the answer there.
+        ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
@@ -221,7 +229,7 @@ class StreamSession:
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
             raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
         self._prompt_ids(question, max_new_tokens, commit=False)  # room check, raises CacheLimitError
-        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos)
 
     def _prompt_ids(self, question: str, max_new_tokens: int, commit: bool) -> list[int]:
         if self._answering:
@@ -240,7 +248,7 @@ class StreamSession:
         return ids
 
     def _generate(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                  top_p: float, seed: int | None) -> Iterator[TokenDelta]:
+                  top_p: float, seed: int | None, ignore_eos: bool) -> Iterator[TokenDelta]:
         # Nothing changes until the caller starts iterating; then the question is committed.
         saved = self._renderer.snapshot()
         ids = self._prompt_ids(question, max_new_tokens, commit=True)
@@ -254,14 +262,14 @@ class StreamSession:
         self._answering = True
         self._ids += ids
         self._pending_ids, self._pending_text = [], ""
-        self._last_event = "question"
+        self._last_logits, self._last_event = logits, "question"
         gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
         detok = IncrementalDetokenizer(self.tokenizer)
         unforwarded: list[int] = []
         try:
             for step in range(max_new_tokens):
                 token = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
-                if token in self.eos_ids:
+                if token in self.eos_ids and not ignore_eos:
                     break
                 unforwarded = [token]
                 yield TokenDelta(token_id=token, text=detok.push(token))
@@ -270,6 +278,7 @@ class StreamSession:
                 with torch.inference_mode():
                     logits = self._forward(self._embed([token]))
                 self._ids.append(token)
+                self._last_logits = logits
                 unforwarded = []
         finally:
             self._pending_ids = unforwarded

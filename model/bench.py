@@ -1,0 +1,193 @@
+"""``vl3live bench``: streaming session vs the stock transformers path, measured in the same run.
+
+Frames come from :class:`model.synthetic.SyntheticCamera`. The streaming side ingests them one by
+one into a :class:`StreamSession`; the stock side answers the same question over the same frames
+the way transformers does it offline: ``VideoLlama3VideoProcessor`` on all frames, then
+``generate`` re-encoding every frame and re-prefilling the whole prompt (same token sequence and
+DiffFP masks as the session, so the two do exactly the same work apart from the cache).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import transformers
+
+from .config import SessionConfig
+from .loading import load_model
+from .session import StreamSession
+from .synthetic import SyntheticCamera
+
+
+@dataclass
+class BenchConfig:
+    model: str = field(default="tiny", metadata={"help": '"tiny", a checkpoint dir / hub id, or "random" with --size'})
+    size: str | None = field(default=None, metadata={"help": "2b|7b: random weights at real size (GPU)"})
+    frames: int = field(default=180, metadata={"help": "frames streamed before the question"})
+    fps: float = field(default=1.0, metadata={"help": "stream time between frames is 1/fps"})
+    height: int = field(default=336, metadata={"help": "camera frame height"})
+    width: int = field(default=448, metadata={"help": "camera frame width"})
+    question: str = field(default="What happened in the video so far?", metadata={"help": "the question"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens decoded per answer"})
+    repeats: int = field(default=5, metadata={"help": "questions asked on the stream (TTFT p50 over them)"})
+    stateless_repeats: int = field(default=3, metadata={"help": "stock-path runs (TTFT p50 over them)"})
+    device: str | None = field(default=None, metadata={"help": "cuda|cpu; None = cuda if available"})
+    dtype: str | None = field(default=None, metadata={"help": "float32|bfloat16; None = bf16 on cuda"})
+    attn: str | None = field(default=None, metadata={"help": "attention backend; None = auto"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object only"})
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.repeats < 1 or self.stateless_repeats < 1 or self.max_new_tokens < 2:
+            raise ValueError("frames, repeats and stateless_repeats must be >= 1 and max_new_tokens >= 2")
+        if self.size is not None and self.size not in ("2b", "7b"):
+            raise ValueError("--size must be 2b or 7b")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[torch.Tensor],
+               frame_pixels: int, new_tokens: int) -> tuple[float, float]:
+    """Stock path: video processor on all frames + generate(). Returns (TTFT s, decode tokens/s)."""
+    dev = lm.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    vids = lm.processor.video_processor(
+        videos=[np.stack(frames)], size={"shortest_edge": 28 * 28, "longest_edge": frame_pixels * len(frames)},
+        use_token_compression=False, do_sample_frames=False, return_tensors="pt")
+    inputs = dict(
+        input_ids=torch.tensor([prompt_ids], device=dev),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=dev),
+        pixel_values_videos=vids["pixel_values_videos"].to(dev, lm.dtype),
+        video_grid_thw=vids["video_grid_thw"].to(dev),
+        video_merge_sizes=vids["video_merge_sizes"].to(dev),
+        video_compression_mask=torch.cat(masks).to(dev),
+    )
+    stamps = _Stamps(dev)
+    with torch.inference_mode():
+        lm.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          streamer=stamps)
+    _sync(dev)
+    end = time.perf_counter()
+    # stamps.times[0]: prompt handed over; [1]: first new token; the rest: one per decoded token
+    ttft = stamps.times[1] - t0
+    return ttft, (new_tokens - 1) / max(end - stamps.times[1], 1e-9)
+
+
+class _Stamps:
+    """A generate() streamer that only records when each token arrives."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _ask_timed(session: StreamSession, cfg: BenchConfig) -> tuple[float, float, int, list[int]]:
+    """One question: (TTFT s, decode tokens/s after the first token, tokens, prompt ids at first token)."""
+    dev = session.lm.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    prompt: list[int] = []
+    for _ in session.ask(cfg.question, max_new_tokens=cfg.max_new_tokens, ignore_eos=True):
+        n += 1
+        if first is None:
+            _sync(dev)
+            first = time.perf_counter()
+            prompt = session.token_ids()
+    _sync(dev)
+    end = time.perf_counter()
+    return first - t0, (n - 1) / max(end - first, 1e-9), n, prompt
+
+
+def run_bench(cfg: BenchConfig, progress=None) -> dict:
+    spec = f"random-{cfg.size}" if cfg.size else cfg.model
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn)
+    dev = lm.device
+    scfg = SessionConfig(frame_pixels=cfg.height * cfg.width)
+    cam = SyntheticCamera(cfg.height, cfg.width)
+    frames = [cam.frame(i / cfg.fps) for i in range(cfg.frames)]
+    rss_start = _rss_mb()
+
+    # warm-up (kernels, allocator, tokenizer caches) on a throwaway session
+    warm = StreamSession(lm, scfg)
+    warm_masks = [torch.from_numpy(warm.add_frame(frames[i], t=i / cfg.fps).keep_mask.reshape(-1)) for i in range(2)]
+    warm_prompt = _ask_timed(warm, BenchConfig(**{**cfg.__dict__, "max_new_tokens": 2}))[3]
+    _stateless(lm, frames[:2], warm_prompt, warm_masks, scfg.frame_pixels, 2)
+    del warm
+
+    session = StreamSession(lm, scfg)
+    ingest_ms, masks, kept, total = [], [], 0, 0
+    for i, f in enumerate(frames):
+        _sync(dev)
+        t0 = time.perf_counter()
+        r = session.add_frame(f, t=i / cfg.fps)
+        _sync(dev)
+        ingest_ms.append((time.perf_counter() - t0) * 1e3)
+        masks.append(torch.from_numpy(r.keep_mask.reshape(-1)))
+        kept, total = kept + r.tokens_kept, total + r.tokens_total
+        if progress and (i + 1) % 30 == 0:
+            progress(f"ingested {i + 1}/{cfg.frames} frames, cache {r.cache_len} tokens")
+    frames_cache_len = session.cache_len
+
+    ttfts, rates, prompt_ids = [], [], []
+    for k in range(cfg.repeats):
+        ttft, rate, _, prompt = _ask_timed(session, cfg)
+        ttfts.append(ttft * 1e3)
+        rates.append(rate)
+        if k == 0:
+            prompt_ids = prompt
+    if progress:
+        progress(f"stream: TTFT p50 {statistics.median(ttfts):.1f} ms; running the stock path")
+
+    st_ttft, st_rates = [], []
+    for _ in range(cfg.stateless_repeats):
+        ttft, rate = _stateless(lm, frames, prompt_ids, masks, scfg.frame_pixels, cfg.max_new_tokens)
+        st_ttft.append(ttft * 1e3)
+        st_rates.append(rate)
+
+    out = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
+        "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "attn": lm.attn,
+        "frames": cfg.frames, "fps": cfg.fps, "frame_size": [cfg.height, cfg.width],
+        "frame_ingest_ms_p50": round(_pct(ingest_ms, 50), 3),
+        "frame_ingest_ms_p95": round(_pct(ingest_ms, 95), 3),
+        "ttft_stream_ms_p50": round(statistics.median(ttfts), 3),
+        "ttft_stateless_ms_p50": round(statistics.median(st_ttft), 3),
+        "ttft_ratio": round(statistics.median(st_ttft) / statistics.median(ttfts), 2),
+        "decode_tok_s": round(statistics.median(rates), 2),
+        "decode_tok_s_stock": round(statistics.median(st_rates), 2),
+        "decode_ratio": round(statistics.median(rates) / statistics.median(st_rates), 3),
+        "tokens_kept_ratio": round(kept / total, 4),
+        "cache_len_after_frames": frames_cache_len,
+        "prompt_tokens": len(prompt_ids),
+        "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(_rss_mb(), 1),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    if dev.type == "cuda":
+        out["gpu_mem_peak_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    return out

@@ -1,0 +1,54 @@
+"""``vl3live ask VIDEO QUESTION``: stream a local video file through a session and answer."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from model import CacheLimitError, Config, StreamSession, load_model
+
+from .sources import read_video_file
+
+
+@dataclass
+class AskConfig:
+    video: str = field(default="", metadata={"help": "video file to stream (any format PyAV/FFmpeg reads)"})
+    question: str = field(default="", metadata={"help": "question asked after the video"})
+    fps: float = field(default=1.0, metadata={"help": "frames per second sampled from the file"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop reading after this many seconds"})
+    max_new_tokens: int = field(default=256, metadata={"help": "answer length limit in tokens"})
+    model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ValueError("--fps must be > 0")
+        if not self.question.strip():
+            raise ValueError("the question must not be empty")
+
+
+def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
+    spec = cfg.model or config.model.spec
+    print(f"loading {spec} ...", file=err, flush=True)
+    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
+                    seed=config.model.seed)
+    print(f"model on {lm.device} ({lm.dtype}, attention {lm.attn})", file=err, flush=True)
+    session = StreamSession(lm, config.session)
+    n = kept = 0
+    for frame in read_video_file(cfg.video, fps=cfg.fps, max_seconds=cfg.max_seconds):
+        try:
+            r = session.add_frame(frame.rgb, t=frame.pts_seconds)
+        except CacheLimitError as exc:
+            print(f"stopping at t={frame.pts_seconds:.1f}s: {exc}", file=err, flush=True)
+            break
+        n, kept = n + 1, kept + r.tokens_kept
+        print(f"\rframe {n} t={r.t:.1f}s kept {r.tokens_kept}/{r.tokens_total} cache {r.cache_len}",
+              end="", file=err, flush=True)
+    print(file=err)
+    if n == 0:
+        raise ValueError(f"no frames could be read from {cfg.video}")
+    text = []
+    for delta in session.ask(cfg.question, max_new_tokens=cfg.max_new_tokens):
+        text.append(delta.text)
+        print(delta.text, end="", file=out, flush=True)
+    print(file=out)
+    return "".join(text)

@@ -1,0 +1,63 @@
+"""``vl3live``: the command-line entry point.
+
+Global options pick the config tree (``--config``, ``--set section.key=value``); each
+subcommand's flags come from its dataclass, so every option is documented once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from model.config import add_dataclass_arguments, dataclass_from_args, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    from model.bench import BenchConfig
+
+    from .ask import AskConfig
+
+    p = argparse.ArgumentParser(prog="vl3live", description="Live VideoLLaMA3: a streaming video assistant")
+    p.add_argument("--config", default=None, help="config YAML (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set session.layout=stream (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmark the streaming session against stock transformers")
+    add_dataclass_arguments(bench, BenchConfig)
+    ask = sub.add_parser("ask", help="stream a video file through a session and answer a question")
+    add_dataclass_arguments(ask, AskConfig, positional=("video", "question"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "bench":
+            from model.bench import BenchConfig, run_bench
+
+            cfg = dataclass_from_args(BenchConfig, args)
+            progress = None if cfg.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+            result = run_bench(cfg, progress=progress)
+            print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
+            return 0
+        if args.command == "ask":
+            from .ask import AskConfig, run_ask
+
+            cfg = dataclass_from_args(AskConfig, args)
+            run_ask(cfg, load_config(args.config, args.overrides))
+            return 0
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"vl3live {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Video files through PyAV, sampled at a target fps by their presentation timestamps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+
+from .base import Frame
+
+
+def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | None = None) -> Iterator[Frame]:
+    """Decode ``path`` and yield frames ``1/fps`` seconds apart by pts (relative to the first frame).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one PyAV cannot read or
+    that has no video stream.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise ValueError(f"cannot read video file {path}: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start = None
+        next_t = 0.0
+        last_t = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.time_base is None:
+                    continue
+                pts = float(frame.pts * frame.time_base)
+                if start is None:
+                    start = pts
+                t = pts - start
+                if max_seconds is not None and t > max_seconds:
+                    break
+                if t + 1e-6 < next_t or (last_t is not None and t <= last_t):
+                    continue
+                last_t = t
+                next_t = t + 1.0 / fps
+                yield Frame(pts_seconds=t, rgb=frame.to_ndarray(format="rgb24"))
+        except av.FFmpegError as exc:
+            raise ValueError(f"error while decoding {path}: {exc}") from exc

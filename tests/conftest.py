@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny random-weight model (built once) and frame/processor helpers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from model import load_model
+
+    return load_model("tiny", device="cpu", dtype="float32")
+
+
+def scene_frames(n: int, h: int = 333, w: int = 501, seed: int = 0) -> list[np.ndarray]:
+    """A random scene whose frames change in a few places (and one frame not at all)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    frames = []
+    for i in range(n):
+        f = base.copy()
+        if i % 3 == 1:
+            f[: h // 3, : w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+        elif i % 3 == 2 and i != 2:
+            f[h // 2:, w // 2:] = 255 - f[h // 2:, w // 2:]
+        frames.append(f)
+    return frames
+
+
+def processor_inputs(lm, frames: list[np.ndarray], fps: float, question: str, frame_pixels: int) -> dict:
+    """What stock transformers builds for a clip + question: chat template + processor call."""
+    from transformers.video_utils import VideoMetadata
+
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = lm.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames))))
+    out = lm.processor(text=[text], videos=[np.stack(frames)], video_metadata=[meta],
+                       size={"shortest_edge": 28 * 28, "longest_edge": frame_pixels * len(frames)},
+                       return_tensors="pt")
+    return {k: v for k, v in out.items() if k != "video_metadata"}
+
+
+def clip_pixels(lm, frames: list[np.ndarray], frame_pixels: int) -> dict:
+    """Stock video-processor tensors for ``frames`` (no compression)."""
+    out = lm.processor.video_processor(
+        videos=[np.stack(frames)], size={"shortest_edge": 28 * 28, "longest_edge": frame_pixels * len(frames)},
+        use_token_compression=False, do_sample_frames=False, return_tensors="pt")
+    return {k: out[k] for k in ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")}

@@ -1,0 +1,91 @@
+"""The ``vl3live`` commands, run as a user runs them (subprocess, real files)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from streamer.sources import read_video_file
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """A 4 s, 10 fps H.264 clip whose pts start at 2 s (as cameras' recordings often do)."""
+    path = tmp_path_factory.mktemp("v") / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+        for i in range(40):
+            img = np.full((120, 160, 3), 60, np.uint8)
+            img[40:80, 4 * i: 4 * i + 30] = (200, 30, 30)
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = i + 20
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return path
+
+
+def test_file_source_samples_by_pts(video):
+    frames = list(read_video_file(video, fps=1.0))
+    assert [round(f.pts_seconds, 2) for f in frames] == [0.0, 1.0, 2.0, 3.0]
+    assert frames[0].rgb.shape == (120, 160, 3) and frames[0].rgb.dtype == np.uint8
+    assert len(list(read_video_file(video, fps=2.0, max_seconds=1.0))) == 3
+
+
+def test_file_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(read_video_file(tmp_path / "missing.mp4"))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        list(read_video_file(bad))
+
+
+def test_ask_streams_a_file_and_answers(video):
+    r = _run("ask", str(video), "What moves?", "--model", "tiny", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert "frame 4 t=3.0s" in r.stderr
+    assert "model on cpu" in r.stderr
+    assert r.stdout.strip(), "an answer was printed"
+
+
+def test_ask_with_stream_layout_via_config(video):
+    r = _run("--config", "configs/stream.yaml", "ask", str(video), "Anything?", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert "frame 4" in r.stderr
+
+
+def test_ask_reports_bad_input_clearly(tmp_path, video):
+    r = _run("ask", str(tmp_path / "none.mp4"), "q?", "--model", "tiny")
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = _run("ask", str(video), "   ", "--model", "tiny")
+    assert r.returncode == 2 and "question" in r.stderr
+    r = _run("--set", "session.layout=diagonal", "ask", str(video), "q?", "--model", "tiny")
+    assert r.returncode == 2 and "session.layout" in r.stderr
+
+
+def test_bench_prints_the_promised_figures():
+    r = _run("bench", "--model", "tiny", "--frames", "8", "--repeats", "2", "--stateless-repeats", "1",
+             "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("device", "model", "frames", "frame_ingest_ms_p50", "frame_ingest_ms_p95", "ttft_stream_ms_p50",
+                "ttft_stateless_ms_p50", "ttft_ratio", "decode_tok_s", "tokens_kept_ratio"):
+        assert key in out, key
+    assert out["frames"] == 8 and out["model"] == "tiny"
+    assert out["frame_ingest_ms_p95"] >= out["frame_ingest_ms_p50"] > 0
+    assert out["ttft_ratio"] == pytest.approx(out["ttft_stateless_ms_p50"] / out["ttft_stream_ms_p50"], rel=0.01)
+    assert out["ttft_ratio"] > 1.0  # re-encoding 8 frames costs more than a cached question
+    assert 0.0 < out["tokens_kept_ratio"] < 1.0
+    assert out["decode_tok_s"] > 0

@@ -1,0 +1,82 @@
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.config import (
+    CONFIG_DIR,
+    DIFFP_LAST_KEPT_THRESHOLD,
+    Config,
+    SessionConfig,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    from_dict,
+    load_config,
+)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_in_configs_loads(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), "each config starts with a comment naming the command that uses it"
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    data = yaml.safe_load(path.read_text())
+    for section, values in data.items():
+        for key, value in (values or {}).items():
+            assert getattr(getattr(cfg, section), key) == value
+
+
+def test_default_config_is_the_2b_checkpoint_with_live_diffp():
+    cfg = load_config()
+    assert cfg.model.spec == "lkhl/VideoLLaMA3-2B-Image-HF"
+    assert cfg.session.layout == "video-turn"
+    assert cfg.session.diffp_reference == "last_kept"
+    assert cfg.session.threshold == DIFFP_LAST_KEPT_THRESHOLD
+    assert SessionConfig(diffp_reference="previous").threshold == 0.1
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(overrides=["session.layout=stream", "session.frame_pixels=100352",
+                                 "session.diffp_threshold=2.5", "model.spec=tiny", "model.device=null"])
+    assert cfg.session.layout == "stream"
+    assert cfg.session.frame_pixels == 100352
+    assert cfg.session.diffp_threshold == 2.5
+    assert cfg.model.spec == "tiny" and cfg.model.device is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["session.layout=sideways"], "session.layout"),
+    (["session.no_such_key=1"], "no_such_key"),
+    (["session.frame_pixels=10"], "frame_pixels"),
+    (["session.diffp_reference=next"], "diffp_reference"),
+    (["model.dtype=int3"], "model.dtype"),
+    (["nonsense"], "section.key=value"),
+])
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_cli_flags_come_from_dataclass_fields():
+    from model.bench import BenchConfig
+
+    p = argparse.ArgumentParser()
+    add_dataclass_arguments(p, BenchConfig)
+    args = p.parse_args(["--frames", "12", "--max-new-tokens", "4", "--json", "--size", "2b"])
+    cfg = dataclass_from_args(BenchConfig, args)
+    assert (cfg.frames, cfg.max_new_tokens, cfg.json, cfg.size) == (12, 4, True, "2b")
+    assert "frames streamed before the question" in p.format_help()
+    with pytest.raises(ValueError):
+        dataclass_from_args(BenchConfig, p.parse_args(["--frames", "many"]))
+
+
+def test_from_dict_rejects_wrong_types():
+    with pytest.raises(ValueError, match="session"):
+        from_dict(Config, {"session": "not a mapping"})

@@ -1,0 +1,112 @@
+"""Bad input gets a clear error and costs nothing else: the session stays usable."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from model import CacheLimitError, SessionConfig, StreamSession
+from tests.conftest import scene_frames
+
+FP = 28 * 28 * 12
+
+
+@pytest.fixture
+def session(lm):
+    s = StreamSession(lm, SessionConfig(frame_pixels=FP))
+    s.add_frame(scene_frames(1, 100, 140)[0], 1.0)
+    return s
+
+
+def _still_works(s, t):
+    before = s.cache_len
+    r = s.add_frame(np.full((100, 140, 3), 7, np.uint8), t)
+    assert r.cache_len > before
+    assert s.answer("Still there?", max_new_tokens=2) is not None
+    assert s._cache.get_seq_length() == s.cache_len
+
+
+@pytest.mark.parametrize("frame, t, message", [
+    (np.zeros((100, 140, 3), np.float32), 2.0, "uint8"),
+    (np.zeros((100, 140), np.uint8), 2.0, "HxWx3"),
+    (np.zeros((100, 140, 4), np.uint8), 2.0, "3 channels"),
+    (np.zeros((0, 140, 3), np.uint8), 2.0, "empty"),
+    (np.zeros((100, 140, 3), np.uint8), 1.0, "increase"),
+    (np.zeros((100, 140, 3), np.uint8), 0.5, "increase"),
+    (np.zeros((100, 140, 3), np.uint8), float("nan"), "finite"),
+    (np.zeros((100, 140, 3), np.uint8), -1.0, "finite"),
+    (np.zeros((100, 140, 3), np.uint8), "2", "finite"),
+    (None, 2.0, "numpy"),
+])
+def test_bad_frames_raise_value_error_and_change_nothing(session, frame, t, message):
+    ids, pruner_ref = session.token_ids(), session._pruner._ref.clone()
+    state = copy.copy(session._renderer.state)
+    with pytest.raises(ValueError, match=message):
+        session.add_frame(frame, t)
+    assert session.token_ids() == ids and session._renderer.state == state
+    assert (session._pruner._ref == pruner_ref).all()
+    _still_works(session, 2.0)
+
+
+@pytest.mark.parametrize("question, kwargs, message", [
+    ("", {}, "non-empty"), ("   \n", {}, "non-empty"), (None, {}, "non-empty"),
+    ("ok?", {"max_new_tokens": 0}, "max_new_tokens"),
+    ("ok?", {"do_sample": True, "temperature": 0.0}, "temperature"),
+])
+def test_bad_questions_raise_value_error(session, question, kwargs, message):
+    ids = session.token_ids()
+    with pytest.raises(ValueError, match=message):
+        session.ask(question, **kwargs)
+    assert session.token_ids() == ids
+    _still_works(session, 2.0)
+
+
+def test_cache_limit_is_refused_naming_the_limit(lm):
+    s = StreamSession(lm, SessionConfig(frame_pixels=FP, max_cache_tokens=120))
+    frame = scene_frames(1, 100, 140)[0]
+    s.add_frame(frame, 0.0)
+    with pytest.raises(CacheLimitError, match="at most 120"):
+        for i in range(1, 50):
+            s.add_frame(np.ascontiguousarray(255 - frame) if i % 2 else frame, float(i))
+    n = s.cache_len
+    assert n <= 120
+    with pytest.raises(CacheLimitError, match="120"):
+        s.ask("What happened?", max_new_tokens=200)
+    assert s.cache_len == n and s._cache.get_seq_length() == n
+    assert s.max_tokens == 120
+
+
+def test_model_max_positions_is_the_default_limit(lm):
+    s = StreamSession(lm, SessionConfig(frame_pixels=FP))
+    assert s.max_tokens == lm.model.config.text_config.max_position_embeddings == 32768
+
+
+def test_misuse_is_a_clear_runtime_error(session, lm):
+    with pytest.raises(RuntimeError, match="layout='stream'"):
+        session.respond_probability()
+    gen = session.ask("Tell me", max_new_tokens=5)
+    next(gen)
+    with pytest.raises(RuntimeError, match="being generated"):
+        session.add_frame(np.zeros((100, 140, 3), np.uint8), 5.0)
+    with pytest.raises(RuntimeError, match="already"):
+        next(session.ask("Another?"))
+    gen.close()
+    _still_works(session, 6.0)
+
+
+def test_stream_layout_needs_stream_tokens(lm):
+    from transformers import AutoTokenizer
+
+    from model.tiny import qwen2_tokenizer_dir
+
+    plain = copy.copy(lm)
+    plain.tokenizer = AutoTokenizer.from_pretrained(str(qwen2_tokenizer_dir()))
+    with pytest.raises(ValueError, match="stream tokens"):
+        StreamSession(plain, SessionConfig(layout="stream"))
+
+
+def test_unstarted_answer_changes_nothing(session):
+    ids = session.token_ids()
+    session.ask("Never read?")  # never iterated
+    assert session.token_ids() == ids
+    _still_works(session, 2.0)

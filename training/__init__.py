@@ -1,0 +1,1 @@
+"""Fine-tuning of the four VideoLLaMA3 stages and the streaming format (later issue; shares ``model.layout``)."""
