@@ -19,7 +19,10 @@ session builds, so what the model is trained on is what it sees live.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 STREAM_START = "<|stream_start|>"
 STREAM_END = "<|stream_end|>"
@@ -44,10 +47,14 @@ class ChatPieces:
         pieces = base
         if template:
             video_token = getattr(processor, "video_token", "<|video_pad|>")
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _Q}]}],
-                tokenize=False, add_generation_prompt=True,
-            )
+            try:
+                text = processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _Q}]}],
+                    tokenize=False, add_generation_prompt=True,
+                )
+            except Exception as exc:  # a template we cannot probe: fall back to plain ChatML
+                log.warning("could not render the chat template (%s); using ChatML defaults", exc)
+                text = ""
             if isinstance(text, list):
                 text = text[0]
             head, sep, tail = text.partition(video_token)

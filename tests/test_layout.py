@@ -14,6 +14,8 @@ def test_pieces_come_from_the_checkpoint_chat_template(lm):
     assert pieces.system_prefix == "<|im_start|>system\nWatch closely.<|im_end|>\n"
     assert pieces.video_suffix == "\n" and pieces.turn_close == "<|im_end|>\n"
     assert ChatPieces.from_processor(proc, system_prompt="Be brief.").system_prefix.endswith("Be brief.<|im_end|>\n")
+    proc.chat_template = "{{ raise_exception('no videos here') }}"
+    assert ChatPieces.from_processor(proc) == ChatPieces()  # unprobeable template: ChatML defaults
 
 
 def test_video_turn_rendering_sequence():
