@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from .config import SessionConfig
+from .frames import stock_clip_pixels
 from .loading import load_model
 from .session import StreamSession
 from .synthetic import SyntheticCamera
@@ -68,9 +69,7 @@ def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[
     dev = lm.device
     _sync(dev)
     t0 = time.perf_counter()
-    vids = lm.processor.video_processor(
-        videos=[np.stack(frames)], size={"shortest_edge": 28 * 28, "longest_edge": frame_pixels * len(frames)},
-        use_token_compression=False, do_sample_frames=False, return_tensors="pt")
+    vids = stock_clip_pixels(lm.processor, frames, frame_pixels)
     inputs = dict(
         input_ids=torch.tensor([prompt_ids], device=dev),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=dev),
@@ -105,15 +104,15 @@ class _Stamps:
         pass
 
 
-def _ask_timed(session: StreamSession, cfg: BenchConfig) -> tuple[float, float, int, list[int]]:
-    """One question: (TTFT s, decode tokens/s after the first token, tokens, prompt ids at first token)."""
+def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[float, float, list[int]]:
+    """One question: (TTFT s, decode tokens/s after the first token, prompt ids at the first token)."""
     dev = session.lm.device
     _sync(dev)
     t0 = time.perf_counter()
     first = None
     n = 0
     prompt: list[int] = []
-    for _ in session.ask(cfg.question, max_new_tokens=cfg.max_new_tokens, ignore_eos=True):
+    for _ in session.ask(question, max_new_tokens=new_tokens, ignore_eos=True):
         n += 1
         if first is None:
             _sync(dev)
@@ -121,7 +120,7 @@ def _ask_timed(session: StreamSession, cfg: BenchConfig) -> tuple[float, float, 
             prompt = session.token_ids()
     _sync(dev)
     end = time.perf_counter()
-    return first - t0, (n - 1) / max(end - first, 1e-9), n, prompt
+    return first - t0, (n - 1) / max(end - first, 1e-9), prompt
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
@@ -136,7 +135,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     # warm-up (kernels, allocator, tokenizer caches) on a throwaway session
     warm = StreamSession(lm, scfg)
     warm_masks = [torch.from_numpy(warm.add_frame(frames[i], t=i / cfg.fps).keep_mask.reshape(-1)) for i in range(2)]
-    warm_prompt = _ask_timed(warm, BenchConfig(**{**cfg.__dict__, "max_new_tokens": 2}))[3]
+    warm_prompt = _ask_timed(warm, cfg.question, 2)[2]
     _stateless(lm, frames[:2], warm_prompt, warm_masks, scfg.frame_pixels, 2)
     del warm
 
@@ -156,7 +155,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     ttfts, rates, prompt_ids = [], [], []
     for k in range(cfg.repeats):
-        ttft, rate, _, prompt = _ask_timed(session, cfg)
+        ttft, rate, prompt = _ask_timed(session, cfg.question, cfg.max_new_tokens)
         ttfts.append(ttft * 1e3)
         rates.append(rate)
         if k == 0:

@@ -66,8 +66,10 @@ class DiffPruner:
     def commit(self, frame: PixelFrame, keep: torch.Tensor) -> None:
         """Record ``frame`` as seen with ``keep`` as its kept tokens."""
         tokens = frame.token_pixels()
-        if self.reference == "previous" or self._ref is None or self._grid != frame.grid_thw:
-            self._ref = tokens.clone()
+        if self.reference == "previous":
+            self._ref = tokens  # a frame's pixels are never written after preprocessing
+        elif self._ref is None or self._grid != frame.grid_thw:
+            self._ref = tokens.clone()  # updated in place below
         else:
             self._ref[keep] = tokens[keep]
         self._grid = frame.grid_thw

@@ -39,6 +39,15 @@ class PixelFrame:
         return self.pixel_values.view(self.num_tokens, -1)
 
 
+def stock_clip_pixels(processor: object, frames: list[np.ndarray], frame_pixels: int) -> dict:
+    """transformers' own ``VideoLlama3VideoProcessor`` on a clip at the same per-frame budget (no
+    compression): the stock path that :class:`FramePreprocessor` equals and the benchmark times."""
+    out = processor.video_processor(
+        videos=[np.stack(frames)], size={"shortest_edge": FACTOR * FACTOR, "longest_edge": frame_pixels * len(frames)},
+        use_token_compression=False, do_sample_frames=False, return_tensors="pt")
+    return {k: out[k] for k in ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")}
+
+
 def validate_frame(frame: object) -> np.ndarray:
     """Return ``frame`` as a C-contiguous uint8 HxWx3 array or raise a clear ``ValueError``."""
     if isinstance(frame, torch.Tensor):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,10 @@ class ChatPieces:
             head, sep, tail = text.partition(video_token)
             suffix, sep2, close = tail.partition(_Q)
             if sep and sep2 and head.endswith(base.user_open) and close.endswith(base.assistant_open):
-                turn_close = close[: -len(base.assistant_open)]
-                pieces = cls(system_prefix=head[: -len(base.user_open)], user_open=base.user_open,
-                             video_suffix=suffix, turn_close=turn_close or base.turn_close,
-                             assistant_open=base.assistant_open)
+                pieces = replace(base, system_prefix=head[: -len(base.user_open)], video_suffix=suffix,
+                                 turn_close=close[: -len(base.assistant_open)] or base.turn_close)
         if system_prompt is not None:
-            pieces = cls(system_prefix=f"<|im_start|>system\n{system_prompt}<|im_end|>\n",
-                         user_open=pieces.user_open, video_suffix=pieces.video_suffix,
-                         turn_close=pieces.turn_close, assistant_open=pieces.assistant_open)
+            pieces = replace(pieces, system_prefix=f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
         return pieces
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -53,23 +54,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+@functools.cache
+def flash_attn_importable() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except Exception as exc:  # a broken build must not stop the model from loading
+        log.warning("flash-attn is installed but does not import (%s)", exc)
+        return False
 
 
 def choose_attention(device: torch.device, requested: str | None = None) -> str:
     """``flash_attention_2`` when flash-attn imports and the device is CUDA, else ``sdpa``."""
-    if requested is not None:
-        if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
-            raise ValueError("attn=flash_attention_2 needs CUDA and the flash-attn package (pip install '.[flash]')")
-        return requested
-    if device.type == "cuda" and flash_attn_available():
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except Exception as exc:  # a broken build must not stop the model from loading
-            log.warning("flash-attn is installed but does not import (%s); using sdpa", exc)
-    return "sdpa"
+    flash_ok = device.type == "cuda" and flash_attn_importable()
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ValueError("attn=flash_attention_2 needs CUDA and the flash-attn package (pip install '.[flash]')")
+    return requested or ("flash_attention_2" if flash_ok else "sdpa")
 
 
 def load_model(spec: str = "tiny", device: str | torch.device | None = None,

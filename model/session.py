@@ -81,14 +81,14 @@ class StreamSession:
         pieces = ChatPieces.from_processor(lm.processor, self.config.system_prompt)
         self._renderer = LayoutRenderer(self.config.layout, pieces)
         self.eos_ids = self._eos_ids()
+        self._close_len = len(self._encode_ids(self._renderer.answer_close()))
         self._stream_ids: tuple[int, int] | None = None
         if self.config.layout == "stream":
-            ids = self.tokenizer.convert_tokens_to_ids(["<|im_start|>", STREAM_START])
-            unk = getattr(self.tokenizer, "unk_token_id", None)
-            if any(i is None or i == unk for i in ids):
+            ids = (self._special_id("<|im_start|>"), self._special_id(STREAM_START))
+            if None in ids:
                 raise ValueError(f"layout 'stream' needs the tokens <|im_start|> and {STREAM_START}; "
                                  f"checkpoint {lm.spec!r} has no stream tokens (use layout 'video-turn')")
-            self._stream_ids = (ids[0], ids[1])
+            self._stream_ids = ids
         self._ids: list[int] = []
         self._pending_ids: list[int] = []  # generated but not yet forwarded
         self._pending_text = ""  # closing text of the last answer
@@ -128,12 +128,13 @@ class StreamSession:
         return float(torch.softmax(pair, dim=-1)[0])
 
     # -- model steps ----------------------------------------------------------------------------
+    def _special_id(self, token: str) -> int | None:
+        """The id of ``token``, or None when the tokenizer does not have it."""
+        i = self.tokenizer.convert_tokens_to_ids(token)
+        return i if isinstance(i, int) and i != getattr(self.tokenizer, "unk_token_id", None) else None
+
     def _eos_ids(self) -> set[int]:
-        ids = set()
-        for tok in ("<|im_end|>", "<|endoftext|>"):
-            i = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(i, int) and i != getattr(self.tokenizer, "unk_token_id", None):
-                ids.add(i)
+        ids = {i for i in map(self._special_id, ("<|im_end|>", "<|endoftext|>")) if i is not None}
         gen_eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
         if isinstance(gen_eos, int):
             ids.add(gen_eos)
@@ -193,7 +194,8 @@ class StreamSession:
             before, after = self._renderer.frame(t)
             ids_before = self._pending_ids + self._encode_ids(self._pending_text + before)
             ids_after = self._encode_ids(after)
-            kept = int(keep.sum())
+            keep_np = keep.cpu().numpy()  # the one device sync of the step
+            kept = int(keep_np.sum())
             try:
                 self._check_room(len(ids_before) + kept + len(ids_after), f"frame at t={t}")
                 vis = self._encode_frame(pf, keep)
@@ -210,7 +212,7 @@ class StreamSession:
         self.frames_added += 1
         rows, cols = pf.grid_thw[1] // MERGE, pf.grid_thw[2] // MERGE
         return FrameResult(t=t, tokens_total=pf.num_tokens, tokens_kept=kept, cache_len=self.cache_len,
-                           keep_mask=keep.view(rows, cols).cpu().numpy(), ms=(time.perf_counter() - start) * 1e3)
+                           keep_mask=keep_np.reshape(rows, cols), ms=(time.perf_counter() - start) * 1e3)
 
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
@@ -228,30 +230,29 @@ class StreamSession:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
             raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-        self._prompt_ids(question, max_new_tokens, commit=False)  # room check, raises CacheLimitError
+        self._renderer.restore(self._render_question(question, max_new_tokens)[1])  # checks only
         return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos)
 
-    def _prompt_ids(self, question: str, max_new_tokens: int, commit: bool) -> list[int]:
+    def _render_question(self, question: str, max_new_tokens: int) -> tuple[list[int], object]:
+        """Render the question (renderer state advanced) and check the room for it and its answer.
+
+        Returns the prompt ids and the renderer state from before, to restore on failure.
+        """
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
         saved = self._renderer.snapshot()
-        text = self._renderer.question(question)
-        ids = self._pending_ids + self._encode_ids(self._pending_text + text)
-        close = len(self._encode_ids(self._renderer.answer_close()))
+        ids = self._pending_ids + self._encode_ids(self._pending_text + self._renderer.question(question))
         try:
-            self._check_room(len(ids) + max_new_tokens + close, "question and answer")
+            self._check_room(len(ids) + max_new_tokens + self._close_len, "question and answer")
         except CacheLimitError:
             self._renderer.restore(saved)
             raise
-        if not commit:
-            self._renderer.restore(saved)
-        return ids
+        return ids, saved
 
     def _generate(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                   top_p: float, seed: int | None, ignore_eos: bool) -> Iterator[TokenDelta]:
         # Nothing changes until the caller starts iterating; then the question is committed.
-        saved = self._renderer.snapshot()
-        ids = self._prompt_ids(question, max_new_tokens, commit=True)
+        ids, saved = self._render_question(question, max_new_tokens)
         try:
             with torch.inference_mode():
                 logits = self._forward(self._embed(ids))

@@ -50,7 +50,6 @@ def processor_inputs(lm, frames: list[np.ndarray], fps: float, question: str, fr
 
 def clip_pixels(lm, frames: list[np.ndarray], frame_pixels: int) -> dict:
     """Stock video-processor tensors for ``frames`` (no compression)."""
-    out = lm.processor.video_processor(
-        videos=[np.stack(frames)], size={"shortest_edge": 28 * 28, "longest_edge": frame_pixels * len(frames)},
-        use_token_compression=False, do_sample_frames=False, return_tensors="pt")
-    return {k: out[k] for k in ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")}
+    from model.frames import stock_clip_pixels
+
+    return stock_clip_pixels(lm.processor, frames, frame_pixels)

@@ -69,13 +69,17 @@ def film(scene: np.ndarray, seconds: float, fps_in: int = 30, noise: float = 2.0
     return frames, clean
 
 
-def kept_fraction(frames: list[np.ndarray], reference: str, threshold: float) -> float:
-    """Fraction of tokens kept over frames 2..N (the first frame is always whole)."""
+def _pruner(reference: str, threshold: float):
     from model.diffp import DiffPruner
     from model.frames import FramePreprocessor
 
     prep = FramePreprocessor(frame_pixels=448 * 336)
-    pruner = DiffPruner(reference, threshold, 1, grey_scale=prep.grey_scale())
+    return prep, DiffPruner(reference, threshold, 1, grey_scale=prep.grey_scale())
+
+
+def kept_fraction(frames: list[np.ndarray], reference: str, threshold: float) -> float:
+    """Fraction of tokens kept over frames 2..N (the first frame is always whole)."""
+    prep, pruner = _pruner(reference, threshold)
     kept = total = 0
     for i, f in enumerate(frames):
         pf = prep(f)
@@ -89,12 +93,8 @@ def change_recall(frames: list[np.ndarray], clean: list[np.ndarray], threshold: 
                   changed_grey: float = 8.0) -> float:
     """Of the tokens whose noise-free content moved by > ``changed_grey`` grey levels since the
     previous sample (the walker entering, crossing, leaving), the fraction that DiffFP kept."""
-    from model.diffp import DiffPruner
-    from model.frames import FramePreprocessor
-
-    prep = FramePreprocessor(frame_pixels=448 * 336)
+    prep, pruner = _pruner("last_kept", threshold)
     scale = prep.grey_scale()
-    pruner = DiffPruner("last_kept", threshold, 1, grey_scale=scale)
     hit = total = 0
     prev = None
     for f, c in zip(frames, clean):

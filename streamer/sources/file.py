@@ -32,7 +32,6 @@ def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | Non
         stream.thread_type = "AUTO"
         start = None
         next_t = 0.0
-        last_t = None
         try:
             for frame in container.decode(stream):
                 if frame.pts is None or frame.time_base is None:
@@ -43,9 +42,8 @@ def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | Non
                 t = pts - start
                 if max_seconds is not None and t > max_seconds:
                     break
-                if t + 1e-6 < next_t or (last_t is not None and t <= last_t):
+                if t + 1e-6 < next_t:  # also drops repeated or backwards pts
                     continue
-                last_t = t
                 next_t = t + 1.0 / fps
                 yield Frame(pts_seconds=t, rgb=frame.to_ndarray(format="rgb24"))
         except av.FFmpegError as exc:
