@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from .config import SessionConfig
+from .config import BudgetConfig, SessionConfig
 from .frames import stock_clip_pixels
 from .loading import load_model
 from .session import StreamSession
@@ -41,6 +41,11 @@ class BenchConfig:
     device: str | None = field(default=None, metadata={"help": "cuda|cpu; None = cuda if available"})
     dtype: str | None = field(default=None, metadata={"help": "float32|bfloat16; None = bf16 on cuda"})
     attn: str | None = field(default=None, metadata={"help": "attention backend; None = auto"})
+    stream_hours: float | None = field(default=None, metadata={
+        "help": "instead: stream this many hours of synthetic camera through one session with the KV budget "
+                "of session.budget (see --config/--set) and report memory, eviction, recall and drift"})
+    ask_every: float = field(default=600.0, metadata={"help": "with --stream-hours: seconds of stream time "
+                                                                "between questions"})
     json: bool = field(default=False, metadata={"help": "print one JSON object only"})
 
     def __post_init__(self) -> None:
@@ -48,6 +53,8 @@ class BenchConfig:
             raise ValueError("frames, repeats and stateless_repeats must be >= 1 and max_new_tokens >= 2")
         if self.size is not None and self.size not in ("2b", "7b"):
             raise ValueError("--size must be 2b or 7b")
+        if self.fps <= 0 or (self.stream_hours is not None and self.stream_hours <= 0) or self.ask_every <= 0:
+            raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +134,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     spec = f"random-{cfg.size}" if cfg.size else cfg.model
     lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn)
     dev = lm.device
-    scfg = SessionConfig(frame_pixels=cfg.height * cfg.width)
+    # No eviction here: the stock path must see exactly the tokens the session holds.
+    scfg = SessionConfig(frame_pixels=cfg.height * cfg.width, budget=BudgetConfig(max_tokens=None))
     cam = SyntheticCamera(cfg.height, cfg.width)
     frames = [cam.frame(i / cfg.fps) for i in range(cfg.frames)]
     rss_start = _rss_mb()

@@ -46,6 +46,63 @@ class ModelConfig:
             raise ValueError(f"model.attn must be flash_attention_2, sdpa or eager, got {self.attn!r}")
 
 
+RECALL_MODES = ("off", "on")
+
+
+@dataclass
+class BudgetConfig:
+    """The KV budget: evict whole frames from the middle so a stream can run for hours (README "KV budget")."""
+
+    max_tokens: int | None = _help(
+        "KV cache budget in tokens; None = no eviction (the cache grows to the model's positions, then refuses)",
+        default=16384,
+    )
+    sink_tokens: int | None = _help(
+        "tokens at the start never evicted (units overlapping them are kept whole); None = the system prompt",
+        default=None,
+    )
+    recent_tokens: int | None = _help("tokens at the end never evicted; None = max_tokens // 4", default=None)
+    recent_seconds: float | None = _help(
+        "also keep frames (and exchanges) from the last N seconds of stream time; None = off", default=None)
+    evict_margin_tokens: int | None = _help(
+        "when eviction runs, free this much extra room so it runs rarely; None = max_tokens // 8", default=None)
+    reserve_tokens: int = _help("room for one question and its answer, part of the minimum budget", default=256)
+    recall: str = _help('"on": keep evicted frames in CPU memory and bring the most relevant back for each '
+                        'question; "off": evicted frames are gone', default="on")
+    recall_top_k: int = _help("frames recalled per question", default=4)
+    recall_memory_mb: float = _help("CPU memory for evicted frames; the oldest are dropped past it", default=1024.0)
+
+    def __post_init__(self) -> None:
+        recall = str(self.recall).lower()
+        self.recall = {"true": "on", "1": "on", "false": "off", "0": "off"}.get(recall, recall)
+        if self.recall not in RECALL_MODES:
+            raise ValueError(f"session.budget.recall must be one of {RECALL_MODES}, got {self.recall!r}")
+        for name in ("max_tokens", "sink_tokens", "recent_tokens", "evict_margin_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"session.budget.{name} must be >= 0, got {value}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError("session.budget.max_tokens must be >= 1")
+        if self.recent_seconds is not None and self.recent_seconds < 0:
+            raise ValueError("session.budget.recent_seconds must be >= 0")
+        if self.reserve_tokens < 1 or self.recall_top_k < 1 or self.recall_memory_mb <= 0:
+            raise ValueError("session.budget: reserve_tokens and recall_top_k must be >= 1, recall_memory_mb > 0")
+
+    @property
+    def recent(self) -> int:
+        """The recent window in force, in tokens."""
+        if self.recent_tokens is not None:
+            return self.recent_tokens
+        return (self.max_tokens or 0) // 4
+
+    @property
+    def margin(self) -> int:
+        """Extra room freed by each eviction."""
+        if self.evict_margin_tokens is not None:
+            return self.evict_margin_tokens
+        return (self.max_tokens or 0) // 8
+
+
 @dataclass
 class SessionConfig:
     layout: str = _help('token layout: "video-turn" (any checkpoint) or "stream" (stream tokens)',
@@ -60,8 +117,9 @@ class SessionConfig:
     )
     diffp_min_tokens: int = _help("tokens kept at least per frame", default=1)
     system_prompt: str | None = _help("system prompt; None = the checkpoint chat template's", default=None)
-    max_cache_tokens: int | None = _help("refuse to grow the KV cache past this; None = model max positions",
-                                         default=None)
+    max_cache_tokens: int | None = _help(
+        "without a budget: refuse to grow the KV cache past this; None = model max positions", default=None)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

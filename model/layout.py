@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,24 @@ def timestamp(t: float) -> str:
     return f"Time {t:.1f}s:"
 
 
+class FrameText(NamedTuple):
+    """The text around one frame's visual tokens, split where the KV budget may cut.
+
+    ``lead`` opens the conversation or a user turn (it belongs to the turn, not to the frame),
+    ``sep`` joins the frame to the previous frame of the same turn, ``stamp`` is the frame's own
+    timestamp text, and ``after`` follows its visual tokens.
+    """
+
+    lead: str
+    sep: str
+    stamp: str
+    after: str
+
+    @property
+    def before(self) -> str:
+        return self.lead + self.sep + self.stamp
+
+
 class LayoutRenderer:
     """Renders session events to text for one of the two layouts."""
 
@@ -94,27 +113,33 @@ class LayoutRenderer:
     def restore(self, state: _State) -> None:
         self.state = copy.copy(state)
 
-    def _start(self) -> str:
+    def start(self) -> str:
+        """The conversation's opening text (system prompt) the first time; "" afterwards."""
         if self.state.started:
             return ""
         self.state.started = True
         return self.pieces.system_prefix
 
-    def frame(self, t: float) -> tuple[str, str]:
-        """Text before and after one frame's visual tokens."""
-        head = self._start()
+    def frame_text(self, t: float) -> FrameText:
+        """The text around one frame's visual tokens, in parts."""
+        head = self.start()
         if self.layout == "stream":
-            return head + f"{STREAM_START}stream\n{timestamp(t)}", f"\n{STREAM_END}\n"
+            return FrameText(head, "", f"{STREAM_START}stream\n{timestamp(t)}", f"\n{STREAM_END}\n")
         s = self.state
         if s.in_user_turn:
             s.frames_in_turn += 1
-            return head + "," + timestamp(t), ""
+            return FrameText(head, ",", timestamp(t), "")
         s.in_user_turn, s.frames_in_turn = True, 1
-        return head + self.pieces.user_open + timestamp(t), ""
+        return FrameText(head + self.pieces.user_open, "", timestamp(t), "")
+
+    def frame(self, t: float) -> tuple[str, str]:
+        """Text before and after one frame's visual tokens."""
+        ft = self.frame_text(t)
+        return ft.before, ft.after
 
     def question(self, text: str) -> str:
         """Text of a user question up to and including the assistant turn opening."""
-        head = self._start()
+        head = self.start()
         p = self.pieces
         if self.layout == "video-turn" and self.state.in_user_turn:
             body = p.video_suffix + text
@@ -126,7 +151,7 @@ class LayoutRenderer:
     def assistant_open(self) -> str:
         """Text that opens an assistant turn the model starts by itself (stream layout)."""
         self.state.in_user_turn, self.state.frames_in_turn = False, 0
-        return self._start() + self.pieces.assistant_open
+        return self.start() + self.pieces.assistant_open
 
     def answer_close(self) -> str:
         """Text that closes an assistant answer (its end-of-turn token and newline)."""

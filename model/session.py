@@ -8,6 +8,11 @@ into the same cache, so later questions can refer to them.
 Text that must follow an answer (``<|im_end|>\\n``) is held as *pending* and forwarded together
 with the next frame or question, saving one forward per answer; ``token_ids()`` and
 ``cache_len`` describe exactly what is in the KV cache.
+
+With ``session.budget.max_tokens`` set, whole frames (and old question/answer exchanges) are
+evicted from between the sink and the recent window before anything new is appended, and the
+keys that move are re-rotated (``model.kvcache``); with ``recall: on`` the evicted frames go to a
+:class:`model.recall.RecallStore` and the most relevant come back for each question.
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .budget import EXCHANGE, FRAME, SINK, CacheLimitError, Eviction, KVBudget, Ledger, Unit
 from .config import SessionConfig
 from .diffp import DiffPruner
 from .frames import MERGE, FramePreprocessor, PixelFrame
 from .generation import IncrementalDetokenizer, sample_next
-from .layout import STREAM_START, ChatPieces, LayoutRenderer
+from .kvcache import RopeMover, compact, mean_prerope_keys
+from .layout import STREAM_START, ChatPieces, LayoutRenderer, timestamp
 from .loading import LoadedModel
+from .recall import RecallStore
 
-
-class CacheLimitError(RuntimeError):
-    """The KV cache would grow past its limit (the model's trained positions or the config's cap)."""
+__all__ = ["CacheLimitError", "FrameResult", "StreamSession", "TokenDelta"]
 
 
 @dataclass
@@ -44,6 +50,7 @@ class FrameResult:
     cache_len: int  # tokens in the KV cache after this frame
     keep_mask: np.ndarray  # (rows, cols) bool, which merged tokens were kept
     ms: float  # wall time of the whole step (preprocess + DiffFP + encode + append)
+    evicted_frames: int = 0  # frames the KV budget evicted to make room for this one
 
 
 @dataclass
@@ -65,15 +72,11 @@ class StreamSession:
         self._text_model = model.model.language_model
         self._cache_kw = "cache" if "cache" in inspect.signature(self._text_model.forward).parameters \
             else "past_key_values"
-        text_config = model.config.text_config
-        try:
-            self._cache = DynamicCache(config=text_config)
-        except TypeError:  # older transformers
-            self._cache = DynamicCache()
-        limit = text_config.max_position_embeddings
+        self._text_config = model.config.text_config
+        self._cache = self._new_cache()
+        limit = self._text_config.max_position_embeddings
         if self.config.max_cache_tokens is not None:
             limit = min(limit, self.config.max_cache_tokens)
-        self.max_tokens = int(limit)
         self.video_token_id = model.config.video_token_id
         self._prep = FramePreprocessor(self.config.frame_pixels, self.config.min_pixels, lm.device)
         self._pruner = DiffPruner(self.config.diffp_reference, self.config.threshold,
@@ -89,20 +92,46 @@ class StreamSession:
                 raise ValueError(f"layout 'stream' needs the tokens <|im_start|> and {STREAM_START}; "
                                  f"checkpoint {lm.spec!r} has no stream tokens (use layout 'video-turn')")
             self._stream_ids = ids
-        self._ids: list[int] = []
+        self._ledger = Ledger()
+        sink_ids = self._encode_ids(self._renderer.start())
+        budget_cfg = self.config.budget
+        self._budget = None
+        if budget_cfg.max_tokens is not None:
+            self._budget = KVBudget(budget_cfg, limit, len(sink_ids), self._max_frame_tokens(pieces))
+        self.max_tokens = int(self._budget.max_tokens if self._budget else limit)
+        self._mover = RopeMover(self._text_model.rotary_emb)
+        self._store: RecallStore | None = None
+        if self._budget is not None and budget_cfg.recall == "on":
+            tc = self._text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            self._store = RecallStore(int(budget_cfg.recall_memory_mb * 2**20), tc.num_hidden_layers,
+                                      tc.num_key_value_heads, head_dim)
         self._pending_ids: list[int] = []  # generated but not yet forwarded
         self._pending_text = ""  # closing text of the last answer
+        self._pending_owner: Unit | None = None  # the exchange the pending tokens belong to
+        self._turn: Unit | None = None  # video-turn: the exchange of the open user turn
         self._last_logits: torch.Tensor | None = None
         self._last_event = ""
         self._last_t: float | None = None
         self._answering = False
         self.frames_added = 0
+        self.evicted_frames = 0
+        self.evicted_exchanges = 0
+        self.recalled_frames = 0
+        self.recent_seconds_overruns = 0  # evictions that had to reach into session.budget.recent_seconds
+        self.last_recall: list[float] = []  # stream times of the frames recalled for the last question
+        if len(sink_ids) > self.max_tokens:
+            raise ValueError(f"the system prompt ({len(sink_ids)} tokens) does not fit {self.max_tokens} tokens")
+        if sink_ids:
+            with torch.inference_mode():
+                self._forward(self._embed(sink_ids))
+            self._ledger.append(sink_ids, self._ledger.new_unit(SINK, 0.0))
 
     # -- public state -------------------------------------------------------------------------
     @property
     def cache_len(self) -> int:
         """Tokens in the KV cache."""
-        return len(self._ids)
+        return len(self._ledger)
 
     @property
     def last_t(self) -> float | None:
@@ -110,7 +139,23 @@ class StreamSession:
 
     def token_ids(self) -> list[int]:
         """Every token id in the KV cache, in order (visual tokens as the video pad id)."""
-        return list(self._ids)
+        return list(self._ledger.ids)
+
+    def frames_in_cache(self) -> list[float]:
+        """Stream times of the frames whose tokens are in the KV cache (recalled ones included)."""
+        return sorted(u.t for u in self._ledger.frames())
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters of the cache, the budget and recall."""
+        store = self._store
+        return {
+            "cache_len": self.cache_len, "max_tokens": self.max_tokens, "frames_added": self.frames_added,
+            "frames_in_cache": len(self._ledger.frames()), "evicted_frames": self.evicted_frames,
+            "evicted_exchanges": self.evicted_exchanges, "recalled_frames": self.recalled_frames,
+            "recall_stored": len(store) if store else 0, "recall_dropped": store.dropped if store else 0,
+            "recall_mb": store.nbytes / 2**20 if store else 0.0,
+            "recent_seconds_overruns": self.recent_seconds_overruns,
+        }
 
     def next_logits(self) -> torch.Tensor:
         """Logits (V,) for the token after the last one in the cache (inside an answer: the next token)."""
@@ -128,6 +173,12 @@ class StreamSession:
         return float(torch.softmax(pair, dim=-1)[0])
 
     # -- model steps ----------------------------------------------------------------------------
+    def _new_cache(self) -> DynamicCache:
+        try:
+            return DynamicCache(config=self._text_config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
     def _special_id(self, token: str) -> int | None:
         """The id of ``token``, or None when the tokenizer does not have it."""
         i = self.tokenizer.convert_tokens_to_ids(token)
@@ -144,6 +195,14 @@ class StreamSession:
 
     def _encode_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _max_frame_tokens(self, pieces: ChatPieces) -> int:
+        """Upper bound of one frame's tokens: visual tokens at the pixel budget plus its text."""
+        probe = LayoutRenderer(self.config.layout, pieces)
+        probe.start()
+        text = probe.frame_text(99999.9)
+        return self.config.frame_pixels // (28 * 28) + len(self._encode_ids(
+            text.lead + "," + timestamp(99999.9) + text.after)) + 1
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
@@ -167,14 +226,128 @@ class StreamSession:
 
     def _rollback(self) -> None:
         """Drop anything a failed forward wrote past the committed tokens."""
-        if self._cache.get_seq_length() > self.cache_len:
-            self._cache.crop(self.cache_len)
+        extra = self._cache.get_seq_length() - self.cache_len
+        if extra > 0:
+            self._cache.crop(-extra)  # a negative count removes that many (both transformers 5.17 and 5.2x)
 
-    def _check_room(self, new_tokens: int, what: str) -> None:
+    # -- the KV budget ---------------------------------------------------------------------------
+    def _plan_room(self, new_tokens: int, what: str) -> Eviction:
+        """Units to evict so ``new_tokens`` fit (nothing is changed); CacheLimitError when they cannot."""
+        if self._budget is not None:
+            return self._budget.plan(self._ledger, new_tokens, self._last_t)
         if self.cache_len + new_tokens > self.max_tokens:
             raise CacheLimitError(
                 f"{what} needs {new_tokens} more tokens but the KV cache holds {self.cache_len} of at most "
-                f"{self.max_tokens} (limit: model max_position_embeddings / session.max_cache_tokens)")
+                f"{self.max_tokens} (limit: model max_position_embeddings / session.max_cache_tokens; "
+                "set session.budget.max_tokens to evict old frames instead)")
+        return Eviction()
+
+    def _evict(self, plan: Eviction, to_store: bool = True) -> int:
+        """Remove whole units from the cache and re-rotate what moves; returns the live frames evicted."""
+        uids = plan.uids
+        if not uids:
+            return 0
+        self.recent_seconds_overruns += plan.overrun
+        units = sorted((self._ledger.units[u] for u in uids), key=lambda u: u.t)
+        frames = [u for u in units if u.kind == FRAME and not u.recalled]
+        if self._store is not None and to_store and frames:
+            self._store_frames(frames)
+        keep = self._ledger.remove(uids)
+        self._cache = compact(self._cache, torch.from_numpy(keep), self._mover, self._text_config)
+        self.evicted_frames += len(frames)
+        self.evicted_exchanges += sum(u.kind == EXCHANGE for u in units)
+        return len(frames)
+
+    def _store_frames(self, frames: list[Unit]) -> None:
+        owners = np.asarray(self._ledger.owners)
+        visual = np.asarray(self._ledger.ids) == self.video_token_id
+        index = {u.uid: i for i, u in enumerate(frames)}
+        pos = np.flatnonzero(visual & np.isin(owners, list(index)))
+        groups = np.array([index[o] for o in owners[pos]], dtype=np.int64)
+        dev = self.lm.device
+        keys = mean_prerope_keys(self._cache, torch.from_numpy(pos).to(dev), torch.from_numpy(groups).to(dev),
+                                 len(frames), self._mover).cpu()
+        embs = torch.cat([u.emb for u in frames]).cpu().split([u.n_vis for u in frames])  # one copy, one sync
+        for u, emb, key in zip(frames, embs, keys):
+            self._store.add(u.t, emb, key)
+            u.emb = None
+
+    def _question_queries(self, question: str) -> torch.Tensor:
+        """Pre-RoPE queries of the question's own tokens in context: (tokens, layers, heads, head_dim)."""
+        ids = self._encode_ids(question)
+        tc = self._text_config
+        heads = tc.num_attention_heads
+        captured: list[torch.Tensor] = []
+        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+                 for layer in self._text_model.layers]
+        try:
+            self._forward(self._embed(ids))
+        finally:
+            for h in hooks:
+                h.remove()
+            self._rollback()
+        return torch.stack([q.view(len(ids), heads, -1).float() for q in captured], dim=1)
+
+    # -- token pieces and their owners ------------------------------------------------------------
+    # A part is (token ids, owning unit); ids None stands for the owner's visual tokens.
+    def _snapshot(self) -> tuple[object, Unit | None]:
+        return self._renderer.snapshot(), self._turn
+
+    def _restore(self, state: tuple[object, Unit | None]) -> None:
+        self._renderer.restore(state[0])
+        self._turn = state[1]
+
+    def _pending_part(self) -> list[tuple[list[int] | None, Unit]]:
+        """The closing text of the last answer: it belongs to that answer's exchange."""
+        if self._pending_ids or self._pending_text:
+            return [(self._pending_ids + self._encode_ids(self._pending_text), self._pending_owner)]
+        return []
+
+    def _frame_parts(self, unit: Unit, recalled: bool = False) -> list[tuple[list[int] | None, Unit]]:
+        """One frame's pieces (advances the renderer).
+
+        A new user turn's opening belongs to that turn's exchange, and the separator to the
+        previous frame (so evicting the oldest frame of a turn leaves clean text), except for
+        recalled frames, which own theirs and leave as a block after the answer.
+        """
+        ft = self._renderer.frame_text(unit.t)
+        parts: list[tuple[list[int] | None, Unit]] = []
+        if ft.lead:
+            if self.config.layout == "video-turn":
+                now = self._last_t if recalled and self._last_t is not None else unit.t
+                self._turn = self._ledger.new_unit(EXCHANGE, now, complete=False)
+            parts.append((self._encode_ids(ft.lead), self._turn or unit))
+        if ft.sep:
+            newest = self._ledger.newest()
+            owner = newest if not recalled and newest is not None and newest.kind == FRAME else unit
+            parts.append((self._encode_ids(ft.sep), owner))
+        parts += [(self._encode_ids(ft.stamp), unit), (None, unit), (self._encode_ids(ft.after), unit)]
+        return [(ids, owner) for ids, owner in parts if ids is None or ids]
+
+    def _question_parts(self, question: str, picks: list) -> tuple[list, Unit, list[Unit]]:
+        """Pending text, recalled frames (``picks``) and the question (advances the renderer)."""
+        parts = self._pending_part()
+        recalled = []
+        for f in picks:
+            unit = self._ledger.new_unit(FRAME, f.t, recalled=True, emb=f.emb, n_vis=f.emb.shape[0])
+            recalled.append(unit)
+            parts += self._frame_parts(unit, recalled=True)
+        exchange = self._turn or self._ledger.new_unit(EXCHANGE, self._last_t or 0.0, complete=False)
+        self._turn = None
+        parts.append((self._encode_ids(self._renderer.question(question)), exchange))
+        return parts, exchange, recalled
+
+    @staticmethod
+    def _count(parts: list) -> int:
+        return sum(owner.n_vis if ids is None else len(ids) for ids, owner in parts)
+
+    def _embed_parts(self, parts: list) -> torch.Tensor:
+        return torch.cat([self._embed(ids) if ids is not None else owner.emb.to(self.lm.device, self.lm.dtype)
+                          for ids, owner in parts])
+
+    def _append_parts(self, parts: list) -> None:
+        for ids, owner in parts:
+            self._ledger.append(ids if ids is not None else [self.video_token_id] * owner.n_vis, owner)
 
     # -- frames ----------------------------------------------------------------------------------
     def add_frame(self, frame: np.ndarray, t: float) -> FrameResult:
@@ -187,32 +360,33 @@ class StreamSession:
         t = float(t)
         if self._last_t is not None and t <= self._last_t:
             raise ValueError(f"timestamps must increase: got t={t} after t={self._last_t}")
+        evicted = 0
         with torch.inference_mode():
             pf = self._prep(frame)  # validates the frame
             keep = self._pruner.mask(pf)
-            saved = self._renderer.snapshot()
-            before, after = self._renderer.frame(t)
-            ids_before = self._pending_ids + self._encode_ids(self._pending_text + before)
-            ids_after = self._encode_ids(after)
             keep_np = keep.cpu().numpy()  # the one device sync of the step
-            kept = int(keep_np.sum())
+            unit = self._ledger.new_unit(FRAME, t, n_vis=int(keep_np.sum()))
+            state = self._snapshot()
+            parts = self._pending_part() + self._frame_parts(unit)
             try:
-                self._check_room(len(ids_before) + kept + len(ids_after), f"frame at t={t}")
-                vis = self._encode_frame(pf, keep)
-                embeds = torch.cat([self._embed(ids_before), vis.to(self.lm.dtype), self._embed(ids_after)])
-                logits = self._forward(embeds)
+                evicted = self._evict(self._plan_room(self._count(parts), f"frame at t={t}"))
+                unit.emb = self._encode_frame(pf, keep)
+                logits = self._forward(self._embed_parts(parts))
             except BaseException:
-                self._renderer.restore(saved)
+                self._restore(state)
                 self._rollback()
                 raise
         self._pruner.commit(pf, keep)
-        self._ids += ids_before + [self.video_token_id] * kept + ids_after
-        self._pending_ids, self._pending_text = [], ""
+        if self._store is None:
+            unit.emb = None
+        self._append_parts(parts)
+        self._pending_ids, self._pending_text, self._pending_owner = [], "", None
         self._last_logits, self._last_event, self._last_t = logits, "frame", t
         self.frames_added += 1
         rows, cols = pf.grid_thw[1] // MERGE, pf.grid_thw[2] // MERGE
-        return FrameResult(t=t, tokens_total=pf.num_tokens, tokens_kept=kept, cache_len=self.cache_len,
-                           keep_mask=keep_np.reshape(rows, cols), ms=(time.perf_counter() - start) * 1e3)
+        return FrameResult(t=t, tokens_total=pf.num_tokens, tokens_kept=unit.n_vis, cache_len=self.cache_len,
+                           keep_mask=keep_np.reshape(rows, cols), ms=(time.perf_counter() - start) * 1e3,
+                           evicted_frames=evicted)
 
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
@@ -220,9 +394,10 @@ class StreamSession:
             ignore_eos: bool = False) -> Iterator[TokenDelta]:
         """Append ``question`` and stream the answer as :class:`TokenDelta`.
 
-        Arguments are checked now (``ValueError``); the work happens as the iterator is consumed.
-        Question and answer stay in the cache. Closing the iterator early ends the answer there.
-        ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks).
+        Arguments are checked now (``ValueError``, ``CacheLimitError``); the work happens as the
+        iterator is consumed. Question and answer stay in the cache (recalled frames do not).
+        Closing the iterator early ends the answer there. ``ignore_eos`` generates exactly
+        ``max_new_tokens`` (benchmarks).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
@@ -230,39 +405,60 @@ class StreamSession:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
             raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-        self._renderer.restore(self._render_question(question, max_new_tokens)[1])  # checks only
-        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos)
-
-    def _render_question(self, question: str, max_new_tokens: int) -> tuple[list[int], object]:
-        """Render the question (renderer state advanced) and check the room for it and its answer.
-
-        Returns the prompt ids and the renderer state from before, to restore on failure.
-        """
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
-        saved = self._renderer.snapshot()
-        ids = self._pending_ids + self._encode_ids(self._pending_text + self._renderer.question(question))
+        self._plan_question(question, [], max_new_tokens)  # checks only
+        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos)
+
+    def _plan_question(self, question: str, picks: list, max_new_tokens: int) -> Eviction:
+        """Units to evict so the question (after ``picks``) and its answer fit; changes nothing."""
+        state = self._snapshot()
         try:
-            self._check_room(len(ids) + max_new_tokens + self._close_len, "question and answer")
-        except CacheLimitError:
-            self._renderer.restore(saved)
-            raise
-        return ids, saved
+            parts = self._question_parts(question, picks)[0]
+        finally:
+            self._restore(state)
+        return self._plan_room(self._count(parts) + max_new_tokens + self._close_len, "question and answer")
+
+    def _recall(self, question: str, max_new_tokens: int) -> tuple[list, Eviction]:
+        """The stored frames to bring back for ``question`` (fewer if they do not fit) and the units to evict.
+
+        Room for the question and its answer is made first, so that reading the question's queries
+        stays within the budget's positions.
+        """
+        picks = []
+        if self._store is not None and len(self._store):
+            with torch.inference_mode():
+                self._evict(self._plan_question(question, [], max_new_tokens))
+                picks = self._store.top(self._question_queries(question), self.config.budget.recall_top_k)
+        while True:
+            try:
+                return picks, self._plan_question(question, picks, max_new_tokens)
+            except CacheLimitError:
+                if not picks:
+                    raise
+                picks = picks[:-1]
 
     def _generate(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                   top_p: float, seed: int | None, ignore_eos: bool) -> Iterator[TokenDelta]:
         # Nothing changes until the caller starts iterating; then the question is committed.
-        ids, saved = self._render_question(question, max_new_tokens)
+        if self._answering:
+            raise RuntimeError("an answer is already being generated in this session")
+        picks, evict = self._recall(question, max_new_tokens)
+        state = self._snapshot()
+        parts, exchange, recalled = self._question_parts(question, picks)
         try:
             with torch.inference_mode():
-                logits = self._forward(self._embed(ids))
+                self._evict(evict)
+                logits = self._forward(self._embed_parts(parts))
         except BaseException:
-            self._renderer.restore(saved)
+            self._restore(state)
             self._rollback()
             raise
+        self._append_parts(parts)
         self._answering = True
-        self._ids += ids
-        self._pending_ids, self._pending_text = [], ""
+        self.recalled_frames += len(picks)
+        self.last_recall = [f.t for f in picks]
+        self._pending_ids, self._pending_text, self._pending_owner = [], "", None
         self._last_logits, self._last_event = logits, "question"
         gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -278,11 +474,15 @@ class StreamSession:
                     break
                 with torch.inference_mode():
                     logits = self._forward(self._embed([token]))
-                self._ids.append(token)
+                self._ledger.append([token], exchange)
                 self._last_logits = logits
                 unforwarded = []
         finally:
-            self._pending_ids = unforwarded
+            self._rollback()
+            with torch.inference_mode():
+                self._evict(Eviction({u.uid for u in recalled}), to_store=False)
+            exchange.complete = True
+            self._pending_ids, self._pending_owner = unforwarded, exchange
             self._pending_text = self._renderer.answer_close()
             self._last_event = "answer"
             self._last_logits = None

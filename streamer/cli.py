@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = dataclass_from_args(BenchConfig, args)
             progress = None if cfg.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-            result = run_bench(cfg, progress=progress)
+            if cfg.stream_hours is not None:
+                from model.bench_stream import run_stream_bench
+
+                result = run_stream_bench(cfg, load_config(args.config, args.overrides).session, progress)
+            else:
+                result = run_bench(cfg, progress=progress)
             print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
             return 0
         if args.command == "ask":

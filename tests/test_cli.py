@@ -89,3 +89,22 @@ def test_bench_prints_the_promised_figures():
     assert out["ttft_ratio"] > 1.0  # re-encoding 8 frames costs more than a cached question
     assert 0.0 < out["tokens_kept_ratio"] < 1.0
     assert out["decode_tok_s"] > 0
+
+
+def test_bench_stream_hours_runs_a_long_stream_in_a_bounded_cache():
+    budget = ["--set", "session.budget.max_tokens=700", "--set", "session.budget.recent_tokens=150"]
+    r = _run(*budget, "bench", "--model", "tiny", "--stream-hours", "0.05", "--fps", "1", "--ask-every", "45",
+             "--height", "168", "--width", "224", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("frames", "budget_tokens", "max_cache_len", "evicted_frames", "recalled_frames",
+                "ingest_ms_p50_early", "ingest_ms_p50_late", "rss_mb_start", "rss_mb_mid", "rss_mb_end"):
+        assert key in out, key
+    assert out["frames"] == 180 and out["budget_tokens"] == 700 and out["questions"] == 4
+    assert 0 < out["max_cache_len"] <= 700
+    assert out["evicted_frames"] > 50 and 0 < out["recalled_frames"] <= 4 * out["questions"]
+    assert out["ingest_ms_p50_early"] > 0 and out["ingest_ms_p50_late"] > 0
+    assert out["ingest_drift"] == pytest.approx(out["ingest_ms_p50_late"] / out["ingest_ms_p50_early"], rel=0.01)
+    assert 0 < out["rss_mb_start"] and 0 < out["rss_mb_end"]
+    r = _run("--set", "session.budget.max_tokens=null", "bench", "--model", "tiny", "--stream-hours", "0.01")
+    assert r.returncode == 2 and "session.budget.max_tokens" in r.stderr

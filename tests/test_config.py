@@ -22,10 +22,18 @@ def test_every_yaml_in_configs_loads(path: Path):
     assert first.startswith("#"), "each config starts with a comment naming the command that uses it"
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    data = yaml.safe_load(path.read_text())
-    for section, values in data.items():
+    def check(node, values):
         for key, value in (values or {}).items():
-            assert getattr(getattr(cfg, section), key) == value
+            if isinstance(value, dict):
+                check(getattr(node, key), value)
+            else:
+                assert getattr(node, key) == value, f"{path.name}: {key}"
+
+    check(cfg, yaml.safe_load(path.read_text()))
+
+
+def test_default_yaml_spells_out_the_dataclass_defaults():
+    assert load_config() == Config()
 
 
 def test_default_config_is_the_2b_checkpoint_with_live_diffp():

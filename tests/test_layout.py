@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from model.layout import ChatPieces, LayoutRenderer
+from model.layout import ChatPieces, FrameText, LayoutRenderer
 from model.tiny import build_config
 
 
@@ -26,6 +26,9 @@ def test_video_turn_rendering_sequence():
     assert out[2] == "\nQ?<|im_end|>\n<|im_start|>assistant\n"
     assert out[4] == "<|im_start|>user\nTime 2.0s:"
     assert r.question("Again?") == "<|im_start|>user\nAgain?<|im_end|>\n<|im_start|>assistant\n"
+    # the parts the KV budget cuts at: a turn's opening, the separator, the frame's own stamp
+    assert r.frame_text(3.0) == FrameText("<|im_start|>user\n", "", "Time 3.0s:", "")
+    assert r.frame_text(4.0) == FrameText("", ",", "Time 4.0s:", "")
 
 
 def test_stream_rendering_sequence():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from model import CacheLimitError, SessionConfig, StreamSession
+from model.config import BudgetConfig
 from tests.conftest import scene_frames
 
 FP = 28 * 28 * 12
@@ -62,7 +63,7 @@ def test_bad_questions_raise_value_error(session, question, kwargs, message):
 
 
 def test_cache_limit_is_refused_naming_the_limit(lm):
-    s = StreamSession(lm, SessionConfig(frame_pixels=FP, max_cache_tokens=120))
+    s = StreamSession(lm, SessionConfig(frame_pixels=FP, max_cache_tokens=120, budget=BudgetConfig(max_tokens=None)))
     frame = scene_frames(1, 100, 140)[0]
     s.add_frame(frame, 0.0)
     with pytest.raises(CacheLimitError, match="at most 120"):
@@ -77,8 +78,9 @@ def test_cache_limit_is_refused_naming_the_limit(lm):
 
 
 def test_model_max_positions_is_the_default_limit(lm):
-    s = StreamSession(lm, SessionConfig(frame_pixels=FP))
+    s = StreamSession(lm, SessionConfig(frame_pixels=FP, budget=BudgetConfig(max_tokens=None)))
     assert s.max_tokens == lm.model.config.text_config.max_position_embeddings == 32768
+    assert StreamSession(lm, SessionConfig(frame_pixels=FP)).max_tokens == 16384  # the default budget
 
 
 def test_misuse_is_a_clear_runtime_error(session, lm):
