@@ -30,6 +30,7 @@ class Unit:
     complete: bool = True  # an exchange whose answer is still open is not evictable
     recalled: bool = False  # brought back from the recall store for one answer
     n_vis: int = 0  # a frame's visual tokens
+    pinned: bool = False  # an exchange kept whatever its age (a standing instruction)
     emb: torch.Tensor | None = field(default=None, repr=False)  # a frame's visual embeddings (recall on)
 
 
@@ -115,7 +116,8 @@ class KVBudget:
         candidates = []  # (last position, uid, tokens, inside recent_seconds)
         for uid, f, e, c in zip(uids.tolist(), first.tolist(), last.tolist(), counts.tolist()):
             unit = ledger.units[uid]
-            if unit.kind == SINK or not unit.complete or uid == newest or f < self.sink or e >= n - self.recent:
+            if (unit.kind == SINK or not unit.complete or unit.pinned or uid == newest or f < self.sink
+                    or e >= n - self.recent):
                 continue
             fresh = (self.cfg.recent_seconds is not None and last_t is not None
                      and unit.t >= last_t - self.cfg.recent_seconds)

@@ -144,11 +144,38 @@ class SessionConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The live engine (``streamer/``): sampling, answers, proactive mode, event delivery."""
+
+    fps: float = _help("frames per second sampled from each source (by pts)", default=1.0)
+    max_new_tokens: int = _help("answer length limit in tokens", default=256)
+    max_queued_questions: int = _help("questions waiting per session; more are refused", default=8)
+    max_question_chars: int = _help("longest question accepted", default=2000)
+    proactive_threshold: float = _help(
+        "stream layout: answer by itself when respond_probability() >= this after a frame", default=0.5)
+    proactive_cooldown: float = _help("seconds of stream time between proactive answers", default=10.0)
+    proactive_every: float = _help(
+        "video-turn layout: re-ask the standing instruction every N seconds of stream time", default=10.0)
+    proactive_max_new_tokens: int = _help("length limit of a proactive answer", default=64)
+    subscriber_queue: int = _help("events buffered per subscriber; stats are dropped first", default=256)
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.proactive_every <= 0 or self.proactive_cooldown < 0:
+            raise ValueError("engine.fps and engine.proactive_every must be > 0, proactive_cooldown >= 0")
+        if min(self.max_new_tokens, self.max_queued_questions, self.max_question_chars,
+               self.proactive_max_new_tokens) < 1 or self.subscriber_queue < 8:
+            raise ValueError("engine: token, question and queue limits must be >= 1 (subscriber_queue >= 8)")
+        if not 0.0 <= self.proactive_threshold <= 1.0:
+            raise ValueError("engine.proactive_threshold must be in [0, 1]")
+
+
+@dataclass
 class Config:
     """Root of the config tree (``configs/default.yaml``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -324,8 +324,9 @@ class StreamSession:
         parts += [(self._encode_ids(ft.stamp), unit), (None, unit), (self._encode_ids(ft.after), unit)]
         return [(ids, owner) for ids, owner in parts if ids is None or ids]
 
-    def _question_parts(self, question: str, picks: list) -> tuple[list, Unit, list[Unit]]:
-        """Pending text, recalled frames (``picks``) and the question (advances the renderer)."""
+    def _question_parts(self, question: str | None, picks: list) -> tuple[list, Unit, list[Unit]]:
+        """Pending text, recalled frames (``picks``) and the question, or with ``None`` the opening
+        of an answer the model starts by itself (advances the renderer)."""
         parts = self._pending_part()
         recalled = []
         for f in picks:
@@ -334,7 +335,8 @@ class StreamSession:
             parts += self._frame_parts(unit, recalled=True)
         exchange = self._turn or self._ledger.new_unit(EXCHANGE, self._last_t or 0.0, complete=False)
         self._turn = None
-        parts.append((self._encode_ids(self._renderer.question(question)), exchange))
+        text = self._renderer.assistant_open() if question is None else self._renderer.question(question)
+        parts.append((self._encode_ids(text), exchange))
         return parts, exchange, recalled
 
     @staticmethod
@@ -391,16 +393,38 @@ class StreamSession:
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-            ignore_eos: bool = False) -> Iterator[TokenDelta]:
+            ignore_eos: bool = False, pin: bool = False) -> Iterator[TokenDelta]:
         """Append ``question`` and stream the answer as :class:`TokenDelta`.
 
         Arguments are checked now (``ValueError``, ``CacheLimitError``); the work happens as the
         iterator is consumed. Question and answer stay in the cache (recalled frames do not).
         Closing the iterator early ends the answer there. ``ignore_eos`` generates exactly
-        ``max_new_tokens`` (benchmarks).
+        ``max_new_tokens`` (benchmarks). ``pin`` keeps this exchange out of the KV budget's
+        eviction until :meth:`unpin` (a standing instruction).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
+        return self._answer(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos,
+                            pin)
+
+    def unpin(self) -> None:
+        """Let every pinned exchange be evicted again."""
+        for unit in self._ledger.units.values():
+            unit.pinned = False
+
+    def respond(self, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[TokenDelta]:
+        """Let the model speak by itself now: open an assistant turn and stream what it says.
+
+        The ``stream`` layout's proactive answer (after ``respond_probability()`` said so); same
+        contract as :meth:`ask`.
+        """
+        if self._stream_ids is None:
+            raise RuntimeError("respond() needs layout='stream'; with 'video-turn' ask the instruction as a question")
+        return self._answer(None, max_new_tokens, do_sample, temperature, top_k, top_p, seed, False)
+
+    def _answer(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+                top_p: float, seed: int | None, ignore_eos: bool, pin: bool = False) -> Iterator[TokenDelta]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
@@ -408,9 +432,9 @@ class StreamSession:
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
         self._plan_question(question, [], max_new_tokens)  # checks only
-        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos)
+        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos, pin)
 
-    def _plan_question(self, question: str, picks: list, max_new_tokens: int) -> Eviction:
+    def _plan_question(self, question: str | None, picks: list, max_new_tokens: int) -> Eviction:
         """Units to evict so the question (after ``picks``) and its answer fit; changes nothing."""
         state = self._snapshot()
         try:
@@ -419,14 +443,14 @@ class StreamSession:
             self._restore(state)
         return self._plan_room(self._count(parts) + max_new_tokens + self._close_len, "question and answer")
 
-    def _recall(self, question: str, max_new_tokens: int) -> tuple[list, Eviction]:
+    def _recall(self, question: str | None, max_new_tokens: int) -> tuple[list, Eviction]:
         """The stored frames to bring back for ``question`` (fewer if they do not fit) and the units to evict.
 
         Room for the question and its answer is made first, so that reading the question's queries
         stays within the budget's positions.
         """
         picks = []
-        if self._store is not None and len(self._store):
+        if question is not None and self._store is not None and len(self._store):
             with torch.inference_mode():
                 self._evict(self._plan_question(question, [], max_new_tokens))
                 picks = self._store.top(self._question_queries(question), self.config.budget.recall_top_k)
@@ -438,14 +462,15 @@ class StreamSession:
                     raise
                 picks = picks[:-1]
 
-    def _generate(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                  top_p: float, seed: int | None, ignore_eos: bool) -> Iterator[TokenDelta]:
+    def _generate(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+                  top_p: float, seed: int | None, ignore_eos: bool, pin: bool) -> Iterator[TokenDelta]:
         # Nothing changes until the caller starts iterating; then the question is committed.
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
         picks, evict = self._recall(question, max_new_tokens)
         state = self._snapshot()
         parts, exchange, recalled = self._question_parts(question, picks)
+        exchange.pinned = pin
         try:
             with torch.inference_mode():
                 self._evict(evict)

@@ -1,6 +1,7 @@
 """Video sources. Each yields :class:`Frame` with the source's own presentation timestamps."""
 
 from .base import Frame
-from .file import read_video_file
+from .file import file_source, read_video_file
+from .threaded import iterate_in_thread
 
-__all__ = ["Frame", "read_video_file"]
+__all__ = ["Frame", "file_source", "iterate_in_thread", "read_video_file"]

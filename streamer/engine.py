@@ -1,0 +1,185 @@
+"""The live engine: sources -> sampler -> latest-frame slot -> the model worker -> events.
+
+Everything here runs on the asyncio event loop except the model steps, which run on the one
+:class:`ModelWorker` thread. Events from the worker are handed to the loop and published on the
+:class:`EventBus`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from model import LoadedModel, StreamSession
+from model.config import Config, SessionConfig
+
+from .bus import Event, EventBus
+from .live import LiveSession, PendingFrame, Question
+from .sources import Frame
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """A request the engine refuses (unknown session, full question queue, too long a question)."""
+
+
+class Engine:
+    """Sessions over one model. Use ``async with Engine(lm, config) as engine:``."""
+
+    def __init__(self, lm: LoadedModel, config: Config | None = None, bus: EventBus | None = None):
+        self.lm = lm
+        self.config = config or Config()
+        self.bus = bus or EventBus(self.config.engine.subscriber_queue)
+        self.sessions: dict[str, LiveSession] = {}
+        self._pumps: dict[str, asyncio.Task] = {}
+        self._ids = itertools.count(1)
+        self._responses = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker = ModelWorker(self._emit_threadsafe)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._worker.start()
+
+    async def close(self) -> None:
+        """Stop every source and the worker; close every subscription."""
+        for sid in list(self.sessions):
+            await self.close_session(sid)
+        await asyncio.to_thread(self._worker.stop)
+        self.bus.close()
+
+    # -- events -----------------------------------------------------------------------------------
+    def _emit_threadsafe(self, ev: Event) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.bus.publish, ev)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self, session_config: SessionConfig | None = None, session_id: str | None = None) -> LiveSession:
+        """A new session (its KV cache lives until :meth:`close_session`)."""
+        sid = session_id or f"s{next(self._ids)}"
+        if sid in self.sessions:
+            raise EngineError(f"session {sid!r} exists")
+        session = StreamSession(self.lm, session_config or self.config.session)
+        ls = LiveSession(sid, session, dataclasses.replace(self.config.engine))
+        self.sessions[sid] = ls
+        self._worker.add(ls)
+        self.bus.publish(Event("session.created", sid, {"layout": session.config.layout,
+                                                        "max_tokens": session.max_tokens}))
+        return ls
+
+    def get(self, sid: str) -> LiveSession:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise EngineError(f"no session {sid!r}") from None
+
+    async def close_session(self, sid: str) -> None:
+        ls = self.sessions.pop(sid, None)
+        if ls is None:
+            return
+        pump = self._pumps.pop(sid, None)
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        await asyncio.to_thread(self._worker.remove, ls)
+        self.bus.publish(Event("session.closed", sid, ls.counters()))
+
+    # -- frames -----------------------------------------------------------------------------------
+    def push_frame(self, ls: LiveSession, frame: Frame) -> bool:
+        """Offer one frame; returns whether the sampler took it. Never blocks, never queues more than one."""
+        if ls.closed:
+            raise EngineError(f"session {ls.id!r} is closed")
+        ls.frames_in += 1
+        ls.fps_in.tick()
+        with self._worker.lock:
+            if not ls.sampler.accept(frame.pts_seconds):
+                ls.sampled_out += 1
+                return False
+            if ls.frame is not None:
+                ls.dropped += 1
+            ls.frame = PendingFrame(frame, time.monotonic())
+            self._worker.lock.notify_all()
+        return True
+
+    def attach(self, ls: LiveSession, source: AsyncIterator[Frame]) -> asyncio.Task:
+        """Feed ``source`` into ``ls`` until it ends, it fails, or the session closes."""
+        if ls.id in self._pumps and not self._pumps[ls.id].done():
+            raise EngineError(f"session {ls.id!r} already has a source")
+        task = asyncio.create_task(self._pump(ls, source), name=f"pump:{ls.id}")
+        self._pumps[ls.id] = task
+        return task
+
+    async def _pump(self, ls: LiveSession, source: AsyncIterator[Frame]) -> None:
+        try:
+            async for frame in source:
+                if ls.closed:
+                    break
+                self.push_frame(ls, frame)
+            self.bus.publish(Event("source.ended", ls.id, ls.counters()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("session %s: source failed: %s", ls.id, exc)
+            self.bus.publish(Event("error", ls.id, {"code": "source", "message": str(exc)}))
+        finally:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+
+    # -- questions --------------------------------------------------------------------------------
+    def ask(self, ls: LiveSession, text: str, event_id: str | None = None, max_new_tokens: int | None = None) -> str:
+        """Queue a question; returns its response id. Answers arrive as ``response.*`` events."""
+        cfg = ls.cfg
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError("question must be a non-empty string")
+        if len(text) > cfg.max_question_chars:
+            raise EngineError(f"question is {len(text)} characters; the limit is {cfg.max_question_chars}")
+        n = max_new_tokens or cfg.max_new_tokens
+        if n < 1 or n > cfg.max_new_tokens:
+            raise EngineError(f"max_new_tokens must be in 1..{cfg.max_new_tokens}")
+        rid = f"r{next(self._responses)}"
+        with self._worker.lock:
+            if len(ls.questions) >= cfg.max_queued_questions:
+                raise EngineError(f"{cfg.max_queued_questions} questions are already waiting in session {ls.id!r}")
+            ls.questions.append(Question(rid, text, event_id, max_new_tokens=n))
+            self._worker.lock.notify_all()
+        return rid
+
+    def cancel(self, ls: LiveSession) -> bool:
+        """End the answer being generated now (it stays in the cache as far as it got)."""
+        return self._worker.cancel(ls)
+
+    def set_instruction(self, ls: LiveSession, text: str | None) -> None:
+        """Set (or clear with None) the standing instruction the model answers by itself.
+
+        ``stream`` layout: the instruction is asked once and pinned in the cache; after every frame
+        the model's own ``respond_probability()`` decides (threshold and cooldown in
+        ``engine``). ``video-turn``: it is asked again every ``engine.proactive_every`` seconds
+        of stream time and an alert goes out only when the answer says something new.
+        """
+        if text is not None and (not text.strip() or len(text) > ls.cfg.max_question_chars):
+            raise EngineError(f"instruction must be 1..{ls.cfg.max_question_chars} characters")
+        with self._worker.lock:
+            ls.instruction = text
+            ls.last_instruction_t = None
+            ls.last_alert_text = ""
+            if ls.session.config.layout == "stream":
+                ls.session.unpin()
+                if text is not None:
+                    ls.questions.append(Question(f"r{next(self._responses)}", text, pin=True,
+                                                 max_new_tokens=min(16, ls.cfg.max_new_tokens)))
+            self._worker.lock.notify_all()

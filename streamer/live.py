@@ -1,0 +1,107 @@
+"""A live session: a ``StreamSession`` plus what the engine keeps around it.
+
+Between a source and the model there is one slot per session: the latest sampled frame (latest
+wins; every overwritten frame is counted as dropped). Questions wait in a bounded queue. All
+fields shared with the model worker are guarded by the worker's lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from model import StreamSession
+from model.config import EngineConfig
+
+from .sources import Frame
+
+
+class RateMeter:
+    """Events per second over the last ``window`` seconds (bounded: at most one entry per event in it)."""
+
+    def __init__(self, window: float = 5.0):
+        self.window = window
+        self._times: deque[float] = deque()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._times.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._trim(now)
+        if len(self._times) < 2:
+            return 0.0
+        return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-6)
+
+
+class FpsSampler:
+    """Keeps frames at most ``fps`` apart by their pts; frames whose pts do not increase are refused."""
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps
+        self._next: float | None = None
+        self._last: float | None = None
+
+    def accept(self, pts: float) -> bool:
+        if self._last is not None and pts <= self._last:
+            return False
+        if self._next is not None and pts + 1e-6 < self._next:
+            return False
+        self._last = pts
+        self._next = pts + self.period
+        return True
+
+
+@dataclass
+class PendingFrame:
+    frame: Frame
+    arrived: float  # monotonic time the frame reached the engine
+
+
+@dataclass
+class Question:
+    response_id: str
+    text: str | None  # None: the model speaks by itself (stream layout proactive answer)
+    event_id: str | None = None
+    proactive: bool = False
+    pin: bool = False
+    max_new_tokens: int = 256
+
+
+@dataclass
+class LiveSession:
+    id: str
+    session: StreamSession
+    cfg: EngineConfig
+    frame: PendingFrame | None = None
+    questions: deque = field(default_factory=deque)
+    instruction: str | None = None
+    last_instruction_t: float | None = None  # video-turn: stream time the instruction was last asked
+    last_alert_t: float | None = None
+    last_alert_text: str = ""
+    closed: bool = False
+    frames_in: int = 0  # frames the source delivered
+    sampled_out: int = 0  # not taken by the fps sampler (or pts not increasing)
+    dropped: int = 0  # sampled frames overwritten by a newer one before the model took them
+    processed: int = 0
+    errors: int = 0
+    proactive_suppressed: int = 0  # video-turn re-asks whose answer said nothing new
+    fps_in: RateMeter = field(default_factory=RateMeter)
+    fps_processed: RateMeter = field(default_factory=RateMeter)
+    sampler: FpsSampler | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = FpsSampler(self.cfg.fps)
+
+    def counters(self) -> dict[str, float | int]:
+        return {"frames_in": self.frames_in, "sampled_out": self.sampled_out, "dropped": self.dropped,
+                "processed": self.processed, "errors": self.errors, "fps_in": round(self.fps_in.rate(), 2),
+                "fps_processed": round(self.fps_processed.rate(), 2),
+                "proactive_suppressed": self.proactive_suppressed, "questions_waiting": len(self.questions)}
