@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     from model.bench import BenchConfig
 
     from .ask import AskConfig
+    from .watch import WatchConfig
 
     p = argparse.ArgumentParser(prog="vl3live", description="Live VideoLLaMA3: a streaming video assistant")
     p.add_argument("--config", default=None, help="config YAML (default: configs/default.yaml)")
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(bench, BenchConfig)
     ask = sub.add_parser("ask", help="stream a video file through a session and answer a question")
     add_dataclass_arguments(ask, AskConfig, positional=("video", "question"))
+    watch = sub.add_parser("watch", help="stream a camera, RTSP URL or file live; questions from stdin")
+    add_dataclass_arguments(watch, WatchConfig, positional=("source",))
     return p
 
 
@@ -57,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = dataclass_from_args(AskConfig, args)
             run_ask(cfg, load_config(args.config, args.overrides))
+            return 0
+        if args.command == "watch":
+            import asyncio
+
+            from .watch import WatchConfig, run_watch
+
+            cfg = dataclass_from_args(WatchConfig, args)
+            try:
+                asyncio.run(run_watch(cfg, load_config(args.config, args.overrides)))
+            except KeyboardInterrupt:
+                pass
             return 0
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"vl3live {args.command}: error: {exc}", file=sys.stderr)

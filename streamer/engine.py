@@ -179,6 +179,7 @@ class Engine:
             ls.last_alert_text = ""
             if ls.session.config.layout == "stream":
                 ls.session.unpin()
+                ls.instruction_queued = text is not None
                 if text is not None:
                     ls.questions.append(Question(f"r{next(self._responses)}", text, pin=True,
                                                  max_new_tokens=min(16, ls.cfg.max_new_tokens)))

@@ -83,6 +83,7 @@ class LiveSession:
     frame: PendingFrame | None = None
     questions: deque = field(default_factory=deque)
     instruction: str | None = None
+    instruction_queued: bool = False  # stream layout: the instruction is not in the cache yet
     last_instruction_t: float | None = None  # video-turn: stream time the instruction was last asked
     last_alert_t: float | None = None
     last_alert_text: str = ""

@@ -167,7 +167,7 @@ class ModelWorker:
 
     def _proactive(self, ls: LiveSession, t: float) -> None:
         """After a frame: decide whether a standing instruction makes the model speak now."""
-        if not ls.instruction:
+        if not ls.instruction or ls.instruction_queued:
             return
         cfg = ls.cfg
         if ls.session.config.layout == "stream":
@@ -191,6 +191,8 @@ class ModelWorker:
             code = "cache_limit" if isinstance(exc, CacheLimitError) else "bad_question"
             self._emit(Event("error", ls.id, {"code": code, "message": str(exc), "event_id": q.event_id}))
             return
+        if q.pin:
+            ls.instruction_queued = False
         answer = _Answer(q, gen, s.last_t)
         with self._cond:
             self._answers[ls.id] = answer

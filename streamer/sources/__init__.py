@@ -2,6 +2,8 @@
 
 from .base import Frame
 from .file import file_source, read_video_file
+from .live import ReaderStats, camera_source, rtsp_source
 from .threaded import iterate_in_thread
 
-__all__ = ["Frame", "file_source", "iterate_in_thread", "read_video_file"]
+__all__ = ["Frame", "ReaderStats", "camera_source", "file_source", "iterate_in_thread", "read_video_file",
+           "rtsp_source"]

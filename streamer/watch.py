@@ -1,0 +1,137 @@
+"""``vl3live watch SOURCE``: stream a camera, RTSP URL or file through the live engine.
+
+Answers print on stdout as they stream, stats on stderr; each line typed on stdin is a question
+(``/instruct TEXT`` sets a standing instruction, ``/cancel`` ends the current answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import load_model
+from model.config import Config
+
+from .bus import Event
+from .engine import Engine, EngineError
+from .sources import camera_source, file_source, rtsp_source
+
+
+@dataclass
+class WatchConfig:
+    source: str = field(default="", metadata={
+        "help": "rtsp://... URL, a video file, or a camera device (/dev/video0, 0 on macOS, video=NAME on Windows)"})
+    fast: bool = field(default=False, metadata={"help": "read a file as fast as it decodes instead of in real time"})
+    max_seconds: float | None = field(default=None, metadata={"help": "files: stop after this many seconds"})
+    ask: str | None = field(default=None, metadata={"help": "a question asked once the first frame is in"})
+    instruction: str | None = field(default=None, metadata={"help": "a standing instruction (proactive mode)"})
+    stats_every: float = field(default=5.0, metadata={"help": "seconds between stats lines on stderr"})
+    model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("a source is needed")
+        if self.stats_every <= 0:
+            raise ValueError("--stats-every must be > 0")
+
+
+def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float | None = None):
+    """The async frame source a SOURCE argument names."""
+    if spec.startswith(("rtsp://", "rtsps://")):
+        return rtsp_source(spec, fps=fps)
+    if spec == "webrtc":
+        raise ValueError("the WebRTC source is not built yet; use an RTSP URL, a file or a camera")
+    path = Path(spec)
+    if path.is_file():
+        return file_source(path, fps=fps, realtime=realtime, max_seconds=max_seconds)
+    if spec.startswith("/dev/video") or spec.isdigit() or spec.startswith("video="):
+        return camera_source(spec, fps=fps)
+    raise FileNotFoundError(f"no such source: {spec!r} (not an rtsp:// URL, a file or a camera device)")
+
+
+def _print_event(ev: Event, out, err, state: dict) -> None:
+    if ev.type == "response.created":
+        label = "[alert] " if ev.data.get("proactive") else ""
+        print(f"\n{label}@{ev.t or 0:.1f}s ", end="", file=out, flush=True)
+    elif ev.type == "response.delta":
+        print(ev.data["text"], end="", file=out, flush=True)
+    elif ev.type == "response.done":
+        print(file=out, flush=True)
+    elif ev.type == "error":
+        print(f"error [{ev.data.get('code')}]: {ev.data.get('message')}", file=err, flush=True)
+    elif ev.type == "stats":
+        state["last_stats"] = ev
+
+
+async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.stderr) -> None:
+    source = open_source(cfg.source, config.engine.fps, not cfg.fast, cfg.max_seconds)
+    spec = cfg.model or config.model.spec
+    print(f"loading {spec} ...", file=err, flush=True)
+    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
+                    seed=config.model.seed)
+    loop = asyncio.get_running_loop()
+    async with Engine(lm, config) as engine:
+        ls = engine.open_session()
+        sub = engine.bus.subscribe(ls.id)
+        if cfg.instruction:
+            engine.set_instruction(ls, cfg.instruction)
+        engine.attach(ls, source)
+        stdin_open = _read_questions(loop, engine, ls, err)
+        state: dict = {"asked": cfg.ask is None}
+        last_print = loop.time()
+        ended = False
+        while True:
+            try:
+                ev = await asyncio.wait_for(sub.get(), timeout=0.5)
+            except TimeoutError:
+                ev = None
+            if ev is not None:
+                _print_event(ev, out, err, state)
+                ended = ended or ev.type == "source.ended"
+                if ev.type == "stats" and not state["asked"]:
+                    state["asked"] = True
+                    engine.ask(ls, cfg.ask)
+            if loop.time() - last_print >= cfg.stats_every and "last_stats" in state:
+                s = state["last_stats"]
+                d = s.data
+                print(f"[stats] t={s.t:.1f}s fps in {d['fps_in']:.1f} processed {d['fps_processed']:.1f} "
+                      f"dropped {d['dropped']} kept {d['tokens_kept']}/{d['tokens_total']} cache "
+                      f"{d['cache_len']}/{d['max_tokens']} frame {d['ingest_ms']:.0f} ms", file=err, flush=True)
+                last_print = loop.time()
+            busy = ls.frame is not None or ls.questions or ls.id in engine._worker._answers
+            if ended and not busy and state["asked"]:
+                break
+        if stdin_open:
+            loop.remove_reader(sys.stdin.fileno())
+
+
+def _read_questions(loop, engine: Engine, ls, err) -> bool:
+    """Turn stdin lines into questions (without blocking the loop); False where stdin cannot be watched."""
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+    def on_line() -> None:
+        line = sys.stdin.readline()
+        if not line:
+            loop.remove_reader(fd)
+            return
+        text = line.strip()
+        try:
+            if text == "/cancel":
+                engine.cancel(ls)
+            elif text.startswith("/instruct"):
+                engine.set_instruction(ls, text.removeprefix("/instruct").strip() or None)
+            elif text:
+                engine.ask(ls, text)
+        except EngineError as exc:
+            print(f"error: {exc}", file=err, flush=True)
+
+    try:
+        loop.add_reader(fd, on_line)
+    except (NotImplementedError, OSError, ValueError):
+        return False
+    return True

@@ -1,0 +1,121 @@
+"""Real sources into the engine: a GStreamer RTSP camera (killed and restarted mid-stream) and files."""
+
+import asyncio
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.config import Config
+from streamer.engine import Engine
+from streamer.sources import ReaderStats, file_source, rtsp_source
+
+SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(["/usr/bin/python3", str(SERVER), str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"RTSP server did not start: {line!r} {proc.stderr.read()}")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(10)
+
+
+async def _until(pred, timeout):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _config(fps):
+    cfg = Config()
+    cfg.engine.fps = fps
+    cfg.session.frame_pixels = 28 * 28 * 12
+    return cfg
+
+
+def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
+    port = _free_port()
+    server = _start_server(port)
+
+    async def main():
+        nonlocal server
+        stats = ReaderStats()
+        async with Engine(lm, _config(fps=2.0)) as eng:
+            ls = eng.open_session()
+            sub = eng.bus.subscribe(ls.id, maxsize=10000)
+            eng.attach(ls, rtsp_source(f"rtsp://127.0.0.1:{port}/cam", fps=2.0, stats=stats))
+            assert await _until(lambda: ls.processed >= 6, 30), "no frames from the RTSP camera"
+            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+            steps = np.diff(ts)
+            assert np.allclose(steps, 0.5, atol=0.051), ts  # 2 fps of the camera's own 10 fps pts
+            cache_before, processed_before = ls.session.cache_len, ls.processed
+
+            _stop(server)  # the camera disappears ...
+            down = time.monotonic()
+            await asyncio.sleep(2.0)
+            server = _start_server(port)  # ... and comes back
+            back = time.monotonic()
+            assert await _until(lambda: ls.processed >= processed_before + 3, 15), "no frames after the restart"
+            reconnect_s = time.monotonic() - back
+            assert stats.reconnects >= 1 and ls.session.cache_len > cache_before  # same session, same cache
+            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+            assert all(b > a for a, b in zip(ts, ts[1:]))  # monotonic across the reconnect
+            gap = max(np.diff(ts))
+            assert 2.0 <= gap <= (time.monotonic() - down) + 1.0  # stream time counted the outage
+            assert reconnect_s < 5.0 + 1.0 / 2.0 * 3  # reconnected within 5 s (plus three frames at 2 fps)
+
+    try:
+        asyncio.run(main())
+    finally:
+        _stop(server)
+
+
+def test_rtsp_source_refuses_non_rtsp_urls():
+    with pytest.raises(ValueError, match="not an RTSP URL"):
+        rtsp_source("http://127.0.0.1/cam")
+
+
+def test_file_source_as_fast_as_possible_and_paced(tmp_path, lm):
+    import av
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 112, 84, "yuv420p"
+        for i in range(30):  # 3 s
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((84, 112, 3), i * 8, np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+    async def read(realtime):
+        t0 = time.monotonic()
+        frames = [f async for f in file_source(path, fps=2.0, realtime=realtime)]
+        return [f.pts_seconds for f in frames], time.monotonic() - t0
+
+    fast_ts, fast_s = asyncio.run(read(False))
+    paced_ts, paced_s = asyncio.run(read(True))
+    assert fast_ts == paced_ts == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert paced_s >= 2.4 and fast_s < 2.0
+    with pytest.raises(FileNotFoundError):
+        file_source(tmp_path / "missing.mp4")
