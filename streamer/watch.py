@@ -22,7 +22,11 @@ from .sources import camera_source, file_source, rtsp_source
 @dataclass
 class WatchConfig:
     source: str = field(default="", metadata={
-        "help": "rtsp://... URL, a video file, or a camera device (/dev/video0, 0 on macOS, video=NAME on Windows)"})
+        "help": "rtsp://... URL, a video file, a camera device (/dev/video0, 0 on macOS, video=NAME on Windows), "
+                "or webrtc (serve a page and /offer endpoint; each browser that connects gets a session)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "webrtc: address to serve on"})
+    port: int = field(default=8080, metadata={"help": "webrtc: port to serve on"})
+    ice_server: str | None = field(default=None, metadata={"help": "webrtc: a STUN/TURN URL (none by default)"})
     fast: bool = field(default=False, metadata={"help": "read a file as fast as it decodes instead of in real time"})
     max_seconds: float | None = field(default=None, metadata={"help": "files: stop after this many seconds"})
     ask: str | None = field(default=None, metadata={"help": "a question asked once the first frame is in"})
@@ -41,8 +45,6 @@ def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float
     """The async frame source a SOURCE argument names."""
     if spec.startswith(("rtsp://", "rtsps://")):
         return rtsp_source(spec, fps=fps)
-    if spec == "webrtc":
-        raise ValueError("the WebRTC source is not built yet; use an RTSP URL, a file or a camera")
     path = Path(spec)
     if path.is_file():
         return file_source(path, fps=fps, realtime=realtime, max_seconds=max_seconds)
@@ -66,6 +68,9 @@ def _print_event(ev: Event, out, err, state: dict) -> None:
 
 
 async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.stderr) -> None:
+    if cfg.source == "webrtc":
+        await _watch_webrtc(cfg, config, out, err)
+        return
     source = open_source(cfg.source, config.engine.fps, not cfg.fast, cfg.max_seconds)
     spec = cfg.model or config.model.spec
     print(f"loading {spec} ...", file=err, flush=True)
@@ -135,3 +140,43 @@ def _read_questions(loop, engine: Engine, ls, err) -> bool:
     except (NotImplementedError, OSError, ValueError):
         return False
     return True
+
+
+async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
+    """Serve the WebRTC page; print every session's answers; stdin questions go to the newest session."""
+    from .sources.webrtc import WebRTCIngest
+
+    lm = load_model(cfg.model or config.model.spec, device=config.model.device, dtype=config.model.dtype,
+                    attn=config.model.attn, seed=config.model.seed)
+    loop = asyncio.get_running_loop()
+    async with Engine(lm, config) as engine:
+        ingest = WebRTCIngest(engine, [cfg.ice_server] if cfg.ice_server else [])
+        port = await ingest.start(cfg.host, cfg.port)
+        print(f"open http://{cfg.host}:{port}/ in a browser to stream its camera", file=err, flush=True)
+        sub = engine.bus.subscribe()
+        newest = {"ls": None}
+
+        def on_line() -> None:
+            line = sys.stdin.readline()
+            if not line:
+                loop.remove_reader(sys.stdin.fileno())
+            elif line.strip() and newest["ls"] is not None:
+                try:
+                    engine.ask(newest["ls"], line.strip())
+                except EngineError as exc:
+                    print(f"error: {exc}", file=err, flush=True)
+
+        try:
+            loop.add_reader(sys.stdin.fileno(), on_line)
+        except (NotImplementedError, OSError, ValueError):
+            pass
+        try:
+            async for ev in sub:
+                if ev.type == "session.created":
+                    newest["ls"] = engine.get(ev.session)
+                    print(f"peer connected: session {ev.session}", file=err, flush=True)
+                    if cfg.instruction:
+                        engine.set_instruction(newest["ls"], cfg.instruction)
+                _print_event(ev, out, err, {})
+        finally:
+            await ingest.close()

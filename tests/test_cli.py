@@ -108,3 +108,16 @@ def test_bench_stream_hours_runs_a_long_stream_in_a_bounded_cache():
     assert 0 < out["rss_mb_start"] and 0 < out["rss_mb_end"]
     r = _run("--set", "session.budget.max_tokens=null", "bench", "--model", "tiny", "--stream-hours", "0.01")
     assert r.returncode == 2 and "session.budget.max_tokens" in r.stderr
+
+
+def test_watch_streams_a_file_answers_stdin_questions_and_ends_with_the_source(video):
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "engine.fps=2", "--set", "engine.max_new_tokens=6",
+                        "watch", str(video), "--model", "tiny", "--ask", "What moves?", "--stats-every", "0.5"],
+                       input="And now?\n", capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.startswith("@")]
+    assert len(answers) == 2, r.stdout  # the --ask question and the stdin one
+    assert "[stats]" in r.stderr and "cache" in r.stderr
+    r = _run("watch", "/nonexistent/cam.mp4", "--model", "tiny")
+    assert r.returncode == 2 and "no such source" in r.stderr
