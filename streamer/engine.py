@@ -159,6 +159,16 @@ class Engine:
             self._worker.lock.notify_all()
         return rid
 
+    async def settled(self, ls: LiveSession, timeout: float = 60.0) -> None:
+        """Wait until ``ls`` has no frame, question or answer left and its events are published."""
+        end = asyncio.get_running_loop().time() + timeout
+        while not self._worker.idle(ls):
+            if asyncio.get_running_loop().time() > end:
+                raise TimeoutError(f"session {ls.id!r} still busy after {timeout} s")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # events handed over with call_soon_threadsafe run before this returns
+        await asyncio.sleep(0)
+
     def cancel(self, ls: LiveSession) -> bool:
         """End the answer being generated now (it stays in the cache as far as it got)."""
         return self._worker.cancel(ls)

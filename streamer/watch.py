@@ -105,8 +105,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
                       f"dropped {d['dropped']} kept {d['tokens_kept']}/{d['tokens_total']} cache "
                       f"{d['cache_len']}/{d['max_tokens']} frame {d['ingest_ms']:.0f} ms", file=err, flush=True)
                 last_print = loop.time()
-            busy = ls.frame is not None or ls.questions or ls.id in engine._worker._answers
-            if ended and not busy and state["asked"]:
+            if ended and state["asked"] and engine._worker.idle(ls) and sub.get_nowait() is None:
                 break
         if stdin_open:
             loop.remove_reader(sys.stdin.fileno())

@@ -47,6 +47,7 @@ class ModelWorker:
         self._answers: dict[str, _Answer] = {}
         self._retired: list[_Answer] = []  # answers of removed sessions, to be closed on the worker thread
         self._rr = 0
+        self._current: LiveSession | None = None  # the session whose step is running
         self._running = False
         self._thread: threading.Thread | None = None
 
@@ -100,6 +101,11 @@ class ModelWorker:
             return True
 
     # -- the thread -------------------------------------------------------------------------------
+    def idle(self, ls: LiveSession) -> bool:
+        """Nothing to do for ``ls`` and no step of it running (its events may still be on their way)."""
+        with self._cond:
+            return self._current is not ls and not self._has_work(ls)
+
     def _has_work(self, ls: LiveSession) -> bool:
         return ls.id in self._answers or ls.frame is not None or bool(ls.questions)
 
@@ -120,6 +126,7 @@ class ModelWorker:
                     ls = self._sessions[(self._rr + i) % n]
                     if self._has_work(ls):
                         self._rr = (self._rr + i + 1) % n
+                        self._current = ls
                         return ls
                 self._cond.wait()
         return None
@@ -132,6 +139,9 @@ class ModelWorker:
                 log.exception("session %s: step failed", ls.id)
                 ls.errors += 1
                 self._emit(Event("error", ls.id, {"code": "internal", "message": str(exc)}))
+            finally:
+                with self._cond:
+                    self._current = None
 
     def _step(self, ls: LiveSession) -> None:
         answer = self._answers.get(ls.id)

@@ -71,8 +71,7 @@ def test_sampler_uses_pts_not_arrival_time(lm):
             sub = eng.bus.subscribe(ls.id, maxsize=1000)
             for i in range(40):  # 10 fps of pts, pushed one by one as the model takes them
                 eng.push_frame(ls, Frame(i / 10, np.full((84, 112, 3), i * 5, np.uint8)))
-                await _until(lambda: ls.frame is None)
-            await asyncio.sleep(0.1)
+                await eng.settled(ls)
             ts = [e.t for e in _drain(sub) if e.type == "stats"]
             assert ts == [i / 2 for i in range(8)] and ls.sampled_out == 32 and ls.dropped == 0
     asyncio.run(main())
@@ -117,8 +116,7 @@ def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
             await _until(lambda: ls.id in eng._worker._answers)
             for i in range(1, 30):
                 eng.push_frame(ls, Frame(i * 0.1, shots[i]))
-            await _until(lambda: ls.frame is None and ls.id not in eng._worker._answers)
-            await asyncio.sleep(0.1)  # let the last events reach the loop
+            await eng.settled(ls)
             events = [e for e in _drain(sub) if e.type in ("stats", "response.created", "response.done")]
             assert [e.type for e in events] == ["stats", "response.created", "response.done", "stats"]
             assert events[-1].t == pytest.approx(2.9)  # the newest frame, right after the answer
@@ -143,7 +141,8 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
             eng.push_frame(ls, Frame(0.0, np.zeros((84, 112, 3), np.float32)))  # wrong dtype
             await _until(lambda: ls.errors >= 1)
             eng.push_frame(ls, Frame(1.0, np.zeros((84, 112, 3), np.uint8)))
-            await _until(lambda: ls.processed == 1 and not ls.questions and ls.id not in eng._worker._answers)
+            await _until(lambda: ls.processed == 1)
+            await eng.settled(ls)
             events = _drain(sub)
             err = next(e for e in events if e.type == "error")
             assert err.data["code"] == "bad_frame" and "uint8" in err.data["message"]
@@ -163,7 +162,7 @@ def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm):
             eng.set_instruction(ls, "Tell me when something red appears.")
             for i in range(12):
                 eng.push_frame(ls, Frame(float(i), SyntheticCamera(84, 112).frame(float(i))))
-                await _until(lambda: ls.frame is None and ls.id not in eng._worker._answers and not ls.questions)
+                await eng.settled(ls)
             events = _drain(sub)
             alerts = [e for e in events if e.type == "alert"]
             assert len(alerts) >= 3 and all(b.t - a.t >= 3.0 for a, b in zip(alerts, alerts[1:]))
@@ -184,7 +183,7 @@ def test_proactive_video_turn_reasks_and_alerts_only_on_news(lm):
             eng.set_instruction(ls, "Is anyone at the door?")
             for i in range(13):
                 eng.push_frame(ls, Frame(float(i), SyntheticCamera(84, 112).frame(float(i))))
-                await _until(lambda: ls.frame is None and ls.id not in eng._worker._answers)
+                await eng.settled(ls)
             events = _drain(sub)
             alerts = [e for e in events if e.type == "alert"]
             asked = len(alerts) + ls.proactive_suppressed
