@@ -47,20 +47,22 @@ async def _until(pred, timeout=60.0):
 
 def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
     async def main():
-        async with Engine(lm, _config(fps=1000.0)) as eng:
+        cfg = _config(fps=1000.0)
+        cfg.session.frame_pixels = 448 * 336  # whole 448x336 frames: the model takes ~10 ms+ each
+        async with Engine(lm, cfg) as eng:
             ls = eng.open_session()
             await asyncio.sleep(0)
             before = rss_mb()
-            # 0.45 MB frames, about 10x faster than the model takes them
-            await eng.attach(ls, _camera(1500, 100.0, size=(336, 448), pace=0.0005))
+            # 0.45 MB frames, at least 10x faster than the model takes them
+            await eng.attach(ls, _camera(1500, 1000.0, size=(336, 448), pace=0.0005))
             await _until(lambda: ls.processed + ls.dropped == ls.frames_in)
             grown = rss_mb() - before
             c = ls.counters()
             assert c["frames_in"] == 1500 and c["sampled_out"] == 0
             assert c["dropped"] == c["frames_in"] - c["processed"]
-            assert c["processed"] >= 10 and c["dropped"] > 2 * c["processed"]  # the source was far faster
+            assert c["processed"] >= 10 and c["dropped"] >= 9 * c["processed"]  # produced >= 10x processed
             assert grown < 150, f"RSS grew {grown:.0f} MB over 1500 frames of 0.45 MB"
-            assert ls.session.last_t == pytest.approx(1499 / 100.0)  # the newest frame won
+            assert ls.session.last_t == pytest.approx(1499 / 1000.0)  # the newest frame won
     asyncio.run(main())
 
 
@@ -152,18 +154,23 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
     asyncio.run(main())
 
 
+async def _run_with_instruction(eng, instruction, seconds):
+    """One frame per stream second with a standing instruction; all events once everything settled."""
+    ls = eng.open_session()
+    sub = eng.bus.subscribe(ls.id, maxsize=100000)
+    eng.set_instruction(ls, instruction)
+    for i in range(seconds):
+        eng.push_frame(ls, Frame(float(i), SyntheticCamera(84, 112).frame(float(i))))
+        await eng.settled(ls)
+    return ls, _drain(sub)
+
+
 def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm):
     async def main():
         cfg = _config(fps=1000.0, proactive_threshold=0.0, proactive_cooldown=3.0, proactive_max_new_tokens=3)
         cfg.session.layout = "stream"
         async with Engine(lm, cfg) as eng:
-            ls = eng.open_session()
-            sub = eng.bus.subscribe(ls.id, maxsize=100000)
-            eng.set_instruction(ls, "Tell me when something red appears.")
-            for i in range(12):
-                eng.push_frame(ls, Frame(float(i), SyntheticCamera(84, 112).frame(float(i))))
-                await eng.settled(ls)
-            events = _drain(sub)
+            ls, events = await _run_with_instruction(eng, "Tell me when something red appears.", 12)
             alerts = [e for e in events if e.type == "alert"]
             assert len(alerts) >= 3 and all(b.t - a.t >= 3.0 for a, b in zip(alerts, alerts[1:]))
             assert sum(e.type == "stats" for e in events) == 12  # frame stats kept coming
@@ -178,13 +185,7 @@ def test_proactive_video_turn_reasks_and_alerts_only_on_news(lm):
     async def main():
         cfg = _config(fps=1000.0, proactive_every=4.0, proactive_max_new_tokens=4)
         async with Engine(lm, cfg) as eng:
-            ls = eng.open_session()
-            sub = eng.bus.subscribe(ls.id, maxsize=100000)
-            eng.set_instruction(ls, "Is anyone at the door?")
-            for i in range(13):
-                eng.push_frame(ls, Frame(float(i), SyntheticCamera(84, 112).frame(float(i))))
-                await eng.settled(ls)
-            events = _drain(sub)
+            ls, events = await _run_with_instruction(eng, "Is anyone at the door?", 13)
             alerts = [e for e in events if e.type == "alert"]
             asked = len(alerts) + ls.proactive_suppressed
             assert asked == 4  # at t = 0, 4, 8, 12

@@ -119,3 +119,22 @@ def test_file_source_as_fast_as_possible_and_paced(tmp_path, lm):
     assert paced_s >= 2.4 and fast_s < 2.0
     with pytest.raises(FileNotFoundError):
         file_source(tmp_path / "missing.mp4")
+
+
+def test_camera_source_reads_a_capture_device_by_pts(lm):
+    """FFmpeg's lavfi test source stands in for a capture device (same PyAV device path, other format)."""
+    from streamer.sources import camera_source
+    from streamer.sources.live import camera_format
+
+    assert camera_format() == "v4l2"  # Linux
+    stats = ReaderStats()
+
+    async def main():
+        async with Engine(lm, _config(fps=2.0)) as eng:
+            ls = eng.open_session()
+            sub = eng.bus.subscribe(ls.id, maxsize=1000)
+            eng.attach(ls, camera_source("testsrc=size=160x120:rate=10,realtime", fps=2.0, fmt="lavfi", stats=stats))
+            assert await _until(lambda: ls.processed >= 4, 30)
+            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+            assert np.allclose(np.diff(ts), 0.5, atol=0.01) and stats.connects == 1
+    asyncio.run(main())

@@ -115,9 +115,12 @@ def camera_format() -> str:
 
 
 def camera_source(device: str, fps: float = 1.0, width: int | None = None, height: int | None = None,
-                  stats: ReaderStats | None = None) -> AsyncIterator[Frame]:
-    """A local camera: ``/dev/video0`` (Linux), ``0`` (macOS), ``video=NAME`` (Windows)."""
-    fmt = camera_format()
+                  stats: ReaderStats | None = None, fmt: str | None = None) -> AsyncIterator[Frame]:
+    """A local camera: ``/dev/video0`` (Linux), ``0`` (macOS), ``video=NAME`` (Windows).
+
+    ``fmt`` overrides the platform's capture format (e.g. ``lavfi`` for FFmpeg's test sources).
+    """
+    fmt = fmt or camera_format()
     opts = {"video_size": f"{width}x{height}"} if width and height else {}
 
     def make() -> Iterator[Frame]:
