@@ -73,6 +73,11 @@ def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice):
             assert np.allclose(np.diff(ts), 0.25, atol=0.04)  # sampled at 4 fps by the track's pts
             assert ls.session.cache_len > 0 and ls.errors == 0
             await client.close()
+            end = time.monotonic() + 30
+            while ls.id in engine.sessions:  # the peer left: its session (and KV cache) is freed
+                assert time.monotonic() < end, "session not closed after the peer left"
+                await asyncio.sleep(0.1)
+            assert ingest.peers == {}
             await ingest.close()
     asyncio.run(main())
 

@@ -126,9 +126,10 @@ class WebRTCIngest:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState in ("failed", "closed"):  # the peer left: free its session too
                 self.peers.pop(ls.id, None)
                 await pc.close()
+                await self.engine.close_session(ls.id)
 
         try:
             await pc.setRemoteDescription(offer)
