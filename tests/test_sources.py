@@ -35,6 +35,8 @@ def _start_server(port: int) -> subprocess.Popen:
 def _stop(proc: subprocess.Popen) -> None:
     proc.kill()
     proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
 
 
 async def _until(pred, timeout):
