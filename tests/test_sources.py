@@ -11,7 +11,7 @@ import pytest
 
 from model.config import Config
 from streamer.engine import Engine
-from streamer.sources import ReaderStats, file_source, rtsp_source
+from streamer.sources import Frame, ReaderStats, file_source, rtsp_source
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 
@@ -139,4 +139,21 @@ def test_camera_source_reads_a_capture_device_by_pts(lm):
             assert await _until(lambda: ls.processed >= 4, 30)
             ts = [e.t for e in list(sub._events) if e.type == "stats"]
             assert np.allclose(np.diff(ts), 0.5, atol=0.01) and stats.connects == 1
+    asyncio.run(main())
+
+
+def test_a_broken_source_is_an_error_event_and_the_session_goes_on(lm, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+
+    async def main():
+        async with Engine(lm, _config(fps=2.0)) as eng:
+            ls = eng.open_session()
+            sub = eng.bus.subscribe(ls.id)
+            await eng.attach(ls, file_source(bad, fps=2.0, realtime=False))
+            err = next(e for e in list(sub._events) if e.type == "error")
+            assert err.data["code"] == "source" and "cannot read" in err.data["message"]
+            eng.push_frame(ls, Frame(0.0, np.zeros((84, 112, 3), np.uint8)))
+            await eng.settled(ls)
+            assert ls.processed == 1
     asyncio.run(main())
