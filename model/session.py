@@ -124,7 +124,7 @@ class StreamSession:
             raise ValueError(f"the system prompt ({len(sink_ids)} tokens) does not fit {self.max_tokens} tokens")
         if sink_ids:
             with torch.inference_mode():
-                self._forward(self._embed(sink_ids))
+                self._append(self._embed(sink_ids))
             self._ledger.append(sink_ids, self._ledger.new_unit(SINK, 0.0))
 
     # -- public state -------------------------------------------------------------------------
@@ -218,11 +218,15 @@ class StreamSession:
         )
         return out.pooler_output[0][keep]
 
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Append ``embeds`` (T, H) to the cache; return the logits of the last position (V,)."""
+    def _append(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append ``embeds`` (T, H) to the cache; return the last hidden states (1, T, H)."""
         out = self._text_model(inputs_embeds=embeds.unsqueeze(0).to(self.lm.dtype), use_cache=True,
                                **{self._cache_kw: self._cache})
-        return self.lm.model.lm_head(out.last_hidden_state[:, -1])[0]
+        return out.last_hidden_state
+
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append ``embeds`` (T, H) to the cache; return the logits of the last position (V,)."""
+        return self.lm.model.lm_head(self._append(embeds)[:, -1])[0]
 
     def _rollback(self) -> None:
         """Drop anything a failed forward wrote past the committed tokens."""
@@ -281,7 +285,7 @@ class StreamSession:
         hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
                  for layer in self._text_model.layers]
         try:
-            self._forward(self._embed(ids))
+            self._append(self._embed(ids))  # only the queries are wanted: no logits
         finally:
             for h in hooks:
                 h.remove()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from model import StreamSession
 from model.config import EngineConfig
 
-from .sources import Frame
+from .sources import FpsSampler, Frame
 
 
 class RateMeter:
@@ -39,24 +39,6 @@ class RateMeter:
         if len(self._times) < 2:
             return 0.0
         return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-6)
-
-
-class FpsSampler:
-    """Keeps frames at most ``fps`` apart by their pts; frames whose pts do not increase are refused."""
-
-    def __init__(self, fps: float):
-        self.period = 1.0 / fps
-        self._next: float | None = None
-        self._last: float | None = None
-
-    def accept(self, pts: float) -> bool:
-        if self._last is not None and pts <= self._last:
-            return False
-        if self._next is not None and pts + 1e-6 < self._next:
-            return False
-        self._last = pts
-        self._next = pts + self.period
-        return True
 
 
 @dataclass

@@ -72,10 +72,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
         await _watch_webrtc(cfg, config, out, err)
         return
     source = open_source(cfg.source, config.engine.fps, not cfg.fast, cfg.max_seconds)
-    spec = cfg.model or config.model.spec
-    print(f"loading {spec} ...", file=err, flush=True)
-    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
-                    seed=config.model.seed)
+    lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
         ls = engine.open_session()
@@ -83,7 +80,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
         if cfg.instruction:
             engine.set_instruction(ls, cfg.instruction)
         engine.attach(ls, source)
-        stdin_open = _read_questions(loop, engine, ls, err)
+        stdin_open = _read_questions(loop, engine, lambda: ls, err)
         state: dict = {"asked": cfg.ask is None}
         last_print = loop.time()
         ended = False
@@ -111,8 +108,16 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
             loop.remove_reader(sys.stdin.fileno())
 
 
-def _read_questions(loop, engine: Engine, ls, err) -> bool:
-    """Turn stdin lines into questions (without blocking the loop); False where stdin cannot be watched."""
+def _load(cfg: WatchConfig, config: Config, err):
+    spec = cfg.model or config.model.spec
+    print(f"loading {spec} ...", file=err, flush=True)
+    return load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
+                      seed=config.model.seed)
+
+
+def _read_questions(loop, engine: Engine, target, err) -> bool:
+    """Turn stdin lines into questions for ``target()`` (the session, or None while there is none),
+    without blocking the loop; False where stdin cannot be watched."""
     try:
         fd = sys.stdin.fileno()
     except (OSError, ValueError, AttributeError):
@@ -124,6 +129,10 @@ def _read_questions(loop, engine: Engine, ls, err) -> bool:
             loop.remove_reader(fd)
             return
         text = line.strip()
+        ls = target()
+        if ls is None:
+            print("error: no session yet", file=err, flush=True)
+            return
         try:
             if text == "/cancel":
                 engine.cancel(ls)
@@ -145,8 +154,7 @@ async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
     """Serve the WebRTC page; print every session's answers; stdin questions go to the newest session."""
     from .sources.webrtc import WebRTCIngest
 
-    lm = load_model(cfg.model or config.model.spec, device=config.model.device, dtype=config.model.dtype,
-                    attn=config.model.attn, seed=config.model.seed)
+    lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
         ingest = WebRTCIngest(engine, [cfg.ice_server] if cfg.ice_server else [])
@@ -154,21 +162,7 @@ async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
         print(f"open http://{cfg.host}:{port}/ in a browser to stream its camera", file=err, flush=True)
         sub = engine.bus.subscribe()
         newest = {"ls": None}
-
-        def on_line() -> None:
-            line = sys.stdin.readline()
-            if not line:
-                loop.remove_reader(sys.stdin.fileno())
-            elif line.strip() and newest["ls"] is not None:
-                try:
-                    engine.ask(newest["ls"], line.strip())
-                except EngineError as exc:
-                    print(f"error: {exc}", file=err, flush=True)
-
-        try:
-            loop.add_reader(sys.stdin.fileno(), on_line)
-        except (NotImplementedError, OSError, ValueError):
-            pass
+        stdin_open = _read_questions(loop, engine, lambda: newest["ls"], err)
         try:
             async for ev in sub:
                 if ev.type == "session.created":
@@ -178,4 +172,6 @@ async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
                         engine.set_instruction(newest["ls"], cfg.instruction)
                 _print_event(ev, out, err, {})
         finally:
+            if stdin_open:
+                loop.remove_reader(sys.stdin.fileno())
             await ingest.close()

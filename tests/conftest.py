@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 import numpy as np
 import pytest
@@ -53,3 +55,13 @@ def clip_pixels(lm, frames: list[np.ndarray], frame_pixels: int) -> dict:
     from model.frames import stock_clip_pixels
 
     return stock_clip_pixels(lm.processor, frames, frame_pixels)
+
+
+async def eventually(pred, timeout: float = 60.0) -> bool:
+    """Poll ``pred`` on the event loop until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -12,6 +12,7 @@ from model.synthetic import SyntheticCamera
 from streamer.bus import Event, EventBus
 from streamer.engine import Engine, EngineError
 from streamer.sources import Frame
+from tests.conftest import eventually
 
 
 def _config(**engine):
@@ -38,13 +39,6 @@ def _drain(sub):
     return out
 
 
-async def _until(pred, timeout=60.0):
-    end = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < end, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
     async def main():
         cfg = _config(fps=1000.0)
@@ -55,7 +49,7 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
             before = rss_mb()
             # 0.45 MB frames, at least 10x faster than the model takes them
             await eng.attach(ls, _camera(1500, 1000.0, size=(336, 448), pace=0.0005))
-            await _until(lambda: ls.processed + ls.dropped == ls.frames_in)
+            assert await eventually(lambda: ls.processed + ls.dropped == ls.frames_in)
             grown = rss_mb() - before
             c = ls.counters()
             assert c["frames_in"] == 1500 and c["sampled_out"] == 0
@@ -85,10 +79,10 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
             a, b = eng.open_session(), eng.open_session()
             sub = eng.bus.subscribe(maxsize=100000)
             eng.push_frame(a, Frame(0.0, SyntheticCamera(84, 112).frame(0.0)))
-            await _until(lambda: a.processed == 1)
+            assert await eventually(lambda: a.processed == 1)
             feed = eng.attach(b, _camera(100000, 100.0, pace=0.001))
             rid = eng.ask(a, "Describe everything in detail.", max_new_tokens=48)
-            await _until(lambda: any(e.type == "response.done" for e in list(sub._events)), timeout=120)
+            assert await eventually(lambda: any(e.type == "response.done" for e in list(sub._events)), timeout=120)
             feed.cancel()
             events = _drain(sub)
             start = next(i for i, e in enumerate(events) if e.type == "response.created")
@@ -113,9 +107,9 @@ def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
             sub = eng.bus.subscribe(ls.id, maxsize=100000)
             shots = [SyntheticCamera(84, 112).frame(i * 0.1) for i in range(30)]
             eng.push_frame(ls, Frame(0.0, shots[0]))
-            await _until(lambda: ls.processed == 1)
+            assert await eventually(lambda: ls.processed == 1)
             eng.ask(ls, "What is there?", max_new_tokens=400)
-            await _until(lambda: ls.id in eng._worker._answers)
+            assert await eventually(lambda: ls.id in eng._worker._answers)
             for i in range(1, 30):
                 eng.push_frame(ls, Frame(i * 0.1, shots[i]))
             await eng.settled(ls)
@@ -141,9 +135,9 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
                 with pytest.raises(EngineError, match="already waiting"):
                     eng.ask(ls, "three?")
             eng.push_frame(ls, Frame(0.0, np.zeros((84, 112, 3), np.float32)))  # wrong dtype
-            await _until(lambda: ls.errors >= 1)
+            assert await eventually(lambda: ls.errors >= 1)
             eng.push_frame(ls, Frame(1.0, np.zeros((84, 112, 3), np.uint8)))
-            await _until(lambda: ls.processed == 1)
+            assert await eventually(lambda: ls.processed == 1)
             await eng.settled(ls)
             events = _drain(sub)
             err = next(e for e in events if e.type == "error")
@@ -236,7 +230,7 @@ def test_shutdown_closes_every_task_thread_and_subscription(lm, tmp_path):
         ls = eng.open_session()
         sub = eng.bus.subscribe()
         eng.attach(ls, file_source(path, fps=5.0, realtime=True))
-        await _until(lambda: ls.processed >= 3)
+        assert await eventually(lambda: ls.processed >= 3)
         eng.ask(ls, "Anything?", max_new_tokens=50)
         await eng.close()
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []

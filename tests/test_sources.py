@@ -12,6 +12,7 @@ import pytest
 from model.config import Config
 from streamer.engine import Engine
 from streamer.sources import Frame, ReaderStats, file_source, rtsp_source
+from tests.conftest import eventually
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 
@@ -39,15 +40,6 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-async def _until(pred, timeout):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 def _config(fps):
     cfg = Config()
     cfg.engine.fps = fps
@@ -66,7 +58,7 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
             ls = eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=10000)
             eng.attach(ls, rtsp_source(f"rtsp://127.0.0.1:{port}/cam", fps=2.0, stats=stats))
-            assert await _until(lambda: ls.processed >= 6, 30), "no frames from the RTSP camera"
+            assert await eventually(lambda: ls.processed >= 6, 30), "no frames from the RTSP camera"
             ts = [e.t for e in list(sub._events) if e.type == "stats"]
             steps = np.diff(ts)
             assert np.allclose(steps, 0.5, atol=0.051), ts  # 2 fps of the camera's own 10 fps pts
@@ -77,7 +69,7 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
             await asyncio.sleep(2.0)
             server = _start_server(port)  # ... and comes back
             back = time.monotonic()
-            assert await _until(lambda: ls.processed >= processed_before + 3, 15), "no frames after the restart"
+            assert await eventually(lambda: ls.processed >= processed_before + 3, 15), "no frames after the restart"
             reconnect_s = time.monotonic() - back
             assert stats.reconnects >= 1 and ls.session.cache_len > cache_before  # same session, same cache
             ts = [e.t for e in list(sub._events) if e.type == "stats"]
@@ -136,7 +128,7 @@ def test_camera_source_reads_a_capture_device_by_pts(lm):
             ls = eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=1000)
             eng.attach(ls, camera_source("testsrc=size=160x120:rate=10,realtime", fps=2.0, fmt="lavfi", stats=stats))
-            assert await _until(lambda: ls.processed >= 4, 30)
+            assert await eventually(lambda: ls.processed >= 4, 30)
             ts = [e.t for e in list(sub._events) if e.type == "stats"]
             assert np.allclose(np.diff(ts), 0.5, atol=0.01) and stats.connects == 1
     asyncio.run(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import av
 
-from .base import Frame
+from .base import FpsSampler, Frame
 from .threaded import iterate_in_thread
 
 
@@ -33,7 +33,7 @@ def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | Non
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         start = None
-        next_t = 0.0
+        sampler = FpsSampler(fps)
         try:
             for frame in container.decode(stream):
                 if frame.pts is None or frame.time_base is None:
@@ -44,9 +44,8 @@ def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | Non
                 t = pts - start
                 if max_seconds is not None and t > max_seconds:
                     break
-                if t + 1e-6 < next_t:  # also drops repeated or backwards pts
+                if not sampler.accept(t):  # also drops repeated or backwards pts
                     continue
-                next_t = t + 1.0 / fps
                 yield Frame(pts_seconds=t, rgb=frame.to_ndarray(format="rgb24"))
         except av.FFmpegError as exc:
             raise ValueError(f"error while decoding {path}: {exc}") from exc

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import av
 
-from .base import Frame
+from .base import FpsSampler, Frame
 from .threaded import iterate_in_thread
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _decode_sampled(container, fps: float, t0: float, stop: Callable[[], bool]) 
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     first = None
-    next_t = t0
+    sampler = FpsSampler(fps)
     for frame in container.decode(stream):
         if stop():
             return
@@ -46,10 +46,8 @@ def _decode_sampled(container, fps: float, t0: float, stop: Callable[[], bool]) 
         if first is None:
             first = pts
         t = t0 + (pts - first)
-        if t + 1e-6 < next_t:
-            continue
-        next_t = t + 1.0 / fps
-        yield t, frame
+        if sampler.accept(t):
+            yield t, frame
 
 
 def live_frames(open_container: Callable[[], object], fps: float, reconnect: bool = True,

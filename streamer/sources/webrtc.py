@@ -16,7 +16,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from .base import Frame
+from .base import FpsSampler, Frame
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ async def track_frames(track: MediaStreamTrack, fps: float | None = None) -> Asy
     With ``fps``, frames closer than ``1/fps`` to the last one are skipped before RGB conversion.
     """
     first = None
-    next_t = 0.0
+    sampler = FpsSampler(fps) if fps is not None else None
     while True:
         try:
             frame = await track.recv()
@@ -59,10 +59,8 @@ async def track_frames(track: MediaStreamTrack, fps: float | None = None) -> Asy
         pts = float(frame.pts * frame.time_base)
         first = pts if first is None else first
         t = pts - first
-        if fps is not None:
-            if t + 1e-6 < next_t:
-                continue
-            next_t = t + 1.0 / fps
+        if sampler is not None and not sampler.accept(t):
+            continue
         yield Frame(t, frame.to_ndarray(format="rgb24"))
 
 
