@@ -9,6 +9,7 @@ DiffFP masks as the session, so the two do exactly the same work apart from the 
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -57,13 +58,27 @@ class BenchConfig:
             raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so wall-clock timings cover the work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _rss_mb() -> float:
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+
+
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MB (the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -74,7 +89,7 @@ def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[
                frame_pixels: int, new_tokens: int) -> tuple[float, float]:
     """Stock path: video processor on all frames + generate(). Returns (TTFT s, decode tokens/s)."""
     dev = lm.device
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     vids = stock_clip_pixels(lm.processor, frames, frame_pixels)
     inputs = dict(
@@ -89,7 +104,7 @@ def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[
     with torch.inference_mode():
         lm.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           streamer=stamps)
-    _sync(dev)
+    sync(dev)
     end = time.perf_counter()
     # stamps.times[0]: prompt handed over; [1]: first new token; the rest: one per decoded token
     ttft = stamps.times[1] - t0
@@ -104,7 +119,7 @@ class _Stamps:
         self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
@@ -114,7 +129,7 @@ class _Stamps:
 def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[float, float, list[int]]:
     """One question: (TTFT s, decode tokens/s after the first token, prompt ids at the first token)."""
     dev = session.lm.device
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -122,10 +137,10 @@ def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[
     for _ in session.ask(question, max_new_tokens=new_tokens, ignore_eos=True):
         n += 1
         if first is None:
-            _sync(dev)
+            sync(dev)
             first = time.perf_counter()
             prompt = session.token_ids()
-    _sync(dev)
+    sync(dev)
     end = time.perf_counter()
     return first - t0, (n - 1) / max(end - first, 1e-9), prompt
 
@@ -138,7 +153,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     scfg = SessionConfig(frame_pixels=cfg.height * cfg.width, budget=BudgetConfig(max_tokens=None))
     cam = SyntheticCamera(cfg.height, cfg.width)
     frames = [cam.frame(i / cfg.fps) for i in range(cfg.frames)]
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
 
     # warm-up (kernels, allocator, tokenizer caches) on a throwaway session
     warm = StreamSession(lm, scfg)
@@ -150,10 +165,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     session = StreamSession(lm, scfg)
     ingest_ms, masks, kept, total = [], [], 0, 0
     for i, f in enumerate(frames):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         r = session.add_frame(f, t=i / cfg.fps)
-        _sync(dev)
+        sync(dev)
         ingest_ms.append((time.perf_counter() - t0) * 1e3)
         masks.append(torch.from_numpy(r.keep_mask.reshape(-1)))
         kept, total = kept + r.tokens_kept, total + r.tokens_total
@@ -178,7 +193,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         st_rates.append(rate)
 
     out = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
+        "device": device_name(dev),
         "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "attn": lm.attn,
         "frames": cfg.frames, "fps": cfg.fps, "frame_size": [cfg.height, cfg.width],
         "frame_ingest_ms_p50": round(_pct(ingest_ms, 50), 3),
@@ -192,7 +207,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         "tokens_kept_ratio": round(kept / total, 4),
         "cache_len_after_frames": frames_cache_len,
         "prompt_tokens": len(prompt_ids),
-        "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(_rss_mb(), 1),
+        "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(peak_rss_mb(), 1),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
     if dev.type == "cuda":

@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
-import platform
 import statistics
 import time
 
 import torch
 import transformers
 
+from .bench import device_name, rss_mb, sync
 from .config import SessionConfig
 from .loading import load_model
 from .session import StreamSession
 from .synthetic import SyntheticCamera
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process in MB (peak RSS where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _trimmed_rss_mb() -> float | None:
@@ -70,12 +58,10 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
     for i in range(n):
         t = i / cfg.fps
         frame = cam.frame(t)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         r = session.add_frame(frame, t)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         ingest_ms.append((time.perf_counter() - t0) * 1e3)
         ingest_cpu_ms.append((time.process_time() - c0) * 1e3)
         max_cache = max(max_cache, r.cache_len)
@@ -102,7 +88,7 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
     early_cpu, late_cpu = ingest_cpu_ms[n // 10: n // 5], ingest_cpu_ms[n - n // 10:]
     st = session.stats()
     out = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
+        "device": device_name(dev),
         "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "layout": scfg.layout,
         "stream_hours": cfg.stream_hours, "fps": cfg.fps, "frames": n, "frame_size": [cfg.height, cfg.width],
         "budget_tokens": session.max_tokens, "max_cache_len": max_cache,

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from model.bench_stream import rss_mb
+from model.bench import rss_mb
 from model.config import Config
 from model.synthetic import SyntheticCamera
 from streamer.bus import Event, EventBus
