@@ -194,3 +194,19 @@ def test_a_question_too_big_for_the_budget_is_refused_and_costs_nothing(lm):
         s.ask("Tell me everything.", max_new_tokens=400)
     assert s.token_ids() == ids and s.stats()["evicted_frames"] == evicted
     assert s.answer("Briefly?", max_new_tokens=3) is not None and s.cache_len <= 330
+
+
+def test_policy_keeps_exchanges_in_the_recent_window_and_pinned_ones():
+    led, units = _ledger(frames=6)  # sink 10 + 6 frames of 10
+    old_q = led.new_unit(EXCHANGE, 5.0)
+    led.append([4] * 10, old_q)
+    led.append([1] * 10, led.new_unit(FRAME, 6.0))
+    recent_q = led.new_unit(EXCHANGE, 6.0)  # in the last 20 tokens
+    led.append([4] * 10, recent_q)
+    led.append([1] * 5, led.new_unit(FRAME, 7.0))
+    b = _budget(105)
+    plan = b.plan(led, 70, 7.0).uids  # everything evictable: 6 frames and the old exchange
+    assert old_q.uid in plan and recent_q.uid not in plan
+    old_q.pinned = True
+    plan = b.plan(led, 60, 7.0).uids
+    assert old_q.uid not in plan and plan >= {u.uid for u in units}

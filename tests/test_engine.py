@@ -91,6 +91,7 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
             deltas = [e for e in window if e.session == a.id]
             b_stats = [e for e in window if e.session == b.id]
             assert len(deltas) >= 10 and all(e.data["response_id"] == rid for e in deltas)
+            assert all(e.t == 0.0 for e in deltas)  # tagged with the stream time asked about (a's last frame)
             assert len(b_stats) >= len(deltas) - 1  # b ingested between a's decode steps
             run = longest = 0
             for e in window:  # never two of a's tokens without one of b's frames between them
