@@ -169,6 +169,53 @@ class EngineConfig:
             raise ValueError("engine.proactive_threshold must be in [0, 1]")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class ServerConfig:
+    """The websocket API (``vl3live serve``, ``streamer/server.py``; protocol in docs/protocol.md)."""
+
+    host: str = _help("address to bind; anything but loopback requires a token", default="127.0.0.1")
+    port: int = _help("port to bind (0 = any free port)", default=8765)
+    token: str | None = _help("bearer token clients must present (Authorization header or ?token=); "
+                              "None = $VL3LIVE_TOKEN if set, else no auth (loopback only)", default=None)
+    allowed_origins: list[str] | None = _help(
+        "browser Origin values allowed to connect; None = any (non-browser clients send none)", default=None)
+    source_allow: list[str] = _help(
+        "what source.attach may pull from: scheme://host[:port] patterns (host may use * wildcards), "
+        "e.g. rtsp://192.168.1.*; empty = source.attach disabled", default_factory=list)
+    max_sessions: int = _help("sessions at once, connected or awaiting resume; more are refused", default=16)
+    max_fps: float = _help("frames per second a client may send; faster ones are dropped (counted)",
+                           default=30.0)
+    max_frame_bytes: int = _help("largest encoded frame (JPEG/PNG) accepted", default=4 * 1024 * 1024)
+    max_frame_pixels: int = _help("largest frame accepted, width x height", default=3840 * 2160)
+    max_messages_per_second: float = _help(
+        "messages per second per connection (burst 2x); more get a rate_limited error", default=200.0)
+    resume_seconds: float = _help(
+        "a disconnected session waits this long for its client to resume it; 0 = closed at once", default=30.0)
+    ack_interval: float = _help("seconds between coalesced frame.ack events", default=0.5)
+    stats_interval: float = _help("seconds between stats events", default=2.0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
+        if min(self.max_sessions, self.max_frame_bytes, self.max_frame_pixels) < 1:
+            raise ValueError("server.max_sessions, max_frame_bytes and max_frame_pixels must be >= 1")
+        if self.max_fps <= 0 or self.max_messages_per_second <= 0:
+            raise ValueError("server.max_fps and server.max_messages_per_second must be > 0")
+        if self.resume_seconds < 0 or self.ack_interval <= 0 or self.stats_interval <= 0:
+            raise ValueError("server.resume_seconds must be >= 0, ack_interval and stats_interval > 0")
+        for pattern in self.source_allow:
+            scheme, sep, rest = pattern.partition("://")
+            if not sep or not scheme or not rest or "/" in rest:
+                raise ValueError(f"server.source_allow entries look like rtsp://host[:port], got {pattern!r}")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
 @dataclass
 class Config:
     """Root of the config tree (``configs/default.yaml``)."""
@@ -176,11 +223,19 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Coerce a YAML/CLI value to the annotated type ``tp`` (dataclasses recurse)."""
     origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # CLI: comma separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")

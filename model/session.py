@@ -17,6 +17,7 @@ keys that move are re-rotated (``model.kvcache``); with ``recall: on`` the evict
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -144,6 +145,11 @@ class StreamSession:
     def frames_in_cache(self) -> list[float]:
         """Stream times of the frames whose tokens are in the KV cache (recalled ones included)."""
         return sorted(u.t for u in self._ledger.frames())
+
+    def set_diffp_threshold(self, threshold: float | None) -> None:
+        """Change the DiffFP threshold for the frames to come (None = the reference mode's default)."""
+        self.config = dataclasses.replace(self.config, diffp_threshold=threshold)
+        self._pruner.threshold = self.config.threshold
 
     def stats(self) -> dict[str, float | int]:
         """Counters of the cache, the budget and recall."""

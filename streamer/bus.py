@@ -95,7 +95,12 @@ class EventBus:
     def __init__(self, default_maxsize: int = 256):
         self.default_maxsize = default_maxsize
         self._subs: set[Subscription] = set()
+        self._observers: list = []
         self._seq = itertools.count(1)
+
+    def observe(self, fn) -> None:
+        """Call ``fn(event)`` for every event as it is published (metrics); it must not block."""
+        self._observers.append(fn)
 
     def subscribe(self, session: str | None = None, maxsize: int | None = None) -> Subscription:
         """Events of one session (or of all with ``None``)."""
@@ -105,6 +110,8 @@ class EventBus:
 
     def publish(self, ev: Event) -> None:
         ev.seq = next(self._seq)
+        for fn in self._observers:
+            fn(ev)
         for sub in list(self._subs):
             sub._offer(ev)
 

@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     from model.bench import BenchConfig
 
     from .ask import AskConfig
+    from .client import ClientConfig
+    from .serve import ServeConfig
     from .watch import WatchConfig
 
     p = argparse.ArgumentParser(prog="vl3live", description="Live VideoLLaMA3: a streaming video assistant")
@@ -33,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(ask, AskConfig, positional=("video", "question"))
     watch = sub.add_parser("watch", help="stream a camera, RTSP URL or file live; questions from stdin")
     add_dataclass_arguments(watch, WatchConfig, positional=("source",))
+    serve = sub.add_parser("serve", help="serve the websocket API (docs/protocol.md)")
+    add_dataclass_arguments(serve, ServeConfig)
+    client = sub.add_parser("client", help="stream a file, camera or RTSP URL to a server; print answers")
+    add_dataclass_arguments(client, ClientConfig, positional=("source",))
+    schema = sub.add_parser("protocol-schema", help="print the websocket protocol's JSON Schema")
+    schema.add_argument("--output", "-o", default=None, help="write it to this file instead")
     return p
 
 
@@ -71,6 +79,39 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_watch(cfg, load_config(args.config, args.overrides)))
             except KeyboardInterrupt:
                 pass
+            return 0
+        if args.command == "serve":
+            import asyncio
+
+            from .serve import ServeConfig, run_serve
+
+            try:
+                asyncio.run(run_serve(dataclass_from_args(ServeConfig, args), load_config(args.config, args.overrides)))
+            except KeyboardInterrupt:
+                pass
+            return 0
+        if args.command == "client":
+            import asyncio
+
+            from .client import ClientConfig, ClientError, run_client
+
+            try:
+                asyncio.run(run_client(dataclass_from_args(ClientConfig, args)))
+            except KeyboardInterrupt:
+                pass
+            except ClientError as exc:
+                print(f"vl3live client: server refused: {exc}", file=sys.stderr)
+                return 2
+            return 0
+        if args.command == "protocol-schema":
+            from .protocol import json_schema
+
+            text = json.dumps(json_schema(), indent=2) + "\n"
+            if args.output:
+                with open(args.output, "w") as f:
+                    f.write(text)
+            else:
+                sys.stdout.write(text)
             return 0
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"vl3live {args.command}: error: {exc}", file=sys.stderr)

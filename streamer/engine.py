@@ -15,18 +15,27 @@ import time
 from collections.abc import AsyncIterator
 
 from model import LoadedModel, StreamSession
-from model.config import Config, SessionConfig
+from model.config import Config, EngineConfig, SessionConfig
 
 from .bus import Event, EventBus
 from .live import LiveSession, PendingFrame, Question
-from .sources import Frame
+from .sources import FpsSampler, Frame
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
 
+SAMPLING_FIELDS = frozenset({"do_sample", "temperature", "top_k", "top_p", "seed"})
+
+
 class EngineError(ValueError):
-    """A request the engine refuses (unknown session, full question queue, too long a question)."""
+    """A request the engine refuses (unknown session, full question queue, too long a question).
+
+    ``code`` is the websocket protocol's error code for it (``streamer/protocol.py``)."""
+
+    def __init__(self, message: str, code: str = "invalid_field"):
+        super().__init__(message)
+        self.code = code
 
 
 class Engine:
@@ -68,18 +77,70 @@ class Engine:
             loop.call_soon_threadsafe(self.bus.publish, ev)
 
     # -- sessions ---------------------------------------------------------------------------------
-    def open_session(self, session_config: SessionConfig | None = None, session_id: str | None = None) -> LiveSession:
+    async def _on_worker(self, fn):
+        """Run ``fn`` (model work) on the model worker's thread and wait for it."""
+        return await asyncio.wrap_future(self._worker.submit(fn))
+
+    async def open_session(self, session_config: SessionConfig | None = None, session_id: str | None = None,
+                           engine_config: EngineConfig | None = None) -> LiveSession:
         """A new session (its KV cache lives until :meth:`close_session`)."""
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} exists")
-        session = StreamSession(self.lm, session_config or self.config.session)
-        ls = LiveSession(sid, session, dataclasses.replace(self.config.engine))
+        cfg = session_config or self.config.session
+        session = await self._on_worker(lambda: StreamSession(self.lm, cfg))
+        if sid in self.sessions:
+            raise EngineError(f"session {sid!r} exists")
+        ls = LiveSession(sid, session, dataclasses.replace(engine_config or self.config.engine))
+        ls.fresh_len = session.cache_len
         self.sessions[sid] = ls
         self._worker.add(ls)
         self.bus.publish(Event("session.created", sid, {"layout": session.config.layout,
                                                         "max_tokens": session.max_tokens}))
         return ls
+
+    async def reconfigure(self, ls: LiveSession, session_config: SessionConfig) -> None:
+        """Rebuild ``ls``'s model session with ``session_config`` (layout, budget, frame size...).
+
+        Only while nothing has entered its cache yet: the cache is shaped by these settings, so a
+        started session refuses (open a new one instead). Queued questions and the standing
+        instruction carry over.
+        """
+        def rebuild() -> StreamSession:
+            if ls.processed or ls.session.cache_len != ls.fresh_len or self._worker.answering(ls):
+                raise EngineError("layout, budget and frame size can only change before the first frame "
+                                  "or question; open a new session to change them", "session_started")
+            return StreamSession(self.lm, session_config)
+
+        session = await self._on_worker(rebuild)
+        with self._worker.lock:
+            ls.session = session
+            ls.fresh_len = session.cache_len
+
+    def update(self, ls: LiveSession, diffp_threshold: float | None | object = ..., sampling: dict | None = None,
+               **engine_fields) -> None:
+        """Change live settings of ``ls``: engine fields (fps, proactive_threshold, max_new_tokens...),
+        the DiffFP threshold, and the sampling settings of its answers. Checked first, all or nothing."""
+        try:
+            cfg = dataclasses.replace(ls.cfg, **engine_fields)
+        except TypeError as exc:
+            raise EngineError(str(exc)) from None
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        if sampling is not None:
+            bad = set(sampling) - SAMPLING_FIELDS
+            if bad:
+                raise EngineError(f"unknown sampling settings {sorted(bad)}")
+        if diffp_threshold is not ... and diffp_threshold is not None and diffp_threshold < 0:
+            raise EngineError("diffp_threshold must be >= 0")
+        with self._worker.lock:
+            if cfg.fps != ls.cfg.fps:
+                ls.sampler = FpsSampler(cfg.fps)
+            ls.cfg = cfg
+            if sampling is not None:
+                ls.sampling = dict(sampling)
+            if diffp_threshold is not ...:
+                ls.session.set_diffp_threshold(diffp_threshold)
 
     def get(self, sid: str) -> LiveSession:
         try:
@@ -118,10 +179,23 @@ class Engine:
     def attach(self, ls: LiveSession, source: AsyncIterator[Frame]) -> asyncio.Task:
         """Feed ``source`` into ``ls`` until it ends, it fails, or the session closes."""
         if ls.id in self._pumps and not self._pumps[ls.id].done():
-            raise EngineError(f"session {ls.id!r} already has a source")
+            raise EngineError(f"session {ls.id!r} already has a source", "source_busy")
         task = asyncio.create_task(self._pump(ls, source), name=f"pump:{ls.id}")
         self._pumps[ls.id] = task
         return task
+
+    async def detach(self, ls: LiveSession) -> bool:
+        """Stop ``ls``'s attached source; False if it had none running."""
+        task = self._pumps.pop(ls.id, None)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return True
+
+    def has_source(self, ls: LiveSession) -> bool:
+        task = self._pumps.get(ls.id)
+        return task is not None and not task.done()
 
     async def _pump(self, ls: LiveSession, source: AsyncIterator[Frame]) -> None:
         try:
@@ -147,14 +221,16 @@ class Engine:
         if not isinstance(text, str) or not text.strip():
             raise EngineError("question must be a non-empty string")
         if len(text) > cfg.max_question_chars:
-            raise EngineError(f"question is {len(text)} characters; the limit is {cfg.max_question_chars}")
+            raise EngineError(f"question is {len(text)} characters; the limit is {cfg.max_question_chars}",
+                              "question_too_long")
         n = max_new_tokens or cfg.max_new_tokens
         if n < 1 or n > cfg.max_new_tokens:
             raise EngineError(f"max_new_tokens must be in 1..{cfg.max_new_tokens}")
         rid = f"r{next(self._responses)}"
         with self._worker.lock:
             if len(ls.questions) >= cfg.max_queued_questions:
-                raise EngineError(f"{cfg.max_queued_questions} questions are already waiting in session {ls.id!r}")
+                raise EngineError(f"{cfg.max_queued_questions} questions are already waiting in session {ls.id!r}",
+                                  "queue_full")
             ls.questions.append(Question(rid, text, event_id, max_new_tokens=n))
             self._worker.lock.notify_all()
         return rid
@@ -182,7 +258,7 @@ class Engine:
         of stream time and an alert goes out only when the answer says something new.
         """
         if text is not None and (not text.strip() or len(text) > ls.cfg.max_question_chars):
-            raise EngineError(f"instruction must be 1..{ls.cfg.max_question_chars} characters")
+            raise EngineError(f"instruction must be 1..{ls.cfg.max_question_chars} characters", "question_too_long")
         with self._worker.lock:
             ls.instruction = text
             ls.last_instruction_t = None

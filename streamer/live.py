@@ -79,6 +79,8 @@ class LiveSession:
     fps_in: RateMeter = field(default_factory=RateMeter)
     fps_processed: RateMeter = field(default_factory=RateMeter)
     sampler: FpsSampler | None = None
+    fresh_len: int = 0  # cache length before anything entered it (the system prompt)
+    sampling: dict = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, seed for answers
 
     def __post_init__(self) -> None:
         self.sampler = FpsSampler(self.cfg.fps)

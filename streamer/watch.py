@@ -75,7 +75,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
     lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
-        ls = engine.open_session()
+        ls = await engine.open_session()
         sub = engine.bus.subscribe(ls.id)
         if cfg.instruction:
             engine.set_instruction(ls, cfg.instruction)

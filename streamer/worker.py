@@ -14,7 +14,9 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 from model import CacheLimitError, TokenDelta
 
@@ -46,6 +48,7 @@ class ModelWorker:
         self._sessions: list[LiveSession] = []
         self._answers: dict[str, _Answer] = {}
         self._retired: list[_Answer] = []  # answers of removed sessions, to be closed on the worker thread
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # model work other than steps
         self._rr = 0
         self._current: LiveSession | None = None  # the session whose step is running
         self._running = False
@@ -71,6 +74,24 @@ class ModelWorker:
             a.gen.close()
         self._answers.clear()
         self._retired.clear()
+        while self._calls:
+            self._calls.popleft()[1].set_exception(RuntimeError("the model worker stopped"))
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the worker thread between two steps (everything that touches the model
+        runs there: a forward from another thread would race with this one's hooks and streams)."""
+        fut: Future = Future()
+        with self._cond:
+            if not self._running:
+                fut.set_exception(RuntimeError("the model worker is not running"))
+                return fut
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def add(self, ls: LiveSession) -> None:
         with self._cond:
@@ -100,6 +121,10 @@ class ModelWorker:
             answer.cancelled = True
             return True
 
+    def answering(self, ls: LiveSession) -> bool:
+        with self._cond:
+            return ls.id in self._answers
+
     # -- the thread -------------------------------------------------------------------------------
     def idle(self, ls: LiveSession) -> bool:
         """Nothing to do for ``ls`` and no step of it running (its events may still be on their way)."""
@@ -112,12 +137,15 @@ class ModelWorker:
     def _next(self) -> LiveSession | None:
         with self._cond:
             while self._running:
-                if self._retired:
+                if self._retired or self._calls:
                     retired, self._retired = self._retired, []
+                    call = self._calls.popleft() if self._calls else None
                     self._cond.release()
                     try:
                         for a in retired:
                             a.gen.close()
+                        if call is not None:
+                            self._call(*call)
                     finally:
                         self._cond.acquire()
                     continue
@@ -130,6 +158,15 @@ class ModelWorker:
                         return ls
                 self._cond.wait()
         return None
+
+    @staticmethod
+    def _call(fn: Callable[[], object], fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            fut.set_exception(exc)
 
     def _run(self) -> None:
         while (ls := self._next()) is not None:
@@ -194,8 +231,9 @@ class ModelWorker:
     def _start_answer(self, ls: LiveSession, q: Question) -> None:
         s = ls.session
         try:
-            gen = s.respond(max_new_tokens=q.max_new_tokens) if q.text is None else \
-                s.ask(q.text, max_new_tokens=q.max_new_tokens, pin=q.pin)
+            sampling = ls.sampling if not q.pin else {}
+            gen = s.respond(max_new_tokens=q.max_new_tokens, **sampling) if q.text is None else \
+                s.ask(q.text, max_new_tokens=q.max_new_tokens, pin=q.pin, **sampling)
         except (ValueError, RuntimeError) as exc:
             ls.errors += 1
             code = "cache_limit" if isinstance(exc, CacheLimitError) else "bad_question"

@@ -44,7 +44,7 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
         cfg = _config(fps=1000.0)
         cfg.session.frame_pixels = 448 * 336  # whole 448x336 frames: the model takes ~10 ms+ each
         async with Engine(lm, cfg) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             await asyncio.sleep(0)
             before = rss_mb()
             # 0.45 MB frames, at least 10x faster than the model takes them
@@ -63,7 +63,7 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
 def test_sampler_uses_pts_not_arrival_time(lm):
     async def main():
         async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=1000)
             for i in range(40):  # 10 fps of pts, pushed one by one as the model takes them
                 eng.push_frame(ls, Frame(i / 10, np.full((84, 112, 3), i * 5, np.uint8)))
@@ -76,7 +76,7 @@ def test_sampler_uses_pts_not_arrival_time(lm):
 def test_a_long_answer_does_not_hold_another_stream_back(lm):
     async def main():
         async with Engine(lm, _config(fps=1000.0, max_new_tokens=48)) as eng:
-            a, b = eng.open_session(), eng.open_session()
+            a, b = await eng.open_session(), await eng.open_session()
             sub = eng.bus.subscribe(maxsize=100000)
             eng.push_frame(a, Frame(0.0, SyntheticCamera(84, 112).frame(0.0)))
             assert await eventually(lambda: a.processed == 1)
@@ -104,7 +104,7 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
 def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
     async def main():
         async with Engine(lm, _config(fps=1000.0, max_new_tokens=400)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=100000)
             shots = [SyntheticCamera(84, 112).frame(i * 0.1) for i in range(30)]
             eng.push_frame(ls, Frame(0.0, shots[0]))
@@ -124,7 +124,7 @@ def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
 def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
     async def main():
         async with Engine(lm, _config(max_queued_questions=2, max_question_chars=50)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id)
             with pytest.raises(EngineError, match="limit is 50"):
                 eng.ask(ls, "x" * 51)
@@ -151,7 +151,7 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
 
 async def _run_with_instruction(eng, instruction, seconds):
     """One frame per stream second with a standing instruction; all events once everything settled."""
-    ls = eng.open_session()
+    ls = await eng.open_session()
     sub = eng.bus.subscribe(ls.id, maxsize=100000)
     eng.set_instruction(ls, instruction)
     for i in range(seconds):
@@ -228,7 +228,7 @@ def test_shutdown_closes_every_task_thread_and_subscription(lm, tmp_path):
 
         eng = Engine(lm, _config(fps=5.0))
         await eng.start()
-        ls = eng.open_session()
+        ls = await eng.open_session()
         sub = eng.bus.subscribe()
         eng.attach(ls, file_source(path, fps=5.0, realtime=True))
         assert await eventually(lambda: ls.processed >= 3)

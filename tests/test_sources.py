@@ -55,7 +55,7 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
         nonlocal server
         stats = ReaderStats()
         async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=10000)
             eng.attach(ls, rtsp_source(f"rtsp://127.0.0.1:{port}/cam", fps=2.0, stats=stats))
             assert await eventually(lambda: ls.processed >= 6, 30), "no frames from the RTSP camera"
@@ -125,7 +125,7 @@ def test_camera_source_reads_a_capture_device_by_pts(lm):
 
     async def main():
         async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id, maxsize=1000)
             eng.attach(ls, camera_source("testsrc=size=160x120:rate=10,realtime", fps=2.0, fmt="lavfi", stats=stats))
             assert await eventually(lambda: ls.processed >= 4, 30)
@@ -140,7 +140,7 @@ def test_a_broken_source_is_an_error_event_and_the_session_goes_on(lm, tmp_path)
 
     async def main():
         async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = eng.open_session()
+            ls = await eng.open_session()
             sub = eng.bus.subscribe(ls.id)
             await eng.attach(ls, file_source(bad, fps=2.0, realtime=False))
             err = next(e for e in list(sub._events) if e.type == "error")

@@ -70,7 +70,7 @@ def file_source(path: str | Path, fps: float = 1.0, realtime: bool = True,
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path}")
 
-    def make() -> Iterator[Frame]:
+    def make(stopped) -> Iterator[Frame]:
         frames = read_video_file(path, fps=fps, max_seconds=max_seconds)
         return _paced(frames) if realtime else frames
 

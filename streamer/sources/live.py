@@ -50,10 +50,20 @@ def _decode_sampled(container, fps: float, t0: float, stop: Callable[[], bool]) 
             yield t, frame
 
 
+def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
+    """Sleep, waking early (within 0.1 s) once ``stop()`` is true."""
+    end = time.monotonic() + seconds
+    while not stop() and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+
+
 def live_frames(open_container: Callable[[], object], fps: float, reconnect: bool = True,
                 max_backoff: float = 8.0, stats: ReaderStats | None = None,
-                stop: Callable[[], bool] = lambda: False) -> Iterator[Frame]:
-    """Frames from ``open_container()`` (a PyAV container), reopened with backoff when it fails."""
+                stop: Callable[[], bool] = lambda: False,
+                on_failure: Callable[[str], None] | None = None) -> Iterator[Frame]:
+    """Frames from ``open_container()`` (a PyAV container), reopened with backoff when it fails.
+
+    ``on_failure(message)`` is told of each failed open or broken stream (from this thread)."""
     stats = stats or ReaderStats()
     backoff = 0.25
     last_t: float | None = None
@@ -66,7 +76,9 @@ def live_frames(open_container: Callable[[], object], fps: float, reconnect: boo
             if not reconnect:
                 raise ValueError(f"cannot open video source: {exc}") from exc
             log.warning("video source unavailable (%s); retrying in %.2f s", exc, backoff)
-            time.sleep(backoff)
+            if on_failure is not None:
+                on_failure(f"video source unavailable ({exc}); retrying in {backoff:.2f} s")
+            _sleep(backoff, stop)
             backoff = min(backoff * 2, max_backoff)
             continue
         stats.connects += 1
@@ -83,20 +95,24 @@ def live_frames(open_container: Callable[[], object], fps: float, reconnect: boo
         except (av.FFmpegError, OSError) as exc:
             stats.failures += 1
             log.warning("video source broke off (%s)", exc)
+            if on_failure is not None:
+                on_failure(f"video source broke off ({exc}); reconnecting")
         if not reconnect:
             return
-        time.sleep(backoff)
+        _sleep(backoff, stop)
 
 
 def rtsp_source(url: str, fps: float = 1.0, options: dict | None = None, reconnect: bool = True,
-                stats: ReaderStats | None = None) -> AsyncIterator[Frame]:
+                stats: ReaderStats | None = None,
+                on_failure: Callable[[str], None] | None = None) -> AsyncIterator[Frame]:
     """An RTSP camera (TCP, low delay by default), reconnecting when it disappears."""
     if not url.startswith(("rtsp://", "rtsps://")):
         raise ValueError(f"not an RTSP URL: {url!r}")
     opts = {**RTSP_OPTIONS, **(options or {})}
 
-    def make() -> Iterator[Frame]:
-        return live_frames(lambda: av.open(url, options=opts, timeout=(5.0, 5.0)), fps, reconnect, stats=stats)
+    def make(stopped) -> Iterator[Frame]:
+        return live_frames(lambda: av.open(url, options=opts, timeout=(5.0, 5.0)), fps, reconnect, stats=stats,
+                           stop=stopped, on_failure=on_failure)
 
     return iterate_in_thread(make, name="rtsp")
 
@@ -121,7 +137,8 @@ def camera_source(device: str, fps: float = 1.0, width: int | None = None, heigh
     fmt = fmt or camera_format()
     opts = {"video_size": f"{width}x{height}"} if width and height else {}
 
-    def make() -> Iterator[Frame]:
-        return live_frames(lambda: av.open(device, format=fmt, options=opts), fps, reconnect=True, stats=stats)
+    def make(stopped) -> Iterator[Frame]:
+        return live_frames(lambda: av.open(device, format=fmt, options=opts), fps, reconnect=True, stats=stats,
+                           stop=stopped)
 
     return iterate_in_thread(make, name="camera")

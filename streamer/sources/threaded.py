@@ -15,13 +15,17 @@ T = TypeVar("T")
 _END = object()
 
 
-async def iterate_in_thread(make: Callable[[], Iterator[T]], name: str = "vl3live-reader") -> AsyncIterator[T]:
-    """Yield what ``make()``'s iterator yields; its exceptions are raised here. Closing stops the thread."""
+async def iterate_in_thread(make: Callable[[Callable[[], bool]], Iterator[T]],
+                            name: str = "vl3live-reader") -> AsyncIterator[T]:
+    """Yield what ``make(stopped)``'s iterator yields; its exceptions are raised here. Closing stops
+    the thread: ``stopped()`` turns true, so a reader waiting (e.g. to reconnect) can return early."""
     loop = asyncio.get_running_loop()
     box: asyncio.Queue = asyncio.Queue(maxsize=1)
     stop = threading.Event()
 
     def put(item: object) -> bool:
+        if stop.is_set() or loop.is_closed():
+            return False
         fut = asyncio.run_coroutine_threadsafe(box.put(item), loop)
         while not stop.is_set():
             try:
@@ -34,7 +38,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]], name: str = "vl3liv
 
     def run() -> None:
         try:
-            it = make()
+            it = make(stop.is_set)
             try:
                 for item in it:
                     if stop.is_set() or not put(item):

@@ -114,7 +114,7 @@ class WebRTCIngest:
         if len(self.peers) >= self.max_peers:
             return web.json_response({"error": f"{self.max_peers} peers are connected already"}, status=503)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers]))
-        ls = self.engine.open_session()
+        ls = await self.engine.open_session()
         self.peers[ls.id] = pc
 
         @pc.on("track")

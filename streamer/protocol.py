@@ -1,0 +1,384 @@
+"""The websocket protocol: message models, parsing, error codes and frame decoding. Pure: no I/O.
+
+JSON text messages with a ``type`` (and an optional client ``event_id`` echoed in errors), in the
+style of the OpenAI Realtime and Gemini Live APIs; a binary message is one JPEG/PNG frame. The
+pydantic models below are the schema: ``docs/protocol.schema.json`` is generated from them
+(``vl3live protocol-schema``) and ``docs/protocol.md`` describes the conversation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = "1"
+EVENT_ID_CHARS = 128
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Stable error codes (``error.code``), documented in docs/protocol.md.
+ERROR_CODES = {
+    "invalid_json": "a text message that is not a JSON object",
+    "invalid_text": "a string that is not valid Unicode (a lone surrogate escape)",
+    "unknown_type": "no type, or a type this protocol version does not have",
+    "invalid_field": "a field missing, unknown, of the wrong type or out of range",
+    "frame_too_large": "an encoded frame over server.max_frame_bytes",
+    "frame_too_many_pixels": "a frame over server.max_frame_pixels",
+    "bad_image": "not a decodable JPEG or PNG: wrong magic, truncated, zero size, bad base64",
+    "rate_limited": "more messages per second than server.max_messages_per_second",
+    "source_forbidden": "source.attach to a URL that is not on the server's allow-list",
+    "source_busy": "frames sent while a source is attached, or a second source",
+    "session_started": "layout, budget or frame size changed after the first frame or question",
+    "queue_full": "more questions waiting than engine.max_queued_questions",
+    "question_too_long": "a question or instruction over engine.max_question_chars",
+    "nothing_to_cancel": "response.cancel while no answer is being generated",
+    "bad_frame": "the model session refused a decoded frame (e.g. an extreme aspect ratio)",
+    "bad_question": "the model session refused a question",
+    "cache_limit": "the KV cache cannot take more (no budget, or a question larger than it)",
+    "source": "the attached source cannot be opened or broke off (the server keeps retrying)",
+    "subscriber_overflow": "this connection fell too far behind on answer events",
+    "too_many_sessions": "server.max_sessions reached (the connection is closed, code 1013)",
+    "resume_failed": "unknown or expired resume token (the connection is closed, code 4001)",
+    "internal": "a bug on the server; the session goes on",
+}
+
+# Close codes the server uses (besides what the websocket library sends by itself).
+CLOSE_CODES = {
+    1000: "normal closure (the client closed)",
+    1001: "the server is shutting down",
+    1007: "a text message that is not UTF-8 (RFC 6455 requires closing); the session can be resumed",
+    1009: "a message over the transport limit (about 4/3 x server.max_frame_bytes + 64 KiB)",
+    1011: "internal error",
+    1013: "server.max_sessions reached; try again later",
+    4001: "resume_failed: unknown or expired resume token",
+    4002: "subscriber_overflow: the client read events too slowly; the session can be resumed",
+    4003: "the session was resumed on another connection",
+}
+
+
+class ProtocolError(ValueError):
+    """A message refused with a stable ``code`` (one of :data:`ERROR_CODES`)."""
+
+    def __init__(self, code: str, message: str, event_id: str | None = None):
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code, self.message, self.event_id = code, message, event_id
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    event_id: str | None = Field(default=None, max_length=EVENT_ID_CHARS,
+                                 description="client id for this message; echoed in errors and answers")
+
+
+# -- client -> server -----------------------------------------------------------------------------
+class Generation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    max_new_tokens: int | None = Field(default=None, ge=1, description="answer length limit (<= the server's)")
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+
+
+class SessionSettings(BaseModel):
+    """``session.update`` fields; each one left out keeps its value. ``layout``, ``memory_budget``
+    and ``frame_pixels`` shape the cache: they change only before the first frame or question."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    fps: float | None = Field(default=None, gt=0, description="frames per second sampled, by pts")
+    layout: Literal["video-turn", "stream"] | None = None
+    diffp_threshold: float | None = Field(default=None, ge=0, description="DiffFP threshold (see README)")
+    memory_budget: int | None = Field(default=None, ge=1, description="KV cache budget in tokens")
+    frame_pixels: int | None = Field(default=None, ge=784, description="per-frame pixel budget")
+    instruction: str | None = Field(default=None, description="standing instruction; \"\" clears it")
+    proactive_threshold: float | None = Field(default=None, ge=0, le=1)
+    proactive_cooldown: float | None = Field(default=None, ge=0)
+    proactive_every: float | None = Field(default=None, gt=0)
+    generation: Generation | None = None
+
+
+class SessionUpdate(_Message):
+    type: Literal["session.update"]
+    session: SessionSettings
+
+
+class InputFrame(_Message):
+    type: Literal["input_frame"]
+    image: str = Field(description="base64 JPEG or PNG")
+    pts: float | None = Field(default=None, ge=0, description="seconds; default: arrival time")
+
+
+class InputFrameMeta(_Message):
+    """Gives the ``pts`` (and ``event_id``) of the next binary message."""
+
+    type: Literal["input_frame.meta"]
+    pts: float | None = Field(default=None, ge=0)
+
+
+class SourceAttach(_Message):
+    type: Literal["source.attach"]
+    url: str = Field(max_length=2048, description="rtsp:// (or other allowed scheme) URL the server pulls")
+
+
+class SourceDetach(_Message):
+    type: Literal["source.detach"]
+
+
+class Question(_Message):
+    type: Literal["question"]
+    text: str = Field(min_length=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+
+
+class ResponseCancel(_Message):
+    type: Literal["response.cancel"]
+
+
+class Ping(_Message):
+    type: Literal["ping"]
+
+
+ClientMessage = Annotated[SessionUpdate | InputFrame | InputFrameMeta | SourceAttach | SourceDetach | Question
+                          | ResponseCancel | Ping, Field(discriminator="type")]
+CLIENT_MODELS = {m.model_fields["type"].annotation.__args__[0]: m for m in
+                 (SessionUpdate, InputFrame, InputFrameMeta, SourceAttach, SourceDetach, Question, ResponseCancel,
+                  Ping)}
+
+
+# -- server -> client -----------------------------------------------------------------------------
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionCreated(_Event):
+    type: Literal["session.created"] = "session.created"
+    protocol: str = PROTOCOL_VERSION
+    session_id: str
+    resume_token: str = Field(description="reconnect with ?resume=TOKEN within resume_seconds to keep the session")
+    resumed: bool = False
+    resume_seconds: float
+    settings: dict[str, Any]
+    limits: dict[str, Any]
+
+
+class SessionUpdated(_Event):
+    type: Literal["session.updated"] = "session.updated"
+    event_id: str | None = None
+    settings: dict[str, Any]
+
+
+class FrameAck(_Event):
+    """Coalesced: at most one per ``server.ack_interval``; counts are totals for the session."""
+
+    type: Literal["frame.ack"] = "frame.ack"
+    received: int = Field(description="frames received on this session (binary or input_frame)")
+    accepted: int = Field(description="decoded and offered to the engine")
+    rate_dropped: int = Field(description="dropped for exceeding server.max_fps")
+    rejected: int = Field(description="refused with an error (bad image, too large, ...)")
+    sampled_out: int = Field(description="not taken by the fps sampler (or pts not increasing)")
+    dropped: int = Field(description="replaced by a newer frame before the model took them")
+    processed: int = Field(description="appended to the KV cache")
+    last_event_id: str | None = None
+    last_pts: float | None = Field(default=None, description="stream time of the last processed frame")
+    tokens_kept: int | None = Field(default=None, description="DiffFP-kept tokens of the last processed frame")
+    tokens_total: int | None = None
+    cache_len: int | None = None
+
+
+class ResponseCreated(_Event):
+    type: Literal["response.created"] = "response.created"
+    response_id: str
+    event_id: str | None = None
+    question: str | None
+    proactive: bool
+    t: float | None = Field(description="stream time the answer refers to")
+
+
+class ResponseDelta(_Event):
+    type: Literal["response.delta"] = "response.delta"
+    response_id: str
+    text: str
+    t: float | None
+
+
+class ResponseDone(_Event):
+    type: Literal["response.done"] = "response.done"
+    response_id: str
+    event_id: str | None = None
+    text: str
+    proactive: bool
+    cancelled: bool
+    ttft_ms: float | None
+    t: float | None
+
+
+class Alert(_Event):
+    type: Literal["alert"] = "alert"
+    response_id: str
+    text: str
+    instruction: str | None
+    t: float | None
+
+
+class Stats(_Event):
+    type: Literal["stats"] = "stats"
+    t: float | None
+    stats: dict[str, Any]
+
+
+class SourceEnded(_Event):
+    type: Literal["source.ended"] = "source.ended"
+    url: str | None
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    code: str = Field(description="stable; see ERROR_CODES / docs/protocol.md")
+    message: str
+    event_id: str | None = Field(default=None, description="the offending client message's event_id")
+
+
+class Pong(_Event):
+    type: Literal["pong"] = "pong"
+    event_id: str | None = None
+    server_time: float
+
+
+ServerEvent = Annotated[SessionCreated | SessionUpdated | FrameAck | ResponseCreated | ResponseDelta | ResponseDone
+                        | Alert | Stats | SourceEnded | Error | Pong, Field(discriminator="type")]
+_SERVER = TypeAdapter(ServerEvent)
+
+
+def json_schema() -> dict:
+    """The versioned JSON Schema of both directions (``docs/protocol.schema.json``)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"Live VideoLLaMA3 websocket protocol v{PROTOCOL_VERSION}",
+        "version": PROTOCOL_VERSION,
+        "client": TypeAdapter(ClientMessage).json_schema(),
+        "server": _SERVER.json_schema(),
+        "error_codes": ERROR_CODES,
+        "close_codes": {str(k): v for k, v in CLOSE_CODES.items()},
+    }
+
+
+def dump(event: _Event) -> str:
+    """A server event as the JSON text sent on the wire."""
+    return event.model_dump_json()
+
+
+def parse_server_event(text: str | bytes) -> _Event:
+    """A server event (clients and tests); raises ``ValidationError`` on anything off-schema."""
+    return _SERVER.validate_json(text)
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def _has_surrogate(value: Any) -> bool:
+    """Whether any string in a parsed JSON value cannot be encoded as UTF-8 (iterative: any depth)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _event_id(data: Any) -> str | None:
+    if isinstance(data, dict):
+        eid = data.get("event_id")
+        if isinstance(eid, str) and len(eid) <= EVENT_ID_CHARS and not _has_surrogate(eid):
+            return eid
+    return None
+
+
+def parse_client_message(text: str) -> _Message:
+    """One client text message as its model; :class:`ProtocolError` says why not."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ProtocolError("invalid_json", "JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError("invalid_json", f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_json", f"a message is a JSON object, got {type(data).__name__}")
+    eid = _event_id(data)
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in CLIENT_MODELS:
+        shown = kind if isinstance(kind, str) and not _has_surrogate(kind) else None
+        raise ProtocolError("unknown_type", f"unknown message type {shown!r}; expected one of "
+                                            f"{sorted(CLIENT_MODELS)}", eid)
+    if _has_surrogate(data):
+        raise ProtocolError("invalid_text", "a string is not valid Unicode (lone surrogate escape)", eid)
+    try:
+        return CLIENT_MODELS[kind].model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise ProtocolError("invalid_field", f"{kind}: {where}: {first['msg']}", eid) from None
+    except RecursionError:
+        raise ProtocolError("invalid_field", f"{kind}: nested too deeply", eid) from None
+
+
+# -- frames ---------------------------------------------------------------------------------------
+def decode_base64_image(data: str, max_bytes: int) -> bytes:
+    """The bytes of an ``input_frame.image`` (checked for size before decoding)."""
+    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
+        raise ProtocolError("frame_too_large", f"frame is about {len(data) * 3 // 4} bytes; "
+                                               f"the limit is {max_bytes}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError("bad_image", f"image is not valid base64: {exc}") from None
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """A JPEG/PNG as RGB uint8 HxWx3; size, magic and pixel count are checked before decoding."""
+    from PIL import Image
+
+    # Our own pixel limit is checked from the header before anything is decoded; PIL's warning for
+    # headers past its default would only repeat it (and warnings.catch_warnings is not thread-safe).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+    if len(data) == 0:
+        raise ProtocolError("bad_image", "empty image")
+    if len(data) > max_bytes:
+        raise ProtocolError("frame_too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
+    if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
+        raise ProtocolError("bad_image", "not a JPEG or PNG (wrong magic bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ProtocolError("frame_too_many_pixels", f"frame is {w}x{h}; the limit is {max_pixels} pixels")
+            if w < 1 or h < 1:
+                raise ProtocolError("bad_image", f"frame is {w}x{h}")
+            rgb = np.array(img.convert("RGB"))  # a writable copy
+    except ProtocolError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ProtocolError("frame_too_many_pixels", str(exc)) from None
+    except Exception as exc:  # PIL raises many kinds on corrupt data (OSError, SyntaxError, struct.error...)
+        raise ProtocolError("bad_image", f"cannot decode image: {exc}") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ProtocolError("bad_image", f"decoded to shape {rgb.shape}")
+    return rgb

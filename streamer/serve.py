@@ -1,0 +1,36 @@
+"""``vl3live serve``: load the model, start the engine and the websocket API, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from model import load_model
+from model.config import Config
+
+from .engine import Engine
+from .server import Server
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
+    host: str | None = field(default=None, metadata={"help": "overrides server.host"})
+    port: int | None = field(default=None, metadata={"help": "overrides server.port"})
+
+
+async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
+    server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
+                                                       if v is not None})
+    Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
+    spec = cfg.model or config.model.spec
+    print(f"loading {spec} ...", file=err, flush=True)
+    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
+                    seed=config.model.seed)
+    async with Engine(lm, config) as engine, Server(engine, server_cfg) as server:
+        print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
+              f"{'; token required' if server.token else ''}", file=err, flush=True)
+        if ready is not None:
+            ready(server.port)
+        await server.serve_forever()

@@ -1,0 +1,504 @@
+"""``vl3live serve``: the websocket API over the live engine (protocol: ``streamer/protocol.py``).
+
+One session per connection. A client that drops keeps its session for ``server.resume_seconds``
+and gets it back by reconnecting with ``?resume=TOKEN`` (from ``session.created``). Besides the
+websocket on ``/``, plain HTTP ``GET /health`` and ``GET /metrics`` (Prometheus) are served.
+Every bad message costs one ``error`` event; the connection closes only on the documented codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from model.config import ServerConfig
+
+from . import protocol as P
+from .bus import Event, Subscription
+from .engine import Engine, EngineError
+from .live import LiveSession
+from .metrics import Metrics
+from .sources import Frame, rtsp_source
+
+log = logging.getLogger(__name__)
+
+FORWARDED = {"response.created": P.ResponseCreated, "response.delta": P.ResponseDelta,
+             "response.done": P.ResponseDone, "alert": P.Alert}
+
+
+class TokenBucket:
+    """``rate`` per second with bursts up to ``capacity``."""
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate, self.capacity = rate, capacity
+        self.tokens = capacity
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def source_allowed(url: str, allow: list[str]) -> bool:
+    """Whether ``url`` matches a ``scheme://host[:port]`` pattern of ``allow`` (host may use ``*``)."""
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if not parts.scheme or not host:
+        return False
+    for pattern in allow:
+        scheme, _, hostport = pattern.lower().partition("://")
+        phost, _, pport = hostport.rpartition(":") if hostport.rsplit(":", 1)[-1].isdigit() else (hostport, "", "")
+        if parts.scheme.lower() == scheme and fnmatch.fnmatchcase(host, phost) and (not pport or port == int(pport)):
+            return True
+    return False
+
+
+@dataclasses.dataclass
+class ApiSession:
+    """A session as the API sees it: its engine session plus what outlives one connection."""
+
+    ls: LiveSession
+    resume_token: str
+    sub: Subscription
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    conn: ServerConnection | None = None
+    expiry: asyncio.TimerHandle | None = None
+    received: int = 0
+    accepted: int = 0
+    rate_dropped: int = 0
+    rejected: int = 0
+    last_event_id: str | None = None
+    last_stats: Event | None = None
+    ack_dirty: bool = False
+    stats_dirty: bool = False
+    meta: tuple[float | None, str | None] | None = None  # from input_frame.meta, for the next binary frame
+    source_url: str | None = None
+    last_pts: float = -1.0
+    fps_bucket: TokenBucket | None = None
+
+
+class Server:
+    """The websocket API. ``async with Server(engine, config) as srv: await srv.serve_forever()``."""
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+        self.engine = engine
+        self.config = config or engine.config.server
+        self.token = self.check(self.config)
+        self.sessions: dict[str, ApiSession] = {}  # by resume token
+        self.metrics = Metrics(lambda: [(s.ls, s.conn is not None) for s in self.sessions.values()])
+        engine.bus.observe(self.metrics.observe)
+        self._ws: WsServer | None = None
+        self._opening = 0
+        self.port: int | None = None
+        cfg = self.config
+        self._transport_max = cfg.max_frame_bytes * 4 // 3 + 64 * 1024
+
+    @staticmethod
+    def check(config: ServerConfig) -> str | None:
+        """The token in force; refuses (ValueError) a bind beyond loopback without one."""
+        token = config.token or os.environ.get("VL3LIVE_TOKEN") or None
+        if not config.loopback and not token:
+            raise ValueError(f"refusing to serve on {config.host}: binding beyond loopback needs a token "
+                             "(set server.token or $VL3LIVE_TOKEN), or bind 127.0.0.1")
+        return token
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> int:
+        self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
+                               max_size=self._transport_max, max_queue=16, compression=None, ping_interval=20,
+                               ping_timeout=20, server_header="vl3live")
+        self.port = self._ws.sockets[0].getsockname()[1]
+        return self.port
+
+    async def serve_forever(self) -> None:
+        assert self._ws is not None
+        await self._ws.serve_forever()
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            await self._ws.wait_closed()
+            self._ws = None
+        for s in list(self.sessions.values()):
+            await self._end(s)
+
+    # -- HTTP: health, metrics, auth, origins ---------------------------------------------------------
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        given = None
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        else:
+            given = (parse_qs(urlsplit(request.path).query).get("token") or [None])[0]
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _http(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/health":
+            alive = self.engine._worker.alive
+            body = {"status": "ok" if alive else "model worker stopped", "sessions": len(self.sessions),
+                    "protocol": P.PROTOCOL_VERSION}
+            return _response(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body),
+                             "application/json")
+        if not self._authorized(request):
+            return _response(HTTPStatus.UNAUTHORIZED, "missing or wrong token (Authorization: Bearer TOKEN "
+                                                      "or ?token=TOKEN)\n")
+        if path == "/metrics":
+            return _response(HTTPStatus.OK, self.metrics.render().decode(), "text/plain; version=0.0.4")
+        if path != "/":
+            return _response(HTTPStatus.NOT_FOUND, f"no {path}: the websocket is on /, and /health, /metrics\n")
+        origin = request.headers.get("Origin")
+        if self.config.allowed_origins is not None and origin is not None and \
+                origin not in self.config.allowed_origins:
+            return _response(HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed\n")
+        return None
+
+    # -- connections ----------------------------------------------------------------------------------
+    async def _handle(self, conn: ServerConnection) -> None:
+        self.metrics.connections.inc()
+        resume = (parse_qs(urlsplit(conn.request.path).query).get("resume") or [None])[0]
+        try:
+            s = await (self._resume(conn, resume) if resume is not None else self._open(conn))
+        except ConnectionClosed:
+            return
+        if s is None:
+            return
+        s.ack_dirty = s.received > 0  # a resumed client is told at once where its session is
+        writer = None
+        try:
+            await conn.send(P.dump(P.SessionCreated(
+                session_id=s.ls.id, resume_token=s.resume_token, resumed=resume is not None,
+                resume_seconds=self.config.resume_seconds, settings=self._settings(s), limits=self._limits())))
+            writer = asyncio.create_task(self._write(conn, s), name=f"ws-writer:{s.ls.id}")
+            await self._read(conn, s)
+        except ConnectionClosed:
+            pass
+        finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            if s.conn is conn:  # not taken over by a resume: wait for one
+                s.conn = None
+                if s.resume_token in self.sessions:
+                    self._detach(s)
+
+    async def _resume(self, conn: ServerConnection, token: str) -> ApiSession | None:
+        s = self.sessions.get(token)
+        if s is None:
+            await self._error(conn, "resume_failed", "unknown or expired resume token")
+            await conn.close(4001, "resume_failed")
+            return None
+        if s.expiry is not None:
+            s.expiry.cancel()
+            s.expiry = None
+        old, s.conn = s.conn, conn
+        if old is not None:  # a dead peer not noticed yet, or the same client twice
+            await old.close(4003, "resumed on another connection")
+        if s.sub.closed:
+            s.sub = self.engine.bus.subscribe(s.ls.id)
+        return s
+
+    async def _open(self, conn: ServerConnection) -> ApiSession | None:
+        if len(self.sessions) + self._opening >= self.config.max_sessions:
+            await self._error(conn, "too_many_sessions", f"the server has {self.config.max_sessions} sessions")
+            await conn.close(1013, "too many sessions")
+            return None
+        self._opening += 1  # counted while the session is built
+        try:
+            ls = await self.engine.open_session()
+        except Exception as exc:  # e.g. the worker stopped during shutdown
+            await self._error(conn, "internal", f"cannot open a session: {exc}")
+            await conn.close(1011, "cannot open a session")
+            return None
+        finally:
+            self._opening -= 1
+        s = ApiSession(ls, secrets.token_urlsafe(24), self.engine.bus.subscribe(ls.id), conn=conn)
+        s.fps_bucket = TokenBucket(self.config.max_fps, max(2.0, self.config.max_fps))
+        self.sessions[s.resume_token] = s
+        return s
+
+    def _detach(self, s: ApiSession) -> None:
+        if self.config.resume_seconds <= 0:
+            asyncio.get_running_loop().create_task(self._end(s))
+            return
+        def expire() -> None:
+            if s.conn is None:
+                asyncio.ensure_future(self._end(s))
+
+        s.expiry = asyncio.get_running_loop().call_later(self.config.resume_seconds, expire)
+
+    async def _end(self, s: ApiSession) -> None:
+        if self.sessions.pop(s.resume_token, None) is None:
+            return
+        if s.expiry is not None:
+            s.expiry.cancel()
+        if s.conn is not None:
+            await s.conn.close(1001, "server shutting down")
+        s.sub.close()
+        await self.engine.close_session(s.ls.id)
+
+    # -- reading --------------------------------------------------------------------------------------
+    async def _read(self, conn: ServerConnection, s: ApiSession) -> None:
+        bucket = TokenBucket(self.config.max_messages_per_second, 2 * self.config.max_messages_per_second)
+        async for message in conn:
+            if not bucket.take():
+                await self._error(conn, "rate_limited", "too many messages per second; this one was not processed",
+                                  _peek_event_id(message))
+                continue
+            try:
+                if isinstance(message, bytes):
+                    pts, eid = s.meta if s.meta is not None else (None, None)
+                    s.meta = None
+                    await self._frame(s, message, pts, eid)
+                else:
+                    await self._dispatch(conn, s, P.parse_client_message(message))
+            except P.ProtocolError as exc:
+                await self._error(conn, exc.code, exc.message, exc.event_id)
+            except EngineError as exc:
+                await self._error(conn, exc.code, str(exc), _peek_event_id(message))
+
+    async def _dispatch(self, conn: ServerConnection, s: ApiSession, msg: P._Message) -> None:
+        eid = msg.event_id
+        try:
+            if isinstance(msg, P.InputFrame):
+                data = P.decode_base64_image(msg.image, self.config.max_frame_bytes) if self._frame_ok(s, eid) else None
+                if data is not None:
+                    await self._frame(s, data, msg.pts, eid, counted=True)
+            elif isinstance(msg, P.InputFrameMeta):
+                s.meta = (msg.pts, eid)
+            elif isinstance(msg, P.Question):
+                self.engine.ask(s.ls, msg.text, eid, msg.max_new_tokens)
+            elif isinstance(msg, P.ResponseCancel):
+                if not self.engine.cancel(s.ls):
+                    raise P.ProtocolError("nothing_to_cancel", "no answer is being generated", eid)
+            elif isinstance(msg, P.Ping):
+                await conn.send(P.dump(P.Pong(event_id=eid, server_time=time.time())))
+            elif isinstance(msg, P.SessionUpdate):
+                await self._update(s, msg.session)
+                await conn.send(P.dump(P.SessionUpdated(event_id=eid, settings=self._settings(s))))
+            elif isinstance(msg, P.SourceAttach):
+                await self._attach(s, msg.url, eid)
+            elif isinstance(msg, P.SourceDetach):
+                if not await self.engine.detach(s.ls):
+                    raise P.ProtocolError("source_busy", "no source is attached", eid)
+                s.source_url = None
+        except P.ProtocolError as exc:
+            exc.event_id = exc.event_id or eid
+            raise
+        except EngineError as exc:
+            raise P.ProtocolError(exc.code if exc.code in P.ERROR_CODES else "invalid_field", str(exc), eid) from None
+        except ValueError as exc:  # a config the session refuses (e.g. a budget below its minimum)
+            raise P.ProtocolError("invalid_field", str(exc), eid) from None
+
+    def _frame_ok(self, s: ApiSession, eid: str | None) -> bool:
+        """Count a frame message; False (counted as dropped) when it exceeds server.max_fps."""
+        s.received += 1
+        s.last_event_id = eid
+        s.ack_dirty = True
+        if self.engine.has_source(s.ls):
+            s.rejected += 1
+            raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send frames",
+                                  eid)
+        if not s.fps_bucket.take():
+            s.rate_dropped += 1
+            self.metrics.frames.labels("rate_dropped").inc()
+            return False
+        return True
+
+    async def _frame(self, s: ApiSession, data: bytes, pts: float | None, eid: str | None,
+                     counted: bool = False) -> None:
+        if not counted and not self._frame_ok(s, eid):
+            return
+        self.metrics.frames.labels("received").inc()
+        cfg = self.config
+        try:
+            rgb = await asyncio.to_thread(P.decode_image, data, cfg.max_frame_bytes, cfg.max_frame_pixels)
+        except P.ProtocolError as exc:
+            s.rejected += 1
+            exc.event_id = eid
+            raise
+        t = pts if pts is not None else time.monotonic() - s.t0
+        s.last_pts = max(s.last_pts, t)
+        self.engine.push_frame(s.ls, Frame(t, rgb))  # the sampler's refusals count in sampled_out
+        s.accepted += 1
+
+    async def _attach(self, s: ApiSession, url: str, eid: str | None) -> None:
+        if not source_allowed(url, self.config.source_allow):
+            raise P.ProtocolError("source_forbidden", "this URL is not on the server's source allow-list "
+                                                      f"({', '.join(self.config.source_allow) or 'empty: attach is off'})",
+                                  eid)
+        if self.engine.has_source(s.ls):
+            raise P.ProtocolError("source_busy", f"a source is attached already ({s.source_url})", eid)
+        offset = s.last_pts + 1.0 / s.ls.cfg.fps if s.last_pts >= 0 else 0.0
+        loop, sid = asyncio.get_running_loop(), s.ls.id
+
+        def failed(message: str) -> None:  # from the reader thread; the reader keeps retrying
+            loop.call_soon_threadsafe(self.engine.bus.publish, Event("error", sid, {"code": "source",
+                                                                                  "message": message,
+                                                                                  "event_id": eid}))
+
+        async def frames():
+            async for f in rtsp_source(url, fps=s.ls.cfg.fps, on_failure=failed):
+                f.pts_seconds += offset
+                s.last_pts = max(s.last_pts, f.pts_seconds)
+                yield f
+
+        s.source_url = url
+        self.engine.attach(s.ls, frames())
+
+    async def _update(self, s: ApiSession, new: P.SessionSettings) -> None:
+        ls, cfg = s.ls, self.config
+        limit = self.engine.config.engine.max_new_tokens
+        gen = new.generation
+        if new.fps is not None and new.fps > cfg.max_fps:
+            raise P.ProtocolError("invalid_field", f"session.fps: the server allows at most {cfg.max_fps}")
+        if gen is not None and gen.max_new_tokens is not None and gen.max_new_tokens > limit:
+            raise P.ProtocolError("invalid_field", f"session.generation.max_new_tokens: at most {limit}")
+        if new.instruction is not None and len(new.instruction) > ls.cfg.max_question_chars:
+            raise P.ProtocolError("question_too_long", f"instruction is over {ls.cfg.max_question_chars} characters")
+        old = ls.session.config
+        shaped = dataclasses.replace(
+            old, layout=new.layout or old.layout, frame_pixels=new.frame_pixels or old.frame_pixels,
+            budget=dataclasses.replace(old.budget, max_tokens=new.memory_budget or old.budget.max_tokens))
+        if shaped != old:
+            await self.engine.reconfigure(ls, shaped)
+        fields = {k: getattr(new, k) for k in ("fps", "proactive_threshold", "proactive_cooldown", "proactive_every")
+                  if getattr(new, k) is not None}
+        if gen is not None and gen.max_new_tokens is not None:
+            fields["max_new_tokens"] = gen.max_new_tokens
+        sampling = None
+        if gen is not None:
+            sampling = {**ls.sampling, **gen.model_dump(exclude_none=True, exclude={"max_new_tokens"})}
+        threshold = new.diffp_threshold if "diffp_threshold" in new.model_fields_set else ...
+        self.engine.update(ls, diffp_threshold=threshold, sampling=sampling, **fields)
+        if "instruction" in new.model_fields_set:
+            self.engine.set_instruction(ls, new.instruction or None)
+
+    def _settings(self, s: ApiSession) -> dict:
+        ls = s.ls
+        c = ls.session.config
+        return {"fps": ls.cfg.fps, "layout": c.layout, "diffp_threshold": c.threshold,
+                "memory_budget": c.budget.max_tokens, "frame_pixels": c.frame_pixels, "instruction": ls.instruction,
+                "proactive_threshold": ls.cfg.proactive_threshold, "proactive_cooldown": ls.cfg.proactive_cooldown,
+                "proactive_every": ls.cfg.proactive_every,
+                "generation": {"max_new_tokens": ls.cfg.max_new_tokens, **ls.sampling}}
+
+    def _limits(self) -> dict:
+        c, e = self.config, self.engine.config.engine
+        return {"max_fps": c.max_fps, "max_frame_bytes": c.max_frame_bytes, "max_frame_pixels": c.max_frame_pixels,
+                "max_message_bytes": self._transport_max, "max_messages_per_second": c.max_messages_per_second,
+                "max_question_chars": e.max_question_chars, "max_queued_questions": e.max_queued_questions,
+                "max_new_tokens": e.max_new_tokens}
+
+    # -- writing --------------------------------------------------------------------------------------
+    async def _error(self, conn: ServerConnection, code: str, message: str, event_id: str | None = None) -> None:
+        self.metrics.errors.labels(code).inc()
+        await conn.send(P.dump(P.Error(code=code, message=message, event_id=event_id)))
+
+    async def _write(self, conn: ServerConnection, s: ApiSession) -> None:
+        """Forward the session's events; coalesce frame.ack and stats on their intervals."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        next_ack = next_stats = loop.time()
+        try:
+            while True:
+                timeout = max(0.0, min(next_ack, next_stats) - loop.time())
+                try:
+                    ev = await asyncio.wait_for(s.sub.get(), timeout)
+                except TimeoutError:
+                    ev = None
+                if ev is not None:
+                    await self._forward(conn, s, ev)
+                elif s.sub.closed:
+                    await conn.close(4002, "subscriber_overflow")
+                    return
+                now = loop.time()
+                if now >= next_ack:
+                    next_ack = now + cfg.ack_interval
+                    if s.ack_dirty:
+                        s.ack_dirty = False
+                        await conn.send(P.dump(self._ack(s)))
+                if now >= next_stats:
+                    next_stats = now + cfg.stats_interval
+                    if s.stats_dirty and s.last_stats is not None:
+                        s.stats_dirty = False
+                        await conn.send(P.dump(P.Stats(t=s.last_stats.t, stats=s.last_stats.data)))
+        except ConnectionClosed:
+            pass
+
+    async def _forward(self, conn: ServerConnection, s: ApiSession, ev: Event) -> None:
+        d = ev.data
+        if ev.type == "stats":
+            s.last_stats = ev
+            s.ack_dirty = s.stats_dirty = True
+        elif ev.type in FORWARDED:
+            model = FORWARDED[ev.type]
+            fields = {k: v for k, v in d.items() if k in model.model_fields}
+            await conn.send(P.dump(model(**fields, t=ev.t)))
+        elif ev.type == "error":
+            code = d.get("code", "internal")
+            await conn.send(P.dump(P.Error(code=code if code in P.ERROR_CODES else "internal",
+                                           message=str(d.get("message", "")), event_id=d.get("event_id"))))
+        elif ev.type == "source.ended":
+            await conn.send(P.dump(P.SourceEnded(url=s.source_url)))
+            s.source_url = None
+
+    def _ack(self, s: ApiSession) -> P.FrameAck:
+        c = s.ls.counters()
+        st = s.last_stats.data if s.last_stats is not None else {}
+        return P.FrameAck(received=s.received, accepted=s.accepted, rate_dropped=s.rate_dropped, rejected=s.rejected,
+                          sampled_out=c["sampled_out"], dropped=c["dropped"], processed=c["processed"],
+                          last_event_id=s.last_event_id, last_pts=s.last_stats.t if s.last_stats else None,
+                          tokens_kept=st.get("tokens_kept"), tokens_total=st.get("tokens_total"),
+                          cache_len=st.get("cache_len"))
+
+
+def _response(status: HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    data = body.encode()
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
+                       ("Connection", "close")])
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _peek_event_id(message: str | bytes) -> str | None:
+    """The event_id of a message refused before parsing (cheap: only for small JSON objects)."""
+    if isinstance(message, bytes) or len(message) > 64 * 1024:
+        return None
+    try:
+        return P._event_id(json.loads(message))
+    except (ValueError, RecursionError):
+        return None

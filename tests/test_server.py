@@ -1,0 +1,372 @@
+"""The websocket API end to end on loopback: the Python client, resume, limits, sources, auth, metrics, the CLIs."""
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from model.config import ServerConfig
+from streamer import protocol as P
+from streamer.client import Client
+from streamer.server import Server, source_allowed
+from streamer.sources import file_source
+from tests import ws_rig
+from tests.conftest import eventually
+from tests.test_sources import _free_port, _start_server, _stop
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in metrics"
+    return float(m.group(1))
+
+
+async def _ack(c: Client, pred, timeout: float = 60.0, log: list | None = None) -> P.FrameAck:
+    """The newest frame.ack if it satisfies ``pred``, else the next one that does; events read on the
+    way are appended to ``log`` (default: the client's ``seen`` list)."""
+    log = log if log is not None else c.__dict__.setdefault("seen", [])
+    last = next((ev for ev in reversed(log) if isinstance(ev, P.FrameAck)), None)
+    if last is not None and pred(last):
+        return last
+
+    async def find():
+        async for ev in c.events():
+            log.append(ev)
+            if isinstance(ev, P.FrameAck) and pred(ev):
+                return ev
+        raise ConnectionError(c.closed)
+    return await asyncio.wait_for(find(), timeout)
+
+
+def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_path):
+    clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=6.0)
+    cfg = ws_rig.config()
+    cfg.engine.proactive_every = 2.0
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            assert c.session.protocol == P.PROTOCOL_VERSION and not c.session.resumed
+            updated = await c.update(instruction="Tell me when the red ball moves.", fps=2)
+            assert updated.settings["instruction"] == "Tell me when the red ball moves." and updated.settings["fps"] == 2
+            answers: dict[str, list] = {}
+
+            async def ask(text):
+                answers[text] = [ev async for ev in c.ask(text)]
+
+            asks, sent = [], 0
+            async for frame in file_source(clip, fps=2.0, realtime=False):
+                await c.send_frame(frame.rgb, pts=frame.pts_seconds, event_id=f"f{sent}")
+                sent += 1
+                await _ack(c, lambda a, n=sent: a.processed + a.dropped + a.sampled_out >= n)
+                if sent in (4, 8):
+                    asks.append(asyncio.create_task(ask("What is in the picture?" if sent == 4 else "Where is the ball?")))
+            await asyncio.gather(*asks)
+            assert await eventually(lambda: any(ev.type == "alert" for ev in c.seen + list(c._events)), timeout=60)
+            final = await _ack(c, lambda a: a.received == sent)
+            events = c.seen + list(c._events)
+            status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
+            status_h, health = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "health")
+        assert sent == 12 and final.rejected == 0 and final.rate_dropped == 0
+        assert final.processed + final.dropped + final.sampled_out == sent and final.processed >= 6
+        assert final.tokens_total and final.cache_len and final.last_event_id == f"f{sent - 1}"
+        times = []
+        for text, evs in answers.items():
+            created, *deltas, done = evs
+            assert isinstance(created, P.ResponseCreated) and created.question == text and not created.proactive
+            assert isinstance(done, P.ResponseDone) and done.event_id == created.event_id and not done.cancelled
+            assert deltas and all(isinstance(d, P.ResponseDelta) and d.response_id == done.response_id for d in deltas)
+            assert done.text == "".join(d.text for d in deltas) and done.ttft_ms > 0
+            assert created.t == done.t and 0 < created.t < 5.5  # asked mid-stream, tagged with its stream time
+            times.append(created.t)
+        assert times[0] < times[1]
+        alert = next(ev for ev in events if ev.type == "alert")
+        done = next(ev for ev in events if ev.type == "response.done" and ev.response_id == alert.response_id)
+        assert alert.instruction == "Tell me when the red ball moves." and alert.text == done.text and done.proactive
+        assert events.index(done) < events.index(alert)
+        assert status == 200 and status_h == 200 and json.loads(health)["status"] == "ok"
+        assert _metric(metrics, "vl3live_ttft_seconds_count") >= 3  # two questions and the proactive answer
+        assert _metric(metrics, "vl3live_frame_latency_seconds_count") == final.processed
+        assert _metric(metrics, 'vl3live_frames_total{outcome="received"}') == sent
+        assert _metric(metrics, 'vl3live_sessions{state="connected"}') == 1
+    asyncio.run(main())
+
+
+def test_resume_keeps_the_session_and_an_expired_token_is_refused(lm):
+    cfg = ws_rig.config(resume_seconds=1.0)
+    shots = ws_rig.frames(6)
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            c = Client(url)
+            await c.connect()
+            for i in range(3):
+                await c.send_frame(ws_rig.png(shots[i]), pts=float(i))
+                before = (await _ack(c, lambda a, n=i + 1: a.processed == n)).cache_len
+            token, sid = c.session.resume_token, c.session.session_id
+            await c.close()
+            async with Client(url, resume=token) as c2:
+                assert c2.session.resumed and c2.session.session_id == sid and len(engine.sessions) == 1
+                assert (await _ack(c2, lambda a: True)).cache_len == before  # a resumed client is told where it is
+                for i in range(3, 6):
+                    await c2.send_frame(ws_rig.png(shots[i]), pts=float(i))
+                    after = await _ack(c2, lambda a, n=i + 1: a.processed == n)
+                assert after.cache_len > before and after.received == 6
+                done = [ev async for ev in c2.ask("What changed?")][-1]
+                assert isinstance(done, P.ResponseDone) and done.t == 5.0
+            await asyncio.sleep(1.5)  # past resume_seconds: the session is gone
+            assert len(engine.sessions) == 0 and len(server.sessions) == 0
+            async with websockets.connect(url + f"?resume={token}") as ws:
+                err = await ws_rig.recv_json(ws)
+                assert err["type"] == "error" and err["code"] == "resume_failed"
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 4001
+    asyncio.run(main())
+
+
+def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
+    cfg = ws_rig.config(max_sessions=2, max_fps=5.0, max_frame_bytes=20000, max_messages_per_second=40.0,
+                        source_allow=["rtsp://127.0.0.1"])
+    cfg.engine.max_queued_questions = 2
+    cfg.engine.max_question_chars = 100
+    shots = ws_rig.frames(4)
+    noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+
+    async def expect(ws, message, code, eid=None, pts=None):
+        if pts is not None:
+            await ws.send(json.dumps({"type": "input_frame.meta", "pts": pts}))
+        await (ws.send(message) if isinstance(message, bytes) else ws.send(json.dumps(message)))
+        err = await ws_rig.recv_json(ws, ("error",))
+        assert err["code"] == code, err
+        if eid is not None:
+            assert err["event_id"] == eid
+        return err
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            ws = await websockets.connect(url, max_size=None)
+            created = await ws_rig.recv_json(ws, ("session.created",))
+            other = await websockets.connect(url)
+            await ws_rig.recv_json(other, ("session.created",))
+            async with websockets.connect(url) as third:  # max_sessions = 2
+                assert (await ws_rig.recv_json(third))["code"] == "too_many_sessions"
+                with pytest.raises(websockets.ConnectionClosed):
+                    await third.recv()
+                assert third.close_code == 1013
+            await other.close()
+            for i in range(2):
+                await ws.send(json.dumps({"type": "input_frame.meta", "pts": float(i), "event_id": f"f{i}"}))
+                await ws.send(ws_rig.png(shots[i]))
+                await asyncio.sleep(0.25)  # under max_fps
+            ack = await ws_rig.recv_json(ws, ("frame.ack",))
+            while ack["processed"] < 2:
+                ack = await ws_rig.recv_json(ws, ("frame.ack",))
+            cache_len = ack["cache_len"]
+            await asyncio.sleep(0.5)  # refill the fps bucket
+            await expect(ws, ws_rig.png(noise), "frame_too_large", pts=2.0)  # 30 KB > 20000 bytes
+            await expect(ws, ws_rig.png(np.zeros((3, 700, 3), np.uint8)), "bad_frame", pts=3.0)  # aspect ratio 233
+            await expect(ws, {"type": "question", "text": "x" * 101, "event_id": "long"}, "question_too_long", "long")
+            await expect(ws, {"type": "response.cancel", "event_id": "c"}, "nothing_to_cancel", "c")
+            await expect(ws, {"type": "session.update", "session": {"layout": "stream"}, "event_id": "u"},
+                         "session_started", "u")
+            await expect(ws, {"type": "session.update", "session": {"fps": 50}, "event_id": "u2"},
+                         "invalid_field", "u2")  # over server.max_fps
+            for url_ in ("file:///etc/passwd", "/etc/passwd", "rtsp://10.0.0.1/cam", "http://127.0.0.1/cam",
+                         "rtsp://127.0.0.1.evil.example/cam"):
+                await expect(ws, {"type": "source.attach", "url": url_, "event_id": "a"}, "source_forbidden", "a")
+            await expect(ws, {"type": "source.detach"}, "source_busy")
+            await asyncio.sleep(0.3)
+            for i in range(20):  # 20 frames at once: 5 fps allowed, burst 5
+                await ws.send(json.dumps({"type": "input_frame", "pts": 10.0 + i,
+                                          "image": base64.b64encode(ws_rig.jpeg(shots[i % 4])).decode()}))
+            ack = await ws_rig.recv_json(ws, ("frame.ack",))
+            while ack["received"] < 24:
+                ack = await ws_rig.recv_json(ws, ("frame.ack",))
+            assert ack["rate_dropped"] >= 10 and ack["rejected"] == 1  # the 30 KB one
+            assert ack["accepted"] + ack["rate_dropped"] + ack["rejected"] == 24
+            await asyncio.sleep(1.0)
+            codes = []  # 4 questions at once: one answering, two waiting, the rest refused
+            for i in range(4):
+                await ws.send(json.dumps({"type": "question", "text": f"question {i}?", "event_id": f"q{i}"}))
+            done = 0
+            while done + len(codes) < 4:
+                ev = await ws_rig.recv_json(ws, ("error", "response.done"))
+                if ev["type"] == "error":
+                    codes.append(ev["code"])
+                else:
+                    done += 1
+            assert set(codes) == {"queue_full"} and done >= 2  # q0 may still wait behind the frames
+            await asyncio.sleep(2.5)  # refill the message bucket
+            for i in range(200):  # a flood: 40/s allowed, burst 80
+                await ws.send(json.dumps({"type": "ping", "event_id": f"p{i}"}))
+            replies = [await ws_rig.recv_json(ws, ("pong", "error")) for _ in range(200)]
+            limited = [r for r in replies if r["type"] == "error"]
+            assert all(r["code"] == "rate_limited" for r in limited) and 100 <= len(limited) <= 125
+            assert sorted(r["event_id"] for r in replies) == sorted(f"p{i}" for i in range(200))
+            await asyncio.sleep(2.5)
+            await ws.send(ws_rig.png(noise).ljust(cfg.server.max_frame_bytes * 2 + 70000, b"\0"))  # over the transport
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws_rig.recv_json(ws, ("never",))
+            assert ws.close_code == 1009
+            async with Client(url, resume=created["resume_token"]) as c:  # nothing sent earlier is lost
+                ack = await _ack(c, lambda a: True)
+                assert ack.cache_len >= cache_len and ack.processed >= 2
+                done = [ev async for ev in c.ask("Still there?")][-1]
+                assert isinstance(done, P.ResponseDone) and done.text
+            status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
+            assert _metric(metrics, 'vl3live_errors_total{code="rate_limited"}') == len(limited)
+            assert _metric(metrics, 'vl3live_frames_total{outcome="rate_dropped"}') == ack.rate_dropped
+    asyncio.run(main())
+
+
+def test_cache_limit_is_an_error_event(lm):
+    cfg = ws_rig.config()
+    cfg.session.budget.max_tokens = None
+    cfg.session.max_cache_tokens = 100
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            for i, shot in enumerate(ws_rig.frames(12)):
+                await c.send_frame(ws_rig.png(shot), pts=float(i))
+                await asyncio.sleep(0.05)
+            err = await c.next_event("error")
+            assert err.code == "cache_limit" and "100" in err.message
+            assert await c.ping() >= 0  # the connection is up
+    asyncio.run(main())
+
+
+def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
+    port = _free_port()
+    camera = _start_server(port)
+    cfg = ws_rig.config(source_allow=["rtsp://127.0.0.1"])
+    shot = ws_rig.png(ws_rig.frames(1)[0])
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            await c.send_frame(shot, pts=0.0)
+            await _ack(c, lambda a: a.processed == 1)
+            await c.attach(f"rtsp://127.0.0.1:{port}/cam")
+            await _ack(c, lambda a: a.processed >= 4, timeout=60)  # the camera's frames, sampled at 2 fps
+            await c.send_frame(shot, pts=100.0, event_id="mine")
+            err = await c.next_event("error")
+            assert err.code == "source_busy" and err.event_id == "mine"
+            await c.send_json({"type": "source.attach", "url": f"rtsp://127.0.0.1:{port}/cam", "event_id": "a2"})
+            err = await c.next_event("error")
+            assert err.code == "source_busy" and err.event_id == "a2"
+            await c.send_json({"type": "source.detach"})
+            await asyncio.sleep(0.3)
+            nowhere = f"rtsp://127.0.0.1:{_free_port()}/cam"  # allowed, but no camera there
+            await c.send_json({"type": "source.attach", "url": nowhere, "event_id": "a3"})
+            err = await c.next_event("error")
+            assert err.code == "source" and err.event_id == "a3" and "retrying" in err.message
+            await c.send_json({"type": "source.detach"})
+            await asyncio.sleep(0.3)
+            ls = next(iter(engine.sessions.values()))
+            times = ls.session.frames_in_cache()
+            assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))  # camera continues the clock
+            n = ls.processed
+            await c.send_frame(shot, pts=times[-1] + 1.0)
+            ack = await _ack(c, lambda a: a.processed == n + 1)
+            assert ack.last_pts == times[-1] + 1.0
+    try:
+        asyncio.run(main())
+    finally:
+        _stop(camera)
+
+
+def test_source_allow_list_matching():
+    allow = ["rtsp://127.0.0.1", "rtsp://cam-*.local:8554", "rtsps://*.example.com"]
+    assert source_allowed("rtsp://127.0.0.1:9000/cam", allow)
+    assert source_allowed("rtsp://user:pw@cam-3.local:8554/stream", allow)
+    assert source_allowed("RTSPS://a.example.com/x", allow)
+    for url in ("rtsp://cam-3.local:9000/x", "http://127.0.0.1/", "file:///etc/passwd", "/etc/passwd",
+                "rtsp://127.0.0.2/", "rtsp://example.com/", "rtsp://127.0.0.1/ x", "rtsp://127.0.0.1:99999/",
+                "concat:rtsp://127.0.0.1/a|file:/etc/passwd", "rtsp:///cam"):
+        assert not source_allowed(url, allow), url
+    assert not source_allowed("rtsp://127.0.0.1/", [])
+    with pytest.raises(ValueError, match="source_allow"):
+        ServerConfig(source_allow=["127.0.0.1"])
+
+
+def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, monkeypatch):
+    monkeypatch.delenv("VL3LIVE_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="needs a token"):
+        Server.check(ServerConfig(host="0.0.0.0"))
+    env = {k: v for k, v in os.environ.items() if k != "VL3LIVE_TOKEN"}
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "serve", "--host", "0.0.0.0", "--model", "tiny"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "needs a token" in r.stderr and "loading" not in r.stderr
+    cfg = ws_rig.config(host="0.0.0.0", token="s3cret", allowed_origins=["http://good.example"])
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, _):
+            url = f"ws://127.0.0.1:{server.port}/"
+            http = f"http://127.0.0.1:{server.port}/"
+            for headers, target in (({}, url), ({"Authorization": "Bearer wrong"}, url), ({}, url + "?token=wrong")):
+                with pytest.raises(InvalidStatus) as info:
+                    await websockets.connect(target, additional_headers=headers)
+                assert info.value.response.status_code == 401
+            async with Client(url, token="s3cret") as c:
+                assert await c.ping() >= 0
+            async with Client(url + "?token=s3cret") as c:
+                assert c.session.session_id
+            with pytest.raises(InvalidStatus) as info:
+                await websockets.connect(url + "?token=s3cret", origin="http://evil.example")
+            assert info.value.response.status_code == 403
+            async with Client(url, token="s3cret", origin="http://good.example") as c:
+                assert c.session.session_id
+            assert (await asyncio.to_thread(_get, http + "metrics"))[0] == 401
+            assert (await asyncio.to_thread(_get, http + "metrics", {"Authorization": "Bearer s3cret"}))[0] == 200
+            assert (await asyncio.to_thread(_get, http + "health"))[0] == 200
+            assert (await asyncio.to_thread(_get, http + "nope?token=s3cret"))[0] == 404
+    asyncio.run(main())
+
+
+def test_cli_serve_and_cli_client(tmp_path):
+    clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
+    serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0",
+                              "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
+                              "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in serve.stderr:
+            m = re.search(r"serving ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "serve did not start"
+        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+                            f"ws://127.0.0.1:{port}/", "--fps", "2", "--ask", "What do you see?", "--ask-at", "1"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"@1\.\d+s \S", r.stdout), r.stdout  # the answer, tagged with its stream time
+        assert "session s1" in r.stderr and re.search(r"\[ack\] sent [1-6] processed [1-6]", r.stderr)
+        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+                            f"ws://127.0.0.1:{port}/", "--token", "x"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0  # no token configured on loopback: any is ignored
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(30)
+        serve.stderr.close()
+    assert serve.returncode == 0
