@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "client":
             import asyncio
 
+            from websockets.exceptions import InvalidStatus
+
             from .client import ClientConfig, ClientError, run_client
 
             try:
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             except ClientError as exc:
                 print(f"vl3live client: server refused: {exc}", file=sys.stderr)
+                return 2
+            except InvalidStatus as exc:
+                body = exc.response.body.decode(errors="replace").strip()
+                print(f"vl3live client: server refused the connection: HTTP {exc.response.status_code} {body}",
+                      file=sys.stderr)
                 return 2
             return 0
         if args.command == "protocol-schema":

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from model.config import ServerConfig
 from streamer import protocol as P
-from streamer.client import Client
+from streamer.client import Client, ClientError
 from streamer.server import Server, source_allowed
 from streamer.sources import file_source
 from tests import ws_rig
@@ -133,6 +133,10 @@ def test_resume_keeps_the_session_and_an_expired_token_is_refused(lm):
                 assert after.cache_len > before and after.received == 6
                 done = [ev async for ev in c2.ask("What changed?")][-1]
                 assert isinstance(done, P.ResponseDone) and done.t == 5.0
+                async with Client(url, resume=token) as c3:  # the same session from a second connection
+                    assert c3.session.session_id == sid
+                    assert await eventually(lambda: c2.closed is not None, timeout=10)
+                    assert c2.closed[0] == 4003
             await asyncio.sleep(1.5)  # past resume_seconds: the session is gone
             assert len(engine.sessions) == 0 and len(server.sessions) == 0
             async with websockets.connect(url + f"?resume={token}") as ws:
@@ -236,6 +240,36 @@ def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
             status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
             assert _metric(metrics, 'vl3live_errors_total{code="rate_limited"}') == len(limited)
             assert _metric(metrics, 'vl3live_frames_total{outcome="rate_dropped"}') == ack.rate_dropped
+    asyncio.run(main())
+
+
+def test_session_update_reshapes_a_fresh_session_and_tunes_a_live_one(lm):
+    async def main():
+        async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
+            ls = engine.get(c.session.session_id)
+            up = await c.update(layout="stream", memory_budget=4096, frame_pixels=28 * 28 * 6, diffp_threshold=3.0,
+                                proactive_threshold=0.8, generation={"do_sample": True, "temperature": 0.5, "seed": 3,
+                                                                     "max_new_tokens": 5})
+            assert up.settings["layout"] == "stream" and up.settings["memory_budget"] == 4096
+            cfg = ls.session.config
+            assert (cfg.layout, cfg.budget.max_tokens, cfg.frame_pixels, cfg.threshold) == ("stream", 4096, 4704, 3.0)
+            assert ls.cfg.proactive_threshold == 0.8 and ls.cfg.max_new_tokens == 5
+            assert ls.sampling == {"do_sample": True, "temperature": 0.5, "seed": 3}
+            with pytest.raises(ClientError, match="budget") as info:
+                await c.update(memory_budget=10)  # below the minimum: refused, nothing changed
+            assert info.value.code == "invalid_field" and ls.session.config.budget.max_tokens == 4096
+            with pytest.raises(ClientError) as info:
+                await c.update(generation={"max_new_tokens": 10_000})  # over the server's limit
+            assert info.value.code == "invalid_field"
+            await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
+            await c.next_event("frame.ack")
+            await c.update(diffp_threshold=9.0, fps=4)  # live settings change on a started session
+            assert ls.session.config.threshold == 9.0 and ls.cfg.fps == 4
+            with pytest.raises(ClientError) as info:
+                await c.update(layout="video-turn")
+            assert info.value.code == "session_started" and ls.session.config.layout == "stream"
+            done = [ev async for ev in c.ask("What now?")][-1]
+            assert isinstance(done, P.ResponseDone)
     asyncio.run(main())
 
 
@@ -365,6 +399,10 @@ def test_cli_serve_and_cli_client(tmp_path):
                             f"ws://127.0.0.1:{port}/", "--token", "x"], capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 0  # no token configured on loopback: any is ignored
+        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+                            f"ws://127.0.0.1:{port}/nowhere"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr
     finally:
         serve.send_signal(signal.SIGINT)
         serve.wait(30)
