@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 SAMPLING_FIELDS = frozenset({"do_sample", "temperature", "top_k", "top_p", "seed"})
 
 
+def _check_sampling(sampling: dict) -> None:
+    bad = set(sampling) - SAMPLING_FIELDS
+    if bad:
+        raise EngineError(f"unknown sampling settings {sorted(bad)}; known: {sorted(SAMPLING_FIELDS)}")
+    t, k, p = sampling.get("temperature", 1.0), sampling.get("top_k", 0), sampling.get("top_p", 1.0)
+    seed = sampling.get("seed")
+    if not isinstance(sampling.get("do_sample", False), bool) or not isinstance(k, int) or k < 0 or \
+            not isinstance(t, (int, float)) or t <= 0 or not isinstance(p, (int, float)) or not 0 < p <= 1 or \
+            (seed is not None and not isinstance(seed, int)):
+        raise EngineError(f"sampling settings out of range: {sampling} (do_sample bool, temperature > 0, "
+                          "top_k >= 0, 0 < top_p <= 1, seed int)")
+
+
 class EngineError(ValueError):
     """A request the engine refuses (unknown session, full question queue, too long a question).
 
@@ -128,9 +141,7 @@ class Engine:
         except ValueError as exc:
             raise EngineError(str(exc)) from None
         if sampling is not None:
-            bad = set(sampling) - SAMPLING_FIELDS
-            if bad:
-                raise EngineError(f"unknown sampling settings {sorted(bad)}")
+            _check_sampling(sampling)
         if diffp_threshold is not ... and diffp_threshold is not None and diffp_threshold < 0:
             raise EngineError("diffp_threshold must be >= 0")
         with self._worker.lock:

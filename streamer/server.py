@@ -255,6 +255,7 @@ class Server:
         if self.config.resume_seconds <= 0:
             asyncio.get_running_loop().create_task(self._end(s))
             return
+
         def expire() -> None:
             if s.conn is None:
                 asyncio.ensure_future(self._end(s))
@@ -290,6 +291,11 @@ class Server:
                 await self._error(conn, exc.code, exc.message, exc.event_id)
             except EngineError as exc:
                 await self._error(conn, exc.code, str(exc), _peek_event_id(message))
+            except ConnectionClosed:
+                raise
+            except Exception as exc:  # a bug: report it, keep the session and the connection
+                log.exception("session %s: message failed", s.ls.id)
+                await self._error(conn, "internal", f"{type(exc).__name__}: {exc}", _peek_event_id(message))
 
     async def _dispatch(self, conn: ServerConnection, s: ApiSession, msg: P._Message) -> None:
         eid = msg.event_id

@@ -146,6 +146,16 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
             assert sum(e.type == "response.done" for e in events) == 2
             with pytest.raises(EngineError, match="no session"):
                 eng.get("nope")
+            for bad in ({"temperature": 0}, {"top_p": 1.5}, {"beam": 2}, {"seed": "x"}):
+                with pytest.raises(EngineError, match="sampling"):
+                    eng.update(ls, sampling=bad)
+            with pytest.raises(EngineError, match="fps"):
+                eng.update(ls, fps=0)
+            with pytest.raises(EngineError, match="unexpected keyword"):
+                eng.update(ls, colour="red")
+            assert ls.sampling == {} and ls.cfg.fps == 1.0  # refused updates change nothing
+            eng.update(ls, sampling={"do_sample": True, "temperature": 0.7, "seed": 1}, fps=4.0)
+            assert ls.sampling["temperature"] == 0.7 and ls.cfg.fps == 4.0
     asyncio.run(main())
 
 

@@ -408,3 +408,21 @@ def test_cli_serve_and_cli_client(tmp_path):
         serve.wait(30)
         serve.stderr.close()
     assert serve.returncode == 0
+
+
+def test_a_server_bug_is_an_internal_error_and_the_session_goes_on(lm):
+    async def main():
+        async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
+            real_ask = engine.ask
+
+            def broken(*args, **kwargs):  # a fault injected once into the question path
+                engine.ask = real_ask
+                raise RuntimeError("boom")
+            engine.ask = broken
+            with pytest.raises(ClientError, match="boom") as info:
+                async for _ in c.ask("First?"):
+                    pass
+            assert info.value.code == "internal"
+            done = [ev async for ev in c.ask("Second?")][-1]
+            assert isinstance(done, P.ResponseDone) and done.text
+    asyncio.run(main())
