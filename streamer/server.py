@@ -101,6 +101,7 @@ class ApiSession:
     source_url: str | None = None
     last_pts: float = -1.0
     fps_bucket: TokenBucket | None = None
+    backlog: list[Event] = dataclasses.field(default_factory=list)  # sent first on resume
 
 
 class Server:
@@ -228,7 +229,9 @@ class Server:
         old, s.conn = s.conn, conn
         if old is not None:  # a dead peer not noticed yet, or the same client twice
             await old.close(4003, "resumed on another connection")
-        if s.sub.closed:
+        if s.sub.closed:  # it overflowed while nobody read it: deliver what it kept (ending with the
+            old_sub = s.sub  # subscriber_overflow error), then go on with a fresh subscription
+            s.backlog = [ev for ev in iter(old_sub.get_nowait, None)]
             s.sub = self.engine.bus.subscribe(s.ls.id)
         return s
 
@@ -441,6 +444,8 @@ class Server:
         loop = asyncio.get_running_loop()
         next_ack = next_stats = loop.time()
         try:
+            while s.backlog:
+                await self._forward(conn, s, s.backlog.pop(0))
             while True:
                 timeout = max(0.0, min(next_ack, next_stats) - loop.time())
                 try:

@@ -426,3 +426,28 @@ def test_a_server_bug_is_an_internal_error_and_the_session_goes_on(lm):
             done = [ev async for ev in c.ask("Second?")][-1]
             assert isinstance(done, P.ResponseDone) and done.text
     asyncio.run(main())
+
+
+def test_events_lost_while_disconnected_are_announced_on_resume(lm):
+    cfg = ws_rig.config(resume_seconds=30.0)
+    cfg.engine.subscriber_queue = 8
+    cfg.engine.max_new_tokens = 40
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            c = Client(url)
+            await c.connect()
+            await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
+            await c.next_event("frame.ack")
+            await c.send_json({"type": "question", "text": "Tell me everything.", "event_id": "q"})
+            await c.close()  # gone while the answer is generated: its 40 deltas overflow the 8-event buffer
+            ls = engine.get(c.session.session_id)
+            assert await eventually(lambda: engine._worker.idle(ls) and ls.processed == 1, timeout=60)
+            await asyncio.sleep(0.1)
+            async with Client(url, resume=c.session.resume_token) as c2:
+                err = await c2.next_event("error")
+                assert err.code == "subscriber_overflow"
+                assert await c2.ping() >= 0  # the resumed connection goes on with a fresh buffer
+                done = [ev async for ev in c2.ask("And now?", max_new_tokens=3)][-1]
+                assert isinstance(done, P.ResponseDone)
+    asyncio.run(main())
