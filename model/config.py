@@ -169,6 +169,31 @@ class EngineConfig:
             raise ValueError("engine.proactive_threshold must be in [0, 1]")
 
 
+@dataclass
+class AudioConfig:
+    """Spoken questions (``vl3live live --mic``): microphone, voice activity detection, speech recognition."""
+
+    asr: str = _help('speech recognition checkpoint: a Whisper-style dir or hub id, or "tiny" (random weights)',
+                     default="openai/whisper-small")
+    language: str | None = _help("language of the questions (Whisper code, e.g. en); None = detect", default="en")
+    device: str | None = _help("sounddevice input device (name or index); None = the system default",
+                               default=None)
+    vad_threshold_db: float = _help("speech when a 30 ms frame is louder than this (dBFS) ...", default=-45.0)
+    vad_margin_db: float = _help("... and this much louder than the running noise floor", default=10.0)
+    vad_end_silence: float = _help("seconds of quiet that end an utterance", default=0.6)
+    vad_min_speech: float = _help("utterances shorter than this (seconds) are ignored (clicks, coughs)",
+                                  default=0.3)
+    vad_max_speech: float = _help("an utterance is cut after this many seconds", default=15.0)
+    queue_seconds: float = _help("audio buffered between the microphone and the detector; older audio is "
+                                 "dropped (counted) if recognition falls behind", default=30.0)
+
+    def __post_init__(self) -> None:
+        if min(self.vad_end_silence, self.vad_min_speech, self.vad_max_speech, self.queue_seconds) <= 0:
+            raise ValueError("audio: vad_end_silence, vad_min_speech, vad_max_speech and queue_seconds must be > 0")
+        if self.vad_min_speech >= self.vad_max_speech:
+            raise ValueError("audio.vad_min_speech must be below audio.vad_max_speech")
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -224,6 +249,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .ask import AskConfig
     from .client import ClientConfig
+    from .local import LiveConfig
     from .serve import ServeConfig
     from .watch import WatchConfig
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(ask, AskConfig, positional=("video", "question"))
     watch = sub.add_parser("watch", help="stream a camera, RTSP URL or file live; questions from stdin")
     add_dataclass_arguments(watch, WatchConfig, positional=("source",))
+    live = sub.add_parser("live", help="a local camera live; ask by speaking (--mic) or on stdin")
+    add_dataclass_arguments(live, LiveConfig)
     serve = sub.add_parser("serve", help="serve the websocket API (docs/protocol.md)")
     add_dataclass_arguments(serve, ServeConfig)
     client = sub.add_parser("client", help="stream a file, camera or RTSP URL to a server; print answers")
@@ -79,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_watch(cfg, load_config(args.config, args.overrides)))
             except KeyboardInterrupt:
                 pass
+            return 0
+        if args.command == "live":
+            import asyncio
+
+            from .local import LiveConfig, run_live
+
+            try:
+                asyncio.run(run_live(dataclass_from_args(LiveConfig, args), load_config(args.config, args.overrides)))
+            except KeyboardInterrupt:
+                pass
+            except RuntimeError as exc:  # e.g. PortAudio missing
+                print(f"vl3live live: error: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "serve":
             import asyncio

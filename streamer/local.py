@@ -1,0 +1,97 @@
+"""``vl3live live --camera DEVICE [--mic]``: a local camera through the live engine, questions
+spoken into the microphone (voice activity detection + speech recognition) or typed on stdin.
+Answers print on stdout; heard questions, stats and errors on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+
+from model.config import Config
+
+from .engine import Engine
+from .sources import camera_source
+from .watch import _load, _print_event, _read_questions
+
+
+@dataclass
+class LiveConfig:
+    camera: str = field(default="", metadata={
+        "help": "camera device: /dev/video0 (Linux), 0 (macOS), video=NAME (Windows), or an FFmpeg input "
+                "with --camera-format (e.g. testsrc=size=640x480:rate=30 with lavfi)"})
+    camera_format: str | None = field(default=None, metadata={
+        "help": "PyAV input format; default: v4l2 / avfoundation / dshow for this platform"})
+    mic: bool = field(default=False, metadata={"help": "ask by speaking (audio.* config); else questions from stdin"})
+    asr: str | None = field(default=None, metadata={"help": "overrides audio.asr (Whisper dir or hub id, or tiny)"})
+    instruction: str | None = field(default=None, metadata={"help": "a standing instruction (proactive mode)"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
+    model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
+
+    def __post_init__(self) -> None:
+        if not self.camera:
+            raise ValueError("--camera is needed")
+
+
+async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stderr) -> int:
+    """Run until Ctrl-C, the camera ends or ``max_seconds``; returns the number of spoken questions."""
+    import dataclasses
+
+    audio_cfg = dataclasses.replace(config.audio, asr=cfg.asr or config.audio.asr)
+    heard = 0
+    if cfg.mic:
+        from model.asr import load_asr
+
+        from .audio import import_sounddevice
+
+        import_sounddevice()  # a missing PortAudio is reported before minutes of model loading
+        print(f"loading speech recognition {audio_cfg.asr} ...", file=err, flush=True)
+        transcribe = load_asr(audio_cfg.asr, language=audio_cfg.language, seed=config.model.seed)
+    lm = _load(cfg, config, err)
+    loop = asyncio.get_running_loop()
+    async with Engine(lm, config) as engine:
+        ls = await engine.open_session()
+        sub = engine.bus.subscribe(ls.id)
+        if cfg.instruction:
+            engine.set_instruction(ls, cfg.instruction)
+        source = engine.attach(ls, camera_source(cfg.camera, fps=config.engine.fps, fmt=cfg.camera_format))
+        tasks = [source]
+        stdin_open = False
+        if cfg.mic:
+            async def listen() -> None:
+                nonlocal heard
+                from .audio import MicStats, mic_utterances
+
+                stats = MicStats()
+                async for utt in mic_utterances(audio_cfg, stats):
+                    text = await asyncio.to_thread(transcribe, utt.audio)
+                    heard += 1
+                    print(f"[heard {utt.start:.2f}-{utt.end:.2f}s] {text or '(nothing recognized)'}", file=err,
+                          flush=True)
+                    if text:
+                        engine.ask(ls, text)
+            tasks.append(asyncio.create_task(listen()))
+        else:
+            stdin_open = _read_questions(loop, engine, lambda: ls, err)
+
+        async def show() -> None:
+            async for ev in sub:
+                _print_event(ev, out, err, {})
+                if ev.type == "response.created" and not ev.data.get("proactive"):
+                    print(f"[question] {ev.data.get('question')}", file=err, flush=True)
+        printer = asyncio.create_task(show())
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=cfg.max_seconds, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await engine.settled(ls, timeout=300)
+            printer.cancel()
+            if stdin_open:
+                loop.remove_reader(sys.stdin.fileno())
+    return heard
