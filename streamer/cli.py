@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(ask, AskConfig, positional=("video", "question"))
     watch = sub.add_parser("watch", help="stream a camera, RTSP URL or file live; questions from stdin")
     add_dataclass_arguments(watch, WatchConfig, positional=("source",))
+    from ui.config import DemoConfig
+
+    demo = sub.add_parser("demo", help="the gradio live webcam demo (chat, alerts, stats, DiffFP overlay)")
+    add_dataclass_arguments(demo, DemoConfig)
     live = sub.add_parser("live", help="a local camera live; ask by speaking (--mic) or on stdin")
     add_dataclass_arguments(live, LiveConfig)
     serve = sub.add_parser("serve", help="serve the websocket API (docs/protocol.md)")
@@ -80,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclass_from_args(WatchConfig, args)
             try:
                 asyncio.run(run_watch(cfg, load_config(args.config, args.overrides)))
+            except KeyboardInterrupt:
+                pass
+            return 0
+        if args.command == "demo":
+            from ui.app import run_demo
+            from ui.config import DemoConfig
+
+            try:
+                run_demo(dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides))
             except KeyboardInterrupt:
                 pass
             return 0

@@ -79,6 +79,7 @@ class LiveSession:
     fps_in: RateMeter = field(default_factory=RateMeter)
     fps_processed: RateMeter = field(default_factory=RateMeter)
     sampler: FpsSampler | None = None
+    last_keep: tuple | None = None  # (rgb, keep mask) of the last frame in the cache, for the demo's overlay
     fresh_len: int = 0  # cache length before anything entered it (the system prompt)
     sampling: dict = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, seed for answers
 

@@ -56,40 +56,51 @@ async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stde
         if cfg.instruction:
             engine.set_instruction(ls, cfg.instruction)
         source = engine.attach(ls, camera_source(cfg.camera, fps=config.engine.fps, fmt=cfg.camera_format))
-        tasks = [source]
-        stdin_open = False
-        if cfg.mic:
-            async def listen() -> None:
-                nonlocal heard
-                from .audio import MicStats, mic_utterances
+        deadline = None if cfg.max_seconds is None else loop.time() + cfg.max_seconds
 
-                stats = MicStats()
-                async for utt in mic_utterances(audio_cfg, stats):
+        async def listen() -> None:
+            """Spoken questions until the deadline; one heard before it is still transcribed and asked."""
+            nonlocal heard
+            from .audio import MicStats, mic_utterances
+
+            mic = mic_utterances(audio_cfg, MicStats())
+            try:
+                while True:
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        return
+                    try:
+                        utt = await asyncio.wait_for(anext(mic), left)
+                    except (TimeoutError, StopAsyncIteration):
+                        return
                     text = await asyncio.to_thread(transcribe, utt.audio)
                     heard += 1
                     print(f"[heard {utt.start:.2f}-{utt.end:.2f}s] {text or '(nothing recognized)'}", file=err,
                           flush=True)
                     if text:
                         engine.ask(ls, text)
-            tasks.append(asyncio.create_task(listen()))
-        else:
-            stdin_open = _read_questions(loop, engine, lambda: ls, err)
+            finally:
+                await mic.aclose()
 
         async def show() -> None:
             async for ev in sub:
                 _print_event(ev, out, err, {})
                 if ev.type == "response.created" and not ev.data.get("proactive"):
                     print(f"[question] {ev.data.get('question')}", file=err, flush=True)
+
         printer = asyncio.create_task(show())
+        stdin_open = False if cfg.mic else _read_questions(loop, engine, lambda: ls, err)
+        waits = [source, asyncio.create_task(listen())] if cfg.mic else [source]
         try:
-            done, _ = await asyncio.wait(tasks, timeout=cfg.max_seconds, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(waits, timeout=None if cfg.mic else cfg.max_seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t.exception() is not None:
+                if not t.cancelled() and t.exception() is not None:
                     raise t.exception()
         finally:
-            for t in tasks:
+            for t in waits:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*waits, return_exceptions=True)
             await engine.settled(ls, timeout=300)
             printer.cancel()
             if stdin_open:

@@ -204,6 +204,7 @@ class ModelWorker:
             return
         ls.processed += 1
         ls.fps_processed.tick()
+        ls.last_keep = (pending.frame.rgb, r.keep_mask)
         stats = ls.counters()
         st = s.stats()
         stats.update(tokens_kept=r.tokens_kept, tokens_total=r.tokens_total, cache_len=r.cache_len,

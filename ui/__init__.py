@@ -1,1 +1,1 @@
-"""Gradio live webcam demo (built on the live engine in a later issue; imports ``model`` and ``streamer``)."""
+"""The gradio live webcam demo (``vl3live demo``), on the live engine; imports ``model`` and ``streamer``."""

@@ -1,0 +1,165 @@
+"""The gradio demo: its handlers driven directly with the tiny model, and the whole page in a real
+browser (Debian's chromium, headless, fake camera) served by ``vl3live demo``."""
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.config import Config
+from tests import ws_rig
+from tests.browser_rig import CHROMIUM_FLAGS
+from ui.app import Handlers, responsive
+from ui.backend import LiveBackend
+from ui.overlay import keep_overlay
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _until(pred, timeout: float = 60.0, every: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def handlers(lm):
+    cfg = ws_rig.config()
+    cfg.model.spec = "tiny"
+    cfg.engine.proactive_every = 1.0
+    backend = LiveBackend(cfg, lm)
+    backend.start()
+    yield Handlers(backend)
+    backend.close()
+
+
+def test_frames_in_give_stats_overlay_and_streamed_answers(handlers):
+    h, b = handlers, handlers.b
+    shots = ws_rig.frames(6)
+    sid = h.frame(shots[0], None)
+    assert b.alive(sid)
+    for shot in shots[1:]:
+        time.sleep(0.55)  # arrival-timed frames, sampled at engine.fps = 2
+        assert h.frame(shot, sid) == sid
+    ls = b.engine.get(sid)
+    _until(lambda: ls.processed >= 4)
+    chat, stats, overlay = h.tick(sid)
+    cache = int(re.search(r"cache / budget \| (\d+) / 16384", stats).group(1))
+    assert cache == ls.session.cache_len and "fps in / processed" in stats and "tokens kept" in stats
+    assert overlay.shape == shots[0].shape and overlay.dtype == np.uint8
+    question = "What is in the picture?"
+    _, sid2, chat = h.ask(question, sid)
+    assert sid2 == sid and chat[-1] == {"role": "user", "content": question}
+    chat = _until(lambda: (c := h.tick(sid)[0]) and b.views[sid].ttft_ms is not None and c)
+    answer = chat[chat.index({"role": "user", "content": question}) + 1]
+    assert answer["role"] == "assistant" and answer["content"] and not answer["content"].startswith("🔔")
+    assert "TTFT, last answer | " in h.tick(sid)[1] and "| - |" not in h.tick(sid)[1]
+    h.instruct("Tell me when the ball moves.", sid)
+    for shot in ws_rig.frames(3, seed=9):
+        time.sleep(0.55)
+        h.frame(shot, sid)
+    chat = _until(lambda: any(m["content"].startswith("🔔 **Alert**") for m in h.tick(sid)[0]) and h.tick(sid)[0])
+    alert = next(m for m in chat if m["content"].startswith("🔔 **Alert**"))
+    assert len(alert["content"]) > len("🔔 **Alert** @0.0s: ")  # an alert, marked, with its text
+
+
+def test_settings_file_source_and_bad_input(handlers, tmp_path):
+    h, b = handlers, handlers.b
+    sid = h.frame(ws_rig.frames(1)[0], None)
+    sid2, _ = h.settings("video-turn", 3.0, 16384, 4.0, sid)  # live settings: same session
+    assert sid2 == sid and b.engine.get(sid).session.config.threshold == 3.0 and b.engine.get(sid).cfg.fps == 4.0
+    sid3, chat = h.settings("stream", 3.0, 8192, 2.0, sid)  # a new layout: a new session
+    assert sid3 != sid and not b.alive(sid) and chat == []
+    cfg = b.engine.get(sid3).session.config
+    assert (cfg.layout, cfg.budget.max_tokens, cfg.threshold) == ("stream", 8192, 3.0)
+    clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=2.0)
+    assert h.source(str(clip), "", sid3) == sid3
+    _until(lambda: any("video file ended" in m["content"] for m in h.tick(sid3)[0]), timeout=60)
+    assert b.engine.get(sid3).processed >= 3
+    time.sleep(0.6)  # a frame right after the file's last one would be within the fps period (sampled out)
+    h.frame(np.zeros((2, 900, 3), np.uint8), sid3)  # aspect ratio 450: an error in the chat, session goes on
+    _until(lambda: any("bad_frame" in m["content"] for m in h.tick(sid3)[0]))
+    with pytest.warns(UserWarning, match="limit is"):  # gr.Warning outside a request: a Python warning
+        h.ask("x" * 5000, sid3)
+    h.closed(sid3)
+    assert not b.alive(sid3) and sid3 not in b.engine.sessions
+
+
+def test_overlay_dims_dropped_patches_and_outlines_kept_ones():
+    rgb = np.full((56, 84, 3), 200, np.uint8)
+    keep = np.array([[True, False, False], [False, False, True]])
+    out = keep_overlay(rgb, keep)
+    assert out.shape == rgb.shape
+    assert (out[40, 10] == 60).all()  # dropped: dimmed to 30 %
+    assert (out[5, 5] == 200).all()  # kept, inside the patch
+    assert tuple(out[28, 70]) == (0, 220, 0)  # kept patch's top edge
+
+
+def test_no_gpu_means_responsive_settings_for_a_real_checkpoint():
+    cfg = Config()
+    fast, note = responsive(cfg)
+    if note is None:  # a CUDA machine keeps the config
+        assert fast == cfg
+    else:
+        assert fast.session.frame_pixels < cfg.session.frame_pixels and fast.engine.fps <= 0.5 and "no GPU" in note
+    cfg.model.spec = "tiny"
+    assert responsive(cfg) == (cfg, None)
+
+
+def test_the_demo_page_in_a_real_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    demo = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", f"session.frame_pixels={28 * 28 * 12}",
+                             "--set", "engine.fps=2", "--set", "engine.max_new_tokens=8", "demo", "--model", "tiny",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in demo.stderr:
+            m = re.search(r"demo on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "the demo did not start"
+        with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+            browser = pw.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium",
+                                                            args=CHROMIUM_FLAGS, headless=True,
+                                                            viewport={"width": 1280, "height": 1000})
+            page = browser.new_page()
+            page.goto(url)
+            page.get_by_text("Click to Access Webcam").click()
+            page.locator("#webcam button", has_text="Record").click()
+
+            def cache_len():
+                m = re.search(r"cache / budget\s+(\d+)", page.inner_text("#stats"))
+                return int(m.group(1)) if m else None
+            first = _until(cache_len, timeout=60, every=0.5)
+            grown = _until(lambda: (n := cache_len()) and n > first and n, timeout=60, every=0.5)
+            page.fill("#question textarea", "What do you see?")
+            page.click("#ask")
+
+            def answered():
+                text = page.inner_text("#chat")
+                after = text.split("What do you see?", 1)
+                return len(after) == 2 and len(after[1].strip()) > 0 and after[1].strip()
+            answer = _until(answered, timeout=60, every=0.5)
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+            stats = page.inner_text("#stats")
+            browser.close()
+    finally:
+        demo.terminate()
+        demo.wait(30)
+        demo.stderr.close()
+    assert grown > first  # frames from the browser's camera reached the session
+    assert answer and "TTFT" in stats
+    print(json.dumps({"cache_first": first, "cache_later": grown, "answer": answer[:80]}))

@@ -1,0 +1,209 @@
+"""The live engine behind the demo: its own event loop in a thread, driven by gradio's handlers.
+
+Gradio calls handlers from its worker threads; every engine call is marshalled onto the engine's
+loop, so the engine keeps its one-loop rule. Each browser tab gets a session and a
+:class:`SessionView`, which folds the session's events into a chat transcript and stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model import load_model
+from model.config import Config
+from streamer.bus import Event, Subscription
+from streamer.engine import Engine
+from streamer.sources import Frame, file_source, rtsp_source
+
+from .overlay import keep_overlay
+
+
+@dataclass
+class SessionView:
+    """What the page shows for one session, built from its events."""
+
+    sid: str
+    sub: Subscription
+    t0: float = field(default_factory=time.monotonic)
+    chat: list[dict] = field(default_factory=list)  # gradio "messages": {"role", "content"}
+    answers: dict[str, int] = field(default_factory=dict)  # response id -> index in chat
+    stats: dict = field(default_factory=dict)
+    last_t: float | None = None
+    ttft_ms: float | None = None
+    errors: int = 0
+    source: str = "webcam"
+
+    def apply(self, ev: Event) -> None:
+        d = ev.data
+        if ev.type == "response.created":
+            head = f"🔔 **Alert** @{ev.t or 0:.1f}s: " if d.get("proactive") else ""
+            self.answers[d["response_id"]] = len(self.chat)
+            self.chat.append({"role": "assistant", "content": head})
+        elif ev.type == "response.delta" and d["response_id"] in self.answers:
+            self.chat[self.answers[d["response_id"]]]["content"] += d["text"]
+        elif ev.type == "response.done":
+            if d.get("ttft_ms") is not None and not d.get("proactive"):
+                self.ttft_ms = d["ttft_ms"]
+            if d.get("cancelled") and d["response_id"] in self.answers:
+                self.chat[self.answers[d["response_id"]]]["content"] += " *(cancelled)*"
+        elif ev.type == "stats":
+            self.stats, self.last_t = d, ev.t
+        elif ev.type == "error":
+            self.errors += 1
+            self.chat.append({"role": "assistant", "content": f"⚠️ error `{d.get('code')}`: {d.get('message')}"})
+        elif ev.type == "source.ended":
+            self.chat.append({"role": "assistant", "content": f"*(the {self.source} ended)*"})
+
+
+class LiveBackend:
+    def __init__(self, config: Config, lm=None):
+        self.config = config
+        self.lm = lm
+        self.views: dict[str, SessionView] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vl3live-demo-engine", daemon=True)
+        self._thread.start()
+        self.engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    def _run(self, coro, timeout: float | None = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _call(self, fn, *args, **kwargs):
+        async def call():
+            return fn(*args, **kwargs)
+        return self._run(call())
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self, progress=print) -> None:
+        """Load the model (unless given) and start the engine."""
+        if self.lm is None:
+            m = self.config.model
+            progress(f"loading {m.spec} ...")
+            self.lm = load_model(m.spec, device=m.device, dtype=m.dtype, attn=m.attn, seed=m.seed)
+        self.engine = Engine(self.lm, self.config)
+        self._run(self.engine.start())
+
+    def reload(self, spec: str, progress=print) -> None:
+        """Switch to another model: every session ends (its cache belongs to the old model)."""
+        with self._lock:
+            self._run(self.engine.close(), timeout=300)
+            self.views.clear()
+            self.config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, spec=spec))
+            self.lm = None
+            self.start(progress)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self._run(self.engine.close(), timeout=300)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self, layout: str | None = None, memory_budget: int | None = None) -> str:
+        sc = self.config.session
+        sc = dataclasses.replace(sc, layout=layout or sc.layout,
+                                 budget=dataclasses.replace(sc.budget, max_tokens=memory_budget or sc.budget.max_tokens))
+
+        async def open_():
+            ls = await self.engine.open_session(sc)
+            return ls.id, self.engine.bus.subscribe(ls.id)
+        sid, sub = self._run(open_())
+        self.views[sid] = SessionView(sid, sub)
+        return sid
+
+    def close_session(self, sid: str | None) -> None:
+        view = self.views.pop(sid, None) if sid else None
+        if view is not None and self.engine is not None:
+            view.sub.close()
+            self._run(self.engine.close_session(sid))
+
+    def alive(self, sid: str | None) -> bool:
+        return sid is not None and sid in self.views
+
+    # -- input ------------------------------------------------------------------------------------
+    def push(self, sid: str, rgb: np.ndarray) -> None:
+        """A webcam frame, timed by its arrival."""
+        view = self.views[sid]
+        rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+
+        def push() -> None:
+            ls = self.engine.get(sid)
+            t = time.monotonic() - view.t0
+            last, period = ls.session.last_t, 1.0 / ls.cfg.fps
+            if last is not None and t <= last:  # a file or RTSP source ran the clock ahead: continue from it
+                view.t0 -= last + period - t
+                t = last + period
+            self.engine.push_frame(ls, Frame(t, rgb))
+        self._call(push)
+
+    def attach(self, sid: str, spec: str, realtime: bool = True) -> None:
+        """Feed a video file or an rtsp:// URL into the session instead of the webcam."""
+        ls = self._call(self.engine.get, sid)
+        fps = ls.cfg.fps
+
+        async def go():
+            await self.engine.detach(ls)
+            offset = ls.session.last_t + 1.0 / fps if ls.session.last_t is not None else 0.0
+            source = rtsp_source(spec, fps=fps) if spec.startswith(("rtsp://", "rtsps://")) else \
+                file_source(spec, fps=fps, realtime=realtime)
+
+            async def shifted():  # the new source continues the session's clock
+                async for f in source:
+                    yield Frame(f.pts_seconds + offset, f.rgb)
+            self.engine.attach(ls, shifted())
+        self._run(go())
+        self.views[sid].source = "RTSP stream" if spec.startswith("rtsp") else "video file"
+
+    def ask(self, sid: str, text: str) -> None:
+        self._call(lambda: self.engine.ask(self.engine.get(sid), text))
+        self.views[sid].chat.append({"role": "user", "content": text})
+
+    def instruct(self, sid: str, text: str | None) -> None:
+        self._call(lambda: self.engine.set_instruction(self.engine.get(sid), text or None))
+
+    def update(self, sid: str, **kwargs) -> None:
+        self._call(lambda: self.engine.update(self.engine.get(sid), **kwargs))
+
+    # -- output -----------------------------------------------------------------------------------
+    def refresh(self, sid: str) -> SessionView:
+        """Apply the events that arrived since the last call; returns the view."""
+        view = self.views[sid]
+
+        def drain() -> list[Event]:
+            out = []
+            while (ev := view.sub.get_nowait()) is not None:
+                out.append(ev)
+            return out
+        for ev in self._call(drain):
+            view.apply(ev)
+        return view
+
+    def overlay(self, sid: str) -> np.ndarray | None:
+        """The last frame in the cache with the patches DiffFP dropped dimmed."""
+        last = self._call(lambda: self.engine.get(sid).last_keep)
+        return None if last is None else keep_overlay(*last)
+
+    def stats_markdown(self, sid: str) -> str:
+        view = self.views[sid]
+        s = view.stats
+        if not s:
+            return "waiting for the first frame ..."
+        ttft = f"{view.ttft_ms:.0f} ms" if view.ttft_ms is not None else "-"
+        return "\n".join([
+            "| stat | value |", "|---|---|",
+            f"| stream time | {view.last_t or 0:.1f} s |",
+            f"| fps in / processed | {s['fps_in']:.1f} / {s['fps_processed']:.1f} |",
+            f"| frames dropped (latest wins) | {s['dropped']} |",
+            f"| tokens kept, last frame | {s['tokens_kept']} / {s['tokens_total']} |",
+            f"| cache / budget | {s['cache_len']} / {s['max_tokens'] or '∞'} tokens |",
+            f"| frames evicted | {s['evicted_frames']} |",
+            f"| per-frame latency | {s['latency_ms']:.0f} ms (model {s['ingest_ms']:.0f} ms) |",
+            f"| TTFT, last answer | {ttft} |",
+        ])
