@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interruptible(run, *args) -> None:
+    """Run a long-lived command until it ends or Ctrl-C (which is a normal way to stop it)."""
+    try:
+        run(*args)
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
@@ -82,19 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             from .watch import WatchConfig, run_watch
 
             cfg = dataclass_from_args(WatchConfig, args)
-            try:
-                asyncio.run(run_watch(cfg, load_config(args.config, args.overrides)))
-            except KeyboardInterrupt:
-                pass
+            _interruptible(asyncio.run, run_watch(cfg, load_config(args.config, args.overrides)))
             return 0
         if args.command == "demo":
             from ui.app import run_demo
             from ui.config import DemoConfig
 
-            try:
-                run_demo(dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides))
-            except KeyboardInterrupt:
-                pass
+            _interruptible(run_demo, dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides))
             return 0
         if args.command == "live":
             import asyncio
@@ -102,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             from .local import LiveConfig, run_live
 
             try:
-                asyncio.run(run_live(dataclass_from_args(LiveConfig, args), load_config(args.config, args.overrides)))
-            except KeyboardInterrupt:
-                pass
+                _interruptible(asyncio.run, run_live(dataclass_from_args(LiveConfig, args),
+                                                     load_config(args.config, args.overrides)))
             except RuntimeError as exc:  # e.g. PortAudio missing
                 print(f"vl3live live: error: {exc}", file=sys.stderr)
                 return 2
@@ -114,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
             from .serve import ServeConfig, run_serve
 
-            try:
-                asyncio.run(run_serve(dataclass_from_args(ServeConfig, args), load_config(args.config, args.overrides)))
-            except KeyboardInterrupt:
-                pass
+            _interruptible(asyncio.run, run_serve(dataclass_from_args(ServeConfig, args),
+                                                   load_config(args.config, args.overrides)))
             return 0
         if args.command == "client":
             import asyncio
@@ -127,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             from .client import ClientConfig, ClientError, run_client
 
             try:
-                asyncio.run(run_client(dataclass_from_args(ClientConfig, args)))
-            except KeyboardInterrupt:
-                pass
+                _interruptible(asyncio.run, run_client(dataclass_from_args(ClientConfig, args)))
             except ClientError as exc:
                 print(f"vl3live client: server refused: {exc}", file=sys.stderr)
                 return 2

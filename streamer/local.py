@@ -13,7 +13,7 @@ from model.config import Config
 
 from .engine import Engine
 from .sources import camera_source
-from .watch import _load, _print_event, _read_questions
+from .watch import _load, _print_event, _read_questions, open_watched
 
 
 @dataclass
@@ -51,11 +51,8 @@ async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stde
     lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
-        ls = await engine.open_session()
-        sub = engine.bus.subscribe(ls.id)
-        if cfg.instruction:
-            engine.set_instruction(ls, cfg.instruction)
-        source = engine.attach(ls, camera_source(cfg.camera, fps=config.engine.fps, fmt=cfg.camera_format))
+        camera = camera_source(cfg.camera, fps=config.engine.fps, fmt=cfg.camera_format)
+        ls, sub, source = await open_watched(engine, camera, cfg.instruction)
         deadline = None if cfg.max_seconds is None else loop.time() + cfg.max_seconds
 
         async def listen() -> None:

@@ -75,11 +75,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
     lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
-        ls = await engine.open_session()
-        sub = engine.bus.subscribe(ls.id)
-        if cfg.instruction:
-            engine.set_instruction(ls, cfg.instruction)
-        engine.attach(ls, source)
+        ls, sub, _ = await open_watched(engine, source, cfg.instruction)
         stdin_open = _read_questions(loop, engine, lambda: ls, err)
         state: dict = {"asked": cfg.ask is None}
         last_print = loop.time()
@@ -106,6 +102,15 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
                 break
         if stdin_open:
             loop.remove_reader(sys.stdin.fileno())
+
+
+async def open_watched(engine: Engine, source, instruction: str | None = None):
+    """A session fed by ``source``: (session, its event subscription, the source's pump task)."""
+    ls = await engine.open_session()
+    sub = engine.bus.subscribe(ls.id)
+    if instruction:
+        engine.set_instruction(ls, instruction)
+    return ls, sub, engine.attach(ls, source)
 
 
 def _load(cfg: WatchConfig, config: Config, err):

@@ -163,3 +163,24 @@ def test_the_demo_page_in_a_real_browser(tmp_path):
     assert grown > first  # frames from the browser's camera reached the session
     assert answer and "TTFT" in stats
     print(json.dumps({"cache_first": first, "cache_later": grown, "answer": answer[:80]}))
+
+
+def test_rtsp_source_and_model_reload(handlers, tmp_path):
+    from tests.test_sources import _free_port, _start_server, _stop
+
+    h, b = handlers, handlers.b
+    port = _free_port()
+    camera = _start_server(port)
+    try:
+        sid = h.frame(ws_rig.frames(1)[0], None)
+        assert h.source(None, f"rtsp://127.0.0.1:{port}/cam", sid) == sid
+        _until(lambda: b.engine.get(sid).processed >= 4, timeout=60)  # the camera's frames reach the session
+        times = b.engine.get(sid).session.frames_in_cache()
+        assert all(later > earlier for earlier, later in zip(times, times[1:]))
+    finally:
+        _stop(camera)
+    b.lm.save_pretrained(tmp_path / "ckpt")  # a local checkpoint: "another model"
+    assert h.reload(str(tmp_path / "ckpt"), sid) == (None, [])
+    assert b.config.model.spec == str(tmp_path / "ckpt") and not b.alive(sid)
+    sid2 = h.frame(ws_rig.frames(1)[0], None)  # a new session on the reloaded model
+    _until(lambda: b.engine.get(sid2).processed == 1)
