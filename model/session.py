@@ -473,7 +473,8 @@ class StreamSession:
                 picks = picks[:-1]
 
     def _generate(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                  top_p: float, seed: int | None, ignore_eos: bool, pin: bool) -> Iterator[TokenDelta]:
+                  top_p: float, seed: int | None, ignore_eos: bool, pin: bool,
+                  forced: list[int] | None = None) -> Iterator[TokenDelta]:
         # Nothing changes until the caller starts iterating; then the question is committed.
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
@@ -500,7 +501,8 @@ class StreamSession:
         unforwarded: list[int] = []
         try:
             for step in range(max_new_tokens):
-                token = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
+                token = forced[step] if forced is not None else sample_next(logits, do_sample, temperature, top_k,
+                                                                            top_p, gen)
                 if token in self.eos_ids and not ignore_eos:
                     break
                 unforwarded = [token]
@@ -522,6 +524,21 @@ class StreamSession:
             self._last_event = "answer"
             self._last_logits = None
             self._answering = False
+
+    def add_exchange(self, question: str | None, answer: str) -> None:
+        """Append a question (None: the model speaking by itself, ``stream`` layout) and a given
+        answer as if the model had generated it (teacher forcing): replays a recorded conversation,
+        and is how ``training/`` checks that it renders exactly what the live session holds."""
+        if not isinstance(answer, str) or not answer:
+            raise ValueError("answer must be a non-empty string")
+        if question is None and self._stream_ids is None:
+            raise RuntimeError("an answer without a question needs layout='stream'")
+        if question is not None and (not isinstance(question, str) or not question.strip()):
+            raise ValueError("question must be a non-empty string")
+        ids = self._encode_ids(answer)
+        self._plan_question(question, [], len(ids))  # checks only
+        for _ in self._generate(question, len(ids), False, 1.0, 0, 1.0, None, True, False, forced=ids):
+            pass
 
     def answer(self, question: str, **kwargs: object) -> str:
         """Ask and return the whole answer text."""

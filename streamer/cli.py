@@ -46,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(serve, ServeConfig)
     client = sub.add_parser("client", help="stream a file, camera or RTSP URL to a server; print answers")
     add_dataclass_arguments(client, ClientConfig, positional=("source",))
+    train = sub.add_parser("train", help="fine-tune (configs/train/*.yaml); or: train merge-lora ADAPTER OUT",
+                           description="vl3live train --config configs/train/stage4_2b.yaml key=value ... "
+                                       "(keys without a section are train.*), or vl3live train merge-lora ADAPTER OUT "
+                                       "[--base SPEC]")
+    train.add_argument("items", nargs="*", help="key=value overrides, or merge-lora ADAPTER OUT")
+    train.add_argument("--config", dest="train_config", default=None, help="a stage YAML (configs/train/)")
+    train.add_argument("--resume", nargs="?", const=True, default=False,
+                       help="continue from the newest checkpoint in train.output_dir (or this one)")
+    train.add_argument("--base", default=None, help="merge-lora: the base model (default: the adapter's)")
+    data = sub.add_parser("data", help="training data tools: check FILE..., stream-from-captions VIDEO CAPTIONS OUT")
+    data.add_argument("tool", choices=["check", "stream-from-captions"])
+    data.add_argument("paths", nargs="+")
+    data.add_argument("--clip-seconds", type=float, default=None, help="stream-from-captions: clip length "
+                                                                        "(default: train.clip_seconds)")
+    data.add_argument("--model", default=None, help="check: the tokenizer's checkpoint (default: model.spec)")
     schema = sub.add_parser("protocol-schema", help="print the websocket protocol's JSON Schema")
     schema.add_argument("--output", "-o", default=None, help="write it to this file instead")
     return p
@@ -136,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             return 0
+        if args.command == "train":
+            return _train(args)
+        if args.command == "data":
+            return _data(args)
         if args.command == "protocol-schema":
             from .protocol import json_schema
 
@@ -150,6 +169,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vl3live {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _train(args) -> int:
+    from training.trainer import merge_lora, run_train
+
+    items = list(args.items)
+    if items and items[0] == "merge-lora":
+        if len(items) != 3:
+            raise ValueError("usage: vl3live train merge-lora ADAPTER OUT [--base SPEC]")
+        out = merge_lora(items[1], items[2], args.base, say=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"merged checkpoint: {out} (load it with --model {out})", file=sys.stderr)
+        return 0
+    overrides = [i if "." in i.split("=", 1)[0] else f"train.{i}" for i in items]
+    config = load_config(args.train_config or args.config, args.overrides + overrides)
+    result = run_train(config, resume=args.resume, say=lambda m: print(m, file=sys.stderr, flush=True))
+    result.pop("trainer")
+    print(json.dumps(result))
+    return 0
+
+
+def _data(args) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.tool == "stream-from-captions":
+        from pathlib import Path
+
+        from training.data.convert import stream_from_captions
+
+        if len(args.paths) != 3:
+            raise ValueError("usage: vl3live data stream-from-captions VIDEO CAPTIONS OUT.jsonl")
+        video, captions, out = map(Path, args.paths)
+        samples = stream_from_captions(video, captions, args.clip_seconds or config.train.clip_seconds,
+                                       relative_to=out.parent)
+        with open(out, "a") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        print(f"{len(samples)} stream samples appended to {out}", file=sys.stderr)
+        return 0
+    from training.data.check import check_dataset
+
+    spec = args.model or config.model.spec
+    if spec == "tiny":
+        from model import load_model
+
+        processor = load_model("tiny", device="cpu").processor
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(spec)
+    good, errors = check_dataset(args.paths, config, processor)
+    for e in errors:
+        print(e)
+    print(f"{good} good samples, {len(errors)} bad", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

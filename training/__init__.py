@@ -1,1 +1,5 @@
-"""Fine-tuning of the four VideoLLaMA3 stages and the streaming format (later issue; shares ``model.layout``)."""
+"""Fine-tuning VideoLLaMA3 (its four stages and the streaming format) on transformers' Trainer.
+
+``training.data`` renders samples with the live session's own layout and preprocessing;
+``training.trainer`` runs the stages. Imports ``model`` only.
+"""

@@ -1,0 +1,193 @@
+"""Training on CPU with the tiny model and synthetic data: the four stages, overfitting, exact
+resume, LoRA merge into a checkpoint the live session runs on, bad samples, the data tools."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import StreamSession, load_model
+from model.config import CONFIG_DIR, SessionConfig, load_config
+from tests import ws_rig
+from training.data.convert import stream_from_captions
+from training.trainer import module_of, run_train
+
+STAGES = sorted((CONFIG_DIR / "train").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(lm, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    lm.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ws_rig.write_clip(d / "clip.mp4", seconds=6.0)
+    samples = [
+        {"video": "clip.mp4", "start_time": 0.0, "end_time": 3.0, "conversation": [
+            {"role": "user", "content": "What is moving?", "time": 1.0},
+            {"role": "assistant", "content": "A red ball.", "time": 1.0},
+            {"role": "assistant", "content": "It stopped.", "time": 2.5}]},
+        {"video": "clip.mp4", "start_time": 2.0, "end_time": 5.0, "conversation": [
+            {"role": "user", "content": "Where is the ball?", "time": 3.0},
+            {"role": "assistant", "content": "On the left.", "time": 3.0}]},
+        {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nDescribe it."},
+                                                {"from": "gpt", "value": "A ball rolls."}]},
+        {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi there."}]},
+    ]
+    (d / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return d
+
+
+def _config(spec, data_dir, out, stage_yaml=None, **train):
+    cfg = load_config(stage_yaml) if stage_yaml else load_config()
+    cfg.model.spec = str(spec)
+    cfg.session.frame_pixels = 28 * 28 * 12
+    cfg.session.layout = "stream"
+    t = cfg.train
+    t.data, t.output_dir, t.num_workers, t.logging_steps, t.fps = [str(data_dir / "train.jsonl")], str(out), 0, 1, 2.0
+    t.bf16, t.warmup_ratio = False, 0.0
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def test_every_stage_yaml_loads_and_says_how_to_run_it():
+    assert {p.name for p in STAGES} >= {f"stage{s}_{m}.yaml" for s in (1, 2, 3, 4) for m in ("2b", "7b")}
+    for path in STAGES:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# Run: ") and "train --config configs/train/" + path.name in first, path
+        cfg = load_config(path)
+        assert cfg.train.stage in (1, 2, 3, 4) and cfg.train.fps == 1.0 and cfg.train.max_frames == 180
+        if cfg.train.deepspeed:
+            ds = json.loads((CONFIG_DIR.parent / cfg.train.deepspeed).read_text())
+            assert ds["zero_optimization"]["stage"] in (2, 3)
+    s1 = load_config(CONFIG_DIR / "train" / "stage1_2b.yaml").train
+    assert s1.trainable == ["vision", "projector"] and (s1.lr_projector, s1.lr_vision) == (1e-3, 1e-5)
+    s4 = load_config(CONFIG_DIR / "train" / "stage4_2b.yaml")
+    assert s4.train.trainable == ["vision", "projector", "llm"] and s4.session.layout == "stream"
+    assert (s4.train.lr_llm, s4.train.lr_projector, s4.train.lr_vision) == (1e-5, 1e-5, 2e-6)
+    fsdp = json.loads((CONFIG_DIR / "fsdp" / "fsdp.json").read_text())
+    assert "Qwen2DecoderLayer" in fsdp["transformer_layer_cls_to_wrap"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_each_stage_trains_its_modules_at_their_learning_rates(tiny_ckpt, data, tmp_path, stage):
+    yaml = CONFIG_DIR / "train" / f"stage{stage}_2b.yaml"
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", yaml, max_steps=3, save_steps=100,
+                  lr_vision=1e-3, lr_projector=2e-3, lr_llm=3e-3 if stage > 1 else 0.0)
+    before = {n: p.detach().clone() for n, p in load_model(str(tiny_ckpt), device="cpu").model.named_parameters()}
+    result = run_train(cfg, say=lambda m: None)
+    trainer = result["trainer"]
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    expected = {"vision": 1e-3, "projector": 2e-3, "llm": 3e-3}
+    assert set(groups) == set(cfg.train.trainable)
+    assert all(g["initial_lr"] == expected[name] for name, g in groups.items())
+    after = dict(trainer.model.named_parameters())
+    changed = {module_of(n) for n, p in after.items() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(cfg.train.trainable)  # frozen modules unchanged, every trainable one moved
+    assert result["steps"] == 3 and result["skipped_samples"] == 0
+
+
+def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_ckpt, data, tmp_path):
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=80, save_steps=1000, lr_llm=1e-2, lr_projector=3e-3,
+                  lr_vision=1e-3, gradient_checkpointing=False)
+    losses = run_train(cfg, say=lambda m: None)["losses"]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first / 5, (first, last)
+
+
+def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):  # the run dies right after step 3 (and its checkpoint)
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    common = dict(max_steps=6, save_steps=3, lr_llm=1e-3, lr_projector=1e-3, lr_vision=1e-4)
+    full = run_train(_config(tiny_ckpt, data, tmp_path / "a", **common), say=lambda m: None)["losses"]
+    cfg = _config(tiny_ckpt, data, tmp_path / "b", **common)
+    first = run_train(cfg, say=lambda m: None, callbacks=[Crash()])["losses"]
+    assert (tmp_path / "b" / "checkpoint-3").is_dir() and not list((tmp_path / "b").glob(".staging-*"))
+    resumed = run_train(cfg, resume=True, say=lambda m: None)["losses"]
+    assert first == pytest.approx(full[:3], rel=1e-6)
+    assert resumed[-3:] == pytest.approx(full[3:], rel=1e-5)  # step 4 onwards: as if never interrupted
+
+
+def test_lora_train_merge_load_and_run_a_session(tiny_ckpt, data, tmp_path):
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=3, save_steps=100, lora=True, lora_r=4, lora_alpha=8,
+                  lr_llm=1e-2)
+    result = run_train(cfg, say=lambda m: None)
+    adapter = Path(result["output"])
+    assert (adapter / "adapter_config.json").is_file()
+    merged = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "train", "merge-lora", str(adapter), str(merged)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lm2 = load_model(str(merged), device="cpu")
+    base = load_model(str(tiny_ckpt), device="cpu")
+    name = next(n for n, _ in lm2.model.named_parameters() if "q_proj.weight" in n and "language_model" in n)
+    assert not torch.equal(dict(lm2.model.named_parameters())[name], dict(base.model.named_parameters())[name])
+    s = StreamSession(lm2, SessionConfig(frame_pixels=28 * 28 * 12))
+    s.add_frame(ws_rig.frames(1)[0], 0.0)
+    assert isinstance(s.answer("What is it?", max_new_tokens=4), str)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_trains_on_cuda(tiny_ckpt, data, tmp_path):
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=2, save_steps=100, lora=True, quant="4bit", bf16=True)
+    assert run_train(cfg, say=lambda m: None)["steps"] == 2
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_ckpt, data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        run_train(_config(tiny_ckpt, data, tmp_path / "out", lora=True, quant="4bit"), say=lambda m: None)
+
+
+def test_bad_samples_are_skipped_and_counted_or_stop_the_run(tiny_ckpt, data, tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(b"\0" * 64)
+    good = (data / "train.jsonl").read_text().splitlines()[0].replace('"clip.mp4"', json.dumps(str(data / "clip.mp4")))
+    lines = [good, good.replace(str(data / "clip.mp4"), str(tmp_path / "missing.mp4")),
+             good.replace(str(data / "clip.mp4"), str(tmp_path / "corrupt.mp4")), "{bad json"]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=4, save_steps=100, batch_size=2)
+    cfg.train.data = [str(tmp_path / "mixed.jsonl")]
+    result = run_train(cfg, say=lambda m: None)
+    assert result["steps"] == 4 and result["skipped_samples"] >= 3  # missing, corrupt, bad JSON (each epoch)
+    cfg.train.skip_bad_samples = False
+    with pytest.raises(ValueError, match="mixed.jsonl:4"):
+        run_train(cfg, say=lambda m: None)
+
+
+def test_data_tools_convert_captions_and_check_a_dataset(data, tmp_path):
+    captions = {"timestamps": [[0.0, 1.5], [2.0, 4.5], [4.0, 5.5]], "sentences": ["A ball appears.", "It rolls.",
+                                                                                 "It stops."],
+                "qa": [{"time": 3.0, "question": "What colour is it?", "answer": "Red."}]}
+    (tmp_path / "caps.json").write_text(json.dumps(captions))
+    samples = stream_from_captions(data / "clip.mp4", tmp_path / "caps.json", clip_seconds=3.0)
+    assert [(s["start_time"], s["end_time"]) for s in samples] == [(0.0, 3.0), (3.0, 6.0)]
+    assert [m["content"] for m in samples[1]["conversation"]] == ["What colour is it?", "Red.", "It rolls.",
+                                                                  "It stops."]
+    out = tmp_path / "stream.jsonl"
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "train.clip_seconds=3", "data",
+                        "stream-from-captions", str(data / "clip.mp4"), str(tmp_path / "caps.json"), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with out.open("a") as f:
+        f.write(json.dumps({"video": "nope.mp4", "start_time": 0, "end_time": 2, "conversation": [
+            {"role": "user", "content": "?", "time": 1}, {"role": "assistant", "content": "!", "time": 1}]}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "session.frame_pixels=9408", "--set",
+                        "session.layout=stream", "--set", "train.fps=2", "data", "check", str(out), "--model", "tiny"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "2 good samples, 1 bad" in r.stderr
+    assert "stream.jsonl:3" in r.stdout and "file not found" in r.stdout
