@@ -68,7 +68,7 @@ class SampleRenderer:
             for i, p in enumerate(sample.images):
                 try:
                     with Image.open(p) as img:
-                        out.append((float(i), np.asarray(img.convert("RGB"))))
+                        out.append((float(i), np.array(img.convert("RGB"))))
                 except OSError as exc:
                     raise SampleError(sample.where, f"unreadable image {p}: {exc}") from None
             return out
