@@ -42,6 +42,7 @@ class BenchConfig:
     device: str | None = field(default=None, metadata={"help": "cuda|cpu; None = cuda if available"})
     dtype: str | None = field(default=None, metadata={"help": "float32|bfloat16; None = bf16 on cuda"})
     attn: str | None = field(default=None, metadata={"help": "attention backend; None = auto"})
+    quant: str | None = field(default=None, metadata={"help": "8bit | 4bit: the LLM through bitsandbytes (CUDA)"})
     stream_hours: float | None = field(default=None, metadata={
         "help": "instead: stream this many hours of synthetic camera through one session with the KV budget "
                 "of session.budget (see --config/--set) and report memory, eviction, recall and drift"})
@@ -147,7 +148,7 @@ def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
     spec = f"random-{cfg.size}" if cfg.size else cfg.model
-    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn)
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn, quant=cfg.quant)
     dev = lm.device
     # No eviction here: the stock path must see exactly the tokens the session holds.
     scfg = SessionConfig(frame_pixels=cfg.height * cfg.width, budget=BudgetConfig(max_tokens=None))
@@ -194,7 +195,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     out = {
         "device": device_name(dev),
-        "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "attn": lm.attn,
+        "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "attn": lm.attn, "quant": cfg.quant,
         "frames": cfg.frames, "fps": cfg.fps, "frame_size": [cfg.height, cfg.width],
         "frame_ingest_ms_p50": round(_pct(ingest_ms, 50), 3),
         "frame_ingest_ms_p95": round(_pct(ingest_ms, 95), 3),

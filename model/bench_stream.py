@@ -46,7 +46,7 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
     if n < 20:
         raise ValueError(f"--stream-hours {cfg.stream_hours} at --fps {cfg.fps} is {n} frames; need at least 20")
     spec = f"random-{cfg.size}" if cfg.size else cfg.model
-    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn)
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn, quant=cfg.quant)
     dev = lm.device
     scfg = dataclasses.replace(session_cfg, frame_pixels=cfg.height * cfg.width)
     session = StreamSession(lm, scfg)

@@ -38,8 +38,14 @@ class ModelConfig:
     dtype: str | None = _help("float32|bfloat16|float16; None = bfloat16 on cuda, float32 on cpu", default=None)
     attn: str | None = _help("attention backend: flash_attention_2|sdpa|eager; None = auto", default=None)
     seed: int = _help("seed for the tiny random-weight model", default=0)
+    quant: str | None = _help('"8bit" | "4bit": the LLM through bitsandbytes (CUDA; vision stays bf16); None = off',
+                              default=None)
+    trust_pickle: bool = _help("allow pickled .bin weights (can run code when loaded); safetensors otherwise",
+                               default=False)
 
     def __post_init__(self) -> None:
+        if self.quant not in (None, "8bit", "4bit"):
+            raise ValueError(f"model.quant must be 8bit, 4bit or null, got {self.quant!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attn not in (None, "flash_attention_2", "sdpa", "eager"):

@@ -74,17 +74,68 @@ def choose_attention(device: torch.device, requested: str | None = None) -> str:
     return requested or ("flash_attention_2" if flash_ok else "sdpa")
 
 
+def _quantization(quant: str | None, device: torch.device):
+    if quant is None:
+        return None
+    if quant not in ("8bit", "4bit"):
+        raise ValueError(f"quant must be 8bit or 4bit, got {quant!r}")
+    if device.type != "cuda":
+        raise ValueError(f"--quant {quant} needs CUDA: bitsandbytes quantization runs on NVIDIA GPUs "
+                         "(on a CPU, load the model unquantized)")
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_model", "projector", "lm_head"]  # the vision side stays in bf16
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
+
+
+def _local_or_official(spec: str, trust_pickle: bool) -> str:
+    """A native checkpoint to load: ``spec`` itself, or the converted copy of an official one."""
+    from .convert import OFFICIAL_TYPE, converted, is_official
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if is_official(path):
+            return str(converted(path, trust_pickle))
+        if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")) and not trust_pickle:
+            raise ValueError(f"{path} has only pickled .bin weights, which can run code when loaded; "
+                             "pass --trust-pickle (model.trust_pickle) only if you trust the source")
+        return str(path)
+    try:  # a hub id: look at its config before fetching weights
+        import json
+
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        cfg = json.loads(Path(hf_hub_download(spec, "config.json")).read_text())
+        if cfg.get("model_type") == OFFICIAL_TYPE:
+            local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+                                      + (["*.bin"] if trust_pickle else []))
+            return str(converted(local, trust_pickle))
+    except Exception as exc:  # offline or not on the hub: from_pretrained says why below
+        log.debug("could not inspect %s on the hub: %s", spec, exc)
+    return spec
+
+
 def load_model(spec: str = "tiny", device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, attn: str | None = None, seed: int = 0) -> LoadedModel:
+               dtype: str | torch.dtype | None = None, attn: str | None = None, seed: int = 0,
+               quant: str | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load a VideoLLaMA3 model.
 
     ``spec`` is ``"tiny"`` (random weights built in code, deterministic for ``seed``), ``"random-2b"``
     / ``"random-7b"`` (random weights at real sizes, for benchmarks), a local checkpoint directory
-    written by ``save_pretrained``, or a hub id in the transformers-native layout.
+    written by ``save_pretrained``, or a hub id; official remote-code checkpoints
+    (``DAMO-NLP-SG/VideoLLaMA3-*``) are converted to the native layout once and cached
+    (``model/convert.py``). ``quant`` (``8bit``/``4bit``, CUDA) loads the LLM through bitsandbytes.
+    Weights load from safetensors only unless ``trust_pickle``; remote code never runs.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     attn_impl = choose_attention(dev, attn)
+    if quant is not None and (spec == "tiny" or spec.startswith("random-")):
+        _quantization(quant, dev)  # same checks; random models are built in code, not quantized
+        raise ValueError("--quant applies to checkpoints loaded from disk or the hub, not to built-in models")
     if spec == "tiny" or spec.startswith("random-"):
         size = "tiny" if spec == "tiny" else spec.removeprefix("random-")
         processor = tiny.build_processor()
@@ -93,16 +144,31 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
         path = Path(spec).expanduser()
         if spec.startswith((".", "/", "~")) and not path.exists():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        source = str(path) if path.exists() else spec
+        bnb = _quantization(quant, dev)
+        source = _local_or_official(str(path) if path.exists() else spec, trust_pickle)
         try:
             processor = AutoProcessor.from_pretrained(source)
             model = VideoLlama3ForConditionalGeneration.from_pretrained(
-                source, dtype=dt, attn_implementation=attn_impl, use_safetensors=True)
+                source, dtype=dt, attn_implementation=attn_impl, use_safetensors=not trust_pickle,
+                quantization_config=bnb, **({"device_map": {"": dev.index or 0}} if bnb else {}))
         except OSError as exc:
             raise OSError(f"could not load VideoLLaMA3 checkpoint {spec!r}: {exc}") from exc
         if not isinstance(processor, VideoLlama3Processor):
             raise ValueError(f"{spec!r} has a {type(processor).__name__}, not a VideoLlama3Processor")
-        model = model.to(dev).eval()
-    log.info("loaded %s on %s (%s, attention %s)", spec, dev, dt, attn_impl)
+        model = (model if bnb else model.to(dev)).eval()
+    log.info("loaded %s on %s (%s, attention %s%s)", spec, dev, dt, attn_impl, f", {quant}" if quant else "")
     return LoadedModel(model=model, processor=processor, tokenizer=processor.tokenizer, spec=spec,
                        device=dev, dtype=dt, attn=attn_impl)
+
+
+def load_configured(model_config, spec: str | None = None, say=print) -> LoadedModel:
+    """``load_model`` with every ``model.*`` setting (``spec`` overrides ``model.spec``); tells
+    ``say`` what it loads and the device, dtype, attention backend and quantization it chose."""
+    m = model_config
+    spec = spec or m.spec
+    say(f"loading {spec} ...")
+    lm = load_model(spec, device=m.device, dtype=m.dtype, attn=m.attn, seed=m.seed, quant=m.quant,
+                    trust_pickle=m.trust_pickle)
+    say(f"model on {lm.device} ({str(lm.dtype).removeprefix('torch.')}, attention {lm.attn}"
+        f"{', ' + m.quant if m.quant else ''})")
+    return lm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from model import CacheLimitError, Config, StreamSession, load_model
+from model import CacheLimitError, Config, StreamSession, load_configured
 
 from .sources import read_video_file
 
@@ -27,11 +27,7 @@ class AskConfig:
 
 
 def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
-    spec = cfg.model or config.model.spec
-    print(f"loading {spec} ...", file=err, flush=True)
-    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
-                    seed=config.model.seed)
-    print(f"model on {lm.device} ({lm.dtype}, attention {lm.attn})", file=err, flush=True)
+    lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
     session = StreamSession(lm, config.session)
     n = kept = 0
     for frame in read_video_file(cfg.video, fps=cfg.fps, max_seconds=cfg.max_seconds):

@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config YAML (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set session.layout=stream (repeatable)")
+    p.add_argument("--quant", dest="global_quant", choices=["8bit", "4bit"], default=None,
+                   help="load the LLM quantized through bitsandbytes (CUDA); same as --set model.quant=...")
+    p.add_argument("--attn", dest="global_attn", choices=["flash_attention_2", "sdpa", "eager"], default=None,
+                   help="force an attention backend; same as --set model.attn=...")
+    p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow pickled .bin weights (they can run code); same as --set model.trust_pickle=true")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmark the streaming session against stock transformers")
@@ -61,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--clip-seconds", type=float, default=None, help="stream-from-captions: clip length "
                                                                         "(default: train.clip_seconds)")
     data.add_argument("--model", default=None, help="check: the tokenizer's checkpoint (default: model.spec)")
+    convert = sub.add_parser("convert", help="official VideoLLaMA3 checkpoint (hub id or dir) -> transformers-native")
+    convert.add_argument("src", help="hub id (e.g. DAMO-NLP-SG/VideoLLaMA3-2B) or local dir in the official layout")
+    convert.add_argument("dst", help="output directory (load it with --model DST)")
+    convert.add_argument("--trust-pickle", action="store_true", help="accept pickled .bin weights (they can run code)")
     schema = sub.add_parser("protocol-schema", help="print the websocket protocol's JSON Schema")
     schema.add_argument("--output", "-o", default=None, help="write it to this file instead")
     return p
@@ -77,6 +87,9 @@ def _interruptible(run, *args) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    args.overrides += [f"model.{k}={v}" for k, v in (("quant", args.global_quant), ("attn", args.global_attn)) if v]
+    if args.trust_pickle:
+        args.overrides.append("model.trust_pickle=true")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -150,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vl3live client: server refused the connection: HTTP {exc.response.status_code} {body}",
                       file=sys.stderr)
                 return 2
+            return 0
+        if args.command == "convert":
+            from pathlib import Path
+
+            from model.convert import convert as convert_checkpoint
+
+            src = Path(args.src).expanduser()
+            if not src.is_dir():
+                from huggingface_hub import snapshot_download
+
+                patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+                src = Path(snapshot_download(args.src, allow_patterns=patterns + (["*.bin"] if args.trust_pickle else [])))
+            out = convert_checkpoint(src, Path(args.dst), trust_pickle=args.trust_pickle)
+            print(f"converted to {out}; load it with --model {out}", file=sys.stderr)
             return 0
         if args.command == "train":
             return _train(args)

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from model import load_model
+from model import load_configured
 from model.config import Config
 
 from .engine import Engine
@@ -24,10 +24,7 @@ async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
-    spec = cfg.model or config.model.spec
-    print(f"loading {spec} ...", file=err, flush=True)
-    lm = load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
-                    seed=config.model.seed)
+    lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
     async with Engine(lm, config) as engine, Server(engine, server_cfg) as server:
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
               f"{'; token required' if server.token else ''}", file=err, flush=True)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import load_model
+from model import load_configured
 from model.config import Config
 
 from .bus import Event
@@ -114,10 +114,7 @@ async def open_watched(engine: Engine, source, instruction: str | None = None):
 
 
 def _load(cfg: WatchConfig, config: Config, err):
-    spec = cfg.model or config.model.spec
-    print(f"loading {spec} ...", file=err, flush=True)
-    return load_model(spec, device=config.model.device, dtype=config.model.dtype, attn=config.model.attn,
-                      seed=config.model.seed)
+    return load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
 
 
 def _read_questions(loop, engine: Engine, target, err) -> bool:

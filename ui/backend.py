@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import load_model
+from model import load_configured
 from model.config import Config
 from streamer.bus import Event, Subscription
 from streamer.engine import Engine
@@ -84,9 +84,7 @@ class LiveBackend:
     def start(self, progress=print) -> None:
         """Load the model (unless given) and start the engine."""
         if self.lm is None:
-            m = self.config.model
-            progress(f"loading {m.spec} ...")
-            self.lm = load_model(m.spec, device=m.device, dtype=m.dtype, attn=m.attn, seed=m.seed)
+            self.lm = load_configured(self.config.model, say=progress)
         self.engine = Engine(self.lm, self.config)
         self._run(self.engine.start())
 
