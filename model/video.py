@@ -25,10 +25,16 @@ class Frame:
 class FpsSampler:
     """Keeps frames at most ``fps`` apart by their pts; frames whose pts do not increase are refused."""
 
-    def __init__(self, fps: float):
+    def __init__(self, fps: float, last: float | None = None):
+        """``last``: the pts of a frame already taken (a sampler replacing another keeps its clock)."""
         self.period = 1.0 / fps
-        self._next: float | None = None
-        self._last: float | None = None
+        self._last: float | None = last
+        self._next: float | None = None if last is None else last + self.period
+
+    @property
+    def last(self) -> float | None:
+        """The pts of the last frame taken (None before the first)."""
+        return self._last
 
     def accept(self, pts: float) -> bool:
         if self._last is not None and pts <= self._last:

@@ -146,7 +146,7 @@ class Engine:
             raise EngineError("diffp_threshold must be >= 0")
         with self._worker.lock:
             if cfg.fps != ls.cfg.fps:
-                ls.sampler = FpsSampler(cfg.fps)
+                ls.sampler = FpsSampler(cfg.fps, last=ls.sampler.last)  # the clock goes on
             ls.cfg = cfg
             if sampling is not None:
                 ls.sampling = dict(sampling)
@@ -187,13 +187,33 @@ class Engine:
             self._worker.lock.notify_all()
         return True
 
-    def attach(self, ls: LiveSession, source: AsyncIterator[Frame]) -> asyncio.Task:
-        """Feed ``source`` into ``ls`` until it ends, it fails, or the session closes."""
+    def attach(self, ls: LiveSession, source: AsyncIterator[Frame], continue_clock: bool = False) -> asyncio.Task:
+        """Feed ``source`` into ``ls`` until it ends, it fails, or the session closes.
+
+        With ``continue_clock`` the source's pts are shifted so its first frame comes one sampling
+        period after the newest frame the session took (a file or camera that starts at 0 joining a
+        session that already ran)."""
         if ls.id in self._pumps and not self._pumps[ls.id].done():
             raise EngineError(f"session {ls.id!r} already has a source", "source_busy")
+        if continue_clock:
+            source = self._continued(ls, source)
         task = asyncio.create_task(self._pump(ls, source), name=f"pump:{ls.id}")
         self._pumps[ls.id] = task
         return task
+
+    @staticmethod
+    async def _continued(ls: LiveSession, source: AsyncIterator[Frame]) -> AsyncIterator[Frame]:
+        offset = None
+        try:
+            async for f in source:
+                if offset is None:
+                    last = ls.sampler.last
+                    offset = 0.0 if last is None else last + ls.sampler.period - f.pts_seconds
+                yield Frame(f.pts_seconds + offset, f.rgb)
+        finally:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
 
     async def detach(self, ls: LiveSession) -> bool:
         """Stop ``ls``'s attached source; False if it had none running."""

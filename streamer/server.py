@@ -99,7 +99,6 @@ class ApiSession:
     stats_dirty: bool = False
     meta: tuple[float | None, str | None] | None = None  # from input_frame.meta, for the next binary frame
     source_url: str | None = None
-    last_pts: float = -1.0
     fps_bucket: TokenBucket | None = None
     backlog: list[Event] = dataclasses.field(default_factory=list)  # sent first on resume
 
@@ -304,9 +303,7 @@ class Server:
         eid = msg.event_id
         try:
             if isinstance(msg, P.InputFrame):
-                data = P.decode_base64_image(msg.image, self.config.max_frame_bytes) if self._frame_ok(s, eid) else None
-                if data is not None:
-                    await self._frame(s, data, msg.pts, eid, counted=True)
+                await self._frame(s, msg.image, msg.pts, eid)
             elif isinstance(msg, P.InputFrameMeta):
                 s.meta = (msg.pts, eid)
             elif isinstance(msg, P.Question):
@@ -333,35 +330,29 @@ class Server:
         except ValueError as exc:  # a config the session refuses (e.g. a budget below its minimum)
             raise P.ProtocolError("invalid_field", str(exc), eid) from None
 
-    def _frame_ok(self, s: ApiSession, eid: str | None) -> bool:
-        """Count a frame message; False (counted as dropped) when it exceeds server.max_fps."""
+    async def _frame(self, s: ApiSession, data: bytes | str, pts: float | None, eid: str | None) -> None:
+        """One frame message: binary JPEG/PNG bytes, or ``input_frame``'s base64 text."""
         s.received += 1
         s.last_event_id = eid
         s.ack_dirty = True
+        self.metrics.frames.labels("received").inc()
         if self.engine.has_source(s.ls):
             s.rejected += 1
             raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send frames",
                                   eid)
-        if not s.fps_bucket.take():
+        if not s.fps_bucket.take():  # over server.max_fps: dropped before any decoding
             s.rate_dropped += 1
             self.metrics.frames.labels("rate_dropped").inc()
-            return False
-        return True
-
-    async def _frame(self, s: ApiSession, data: bytes, pts: float | None, eid: str | None,
-                     counted: bool = False) -> None:
-        if not counted and not self._frame_ok(s, eid):
             return
-        self.metrics.frames.labels("received").inc()
         cfg = self.config
         try:
-            rgb = await asyncio.to_thread(P.decode_image, data, cfg.max_frame_bytes, cfg.max_frame_pixels)
+            raw = P.decode_base64_image(data, cfg.max_frame_bytes) if isinstance(data, str) else data
+            rgb = await asyncio.to_thread(P.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
         except P.ProtocolError as exc:
             s.rejected += 1
             exc.event_id = eid
             raise
         t = pts if pts is not None else time.monotonic() - s.t0
-        s.last_pts = max(s.last_pts, t)
         self.engine.push_frame(s.ls, Frame(t, rgb))  # the sampler's refusals count in sampled_out
         s.accepted += 1
 
@@ -372,22 +363,16 @@ class Server:
                                   eid)
         if self.engine.has_source(s.ls):
             raise P.ProtocolError("source_busy", f"a source is attached already ({s.source_url})", eid)
-        offset = s.last_pts + 1.0 / s.ls.cfg.fps if s.last_pts >= 0 else 0.0
-        loop, sid = asyncio.get_running_loop(), s.ls.id
+        sid = s.ls.id
+        loop = asyncio.get_running_loop()
 
         def failed(message: str) -> None:  # from the reader thread; the reader keeps retrying
             loop.call_soon_threadsafe(self.engine.bus.publish, Event("error", sid, {"code": "source",
                                                                                   "message": message,
                                                                                   "event_id": eid}))
 
-        async def frames():
-            async for f in rtsp_source(url, fps=s.ls.cfg.fps, on_failure=failed):
-                f.pts_seconds += offset
-                s.last_pts = max(s.last_pts, f.pts_seconds)
-                yield f
-
         s.source_url = url
-        self.engine.attach(s.ls, frames())
+        self.engine.attach(s.ls, rtsp_source(url, fps=s.ls.cfg.fps, on_failure=failed), continue_clock=True)
 
     async def _update(self, s: ApiSession, new: P.SessionSettings) -> None:
         ls, cfg = s.ls, self.config

@@ -250,3 +250,18 @@ def test_shutdown_closes_every_task_thread_and_subscription(lm, tmp_path):
         assert sub.closed and ls.closed
         assert 3 <= ls.processed < 50  # paced in real time: 10 s of video was not read in a flash
     asyncio.run(main())
+
+
+def test_an_attached_source_continues_the_session_clock(lm):
+    async def main():
+        async with Engine(lm, _config(fps=2.0)) as eng:
+            ls = await eng.open_session()
+            shot = SyntheticCamera(84, 112).frame(0.0)
+            eng.push_frame(ls, Frame(10.0, shot))  # the session already ran to t=10
+            await eng.settled(ls)
+            await eng.attach(ls, _camera(3, 2.0, pace=0.3), continue_clock=True)  # a source whose pts start at 0
+            await eng.settled(ls)
+            assert ls.session.frames_in_cache() == [10.0, 10.5, 11.0, 11.5] and ls.sampled_out == 0
+            eng.update(ls, fps=4.0)  # a new sampler keeps the clock: an old pts is still refused
+            assert not eng.push_frame(ls, Frame(11.5, shot)) and eng.push_frame(ls, Frame(11.75, shot))
+    asyncio.run(main())

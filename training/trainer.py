@@ -10,7 +10,6 @@ into place, so a crash never leaves a half-written ``checkpoint-N`` for ``--resu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -22,11 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from model import load_model
 from model.config import Config, TrainConfig
+from model.frames import MERGE
 
 from .data.dataset import Collator, StreamDataset
 
 log = logging.getLogger(__name__)
-MERGE = 2
 
 
 def module_of(name: str) -> str | None:
@@ -46,11 +45,10 @@ def prepare_model(model, cfg: TrainConfig):
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        keep = [m for m, name in (("vision", "vision_model"), ("projector", "projector")) if m in cfg.trainable]
-        targets = "|".join(cfg.lora_targets)
+        kept_whole = {"vision": "vision_model", "projector": "projector"}  # trained fully, saved with the adapter
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=rf".*language_model.*\.({targets})",
-                          modules_to_save=[{"vision": "vision_model", "projector": "projector"}[m] for m in keep] or None)
+                          target_modules=rf".*language_model.*\.({'|'.join(cfg.lora_targets)})",
+                          modules_to_save=[kept_whole[m] for m in cfg.trainable if m in kept_whole] or None)
         model = get_peft_model(model, lora)
         if "llm" not in cfg.trainable:
             log.warning("train.lora with llm not in train.trainable: the adapters train anyway")
@@ -257,7 +255,3 @@ def merge_lora(adapter: str | Path, out: str | Path, base: str | None = None, sa
     merged.save_pretrained(out, safe_serialization=True)
     lm.processor.save_pretrained(out)
     return out
-
-
-def train_config_from(config: Config, **overrides) -> Config:
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))

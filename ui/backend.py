@@ -148,14 +148,9 @@ class LiveBackend:
 
         async def go():
             await self.engine.detach(ls)
-            offset = ls.session.last_t + 1.0 / fps if ls.session.last_t is not None else 0.0
             source = rtsp_source(spec, fps=fps) if spec.startswith(("rtsp://", "rtsps://")) else \
                 file_source(spec, fps=fps, realtime=realtime)
-
-            async def shifted():  # the new source continues the session's clock
-                async for f in source:
-                    yield Frame(f.pts_seconds + offset, f.rgb)
-            self.engine.attach(ls, shifted())
+            self.engine.attach(ls, source, continue_clock=True)
         self._run(go())
         self.views[sid].source = "RTSP stream" if spec.startswith("rtsp") else "video file"
 

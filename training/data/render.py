@@ -112,10 +112,11 @@ class SampleRenderer:
                 ft = r.frame_text(t)
                 self._flush(out, pending)
                 pending = []
+                lead, sep, stamp = self._enc(ft.lead), self._enc(ft.sep), self._enc(ft.stamp)
                 if after_frame and layout == "stream":  # the next frame's <|stream_start|>: keep watching
-                    decisions.append((len(out.input_ids) + len(self._enc(ft.lead)) + len(self._enc(ft.sep)), False))
-                for text in (ft.lead, ft.sep, ft.stamp):
-                    self._add(out, self._enc(text), labelled=False)
+                    decisions.append((len(out.input_ids) + len(lead) + len(sep), False))
+                for ids in (lead, sep, stamp):
+                    self._add(out, ids, labelled=False)
                 self._add(out, [self.video_id] * int(keep.sum()), labelled=False)
                 self._add(out, self._enc(ft.after), labelled=False)
                 out.pixel_values.append(pf.pixel_values)
