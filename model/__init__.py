@@ -1,14 +1,32 @@
-"""Model layer: loading, frames, DiffFP, layouts, the streaming session and its KV budget (no asyncio, no networking)."""
+"""Model layer: loading, frames, DiffFP, layouts, the streaming session and its KV budget (no asyncio, no networking).
 
-from .config import BudgetConfig, Config, ModelConfig, SessionConfig, load_config
-from .diffp import DiffPruner
-from .frames import FramePreprocessor, PixelFrame
-from .layout import ChatPieces, LayoutRenderer
-from .loading import LoadedModel, load_configured, load_model
-from .session import CacheLimitError, FrameResult, StreamSession, TokenDelta
+The names below load on first use (PEP 562), so ``from model.config import ...`` (the CLI's
+argument parsing, its ``--help``) does not import torch or transformers.
+"""
 
-__all__ = [
-    "BudgetConfig", "CacheLimitError", "ChatPieces", "Config", "DiffPruner", "FramePreprocessor", "FrameResult",
-    "LayoutRenderer", "LoadedModel", "ModelConfig", "PixelFrame", "SessionConfig", "StreamSession",
-    "TokenDelta", "load_config", "load_configured", "load_model",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "BudgetConfig": "config", "Config": "config", "ModelConfig": "config", "SessionConfig": "config",
+    "load_config": "config", "DiffPruner": "diffp", "FramePreprocessor": "frames", "PixelFrame": "frames",
+    "ChatPieces": "layout", "LayoutRenderer": "layout", "LoadedModel": "loading", "load_configured": "loading",
+    "load_model": "loading", "CacheLimitError": "session", "FrameResult": "session", "StreamSession": "session",
+    "TokenDelta": "session",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -93,6 +93,9 @@ def load_asr(spec: str = "openai/whisper-small", device: str | None = None, lang
     else:
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
+        from .hub import resolve
+
+        spec = resolve(spec, "speech recognition checkpoint", "--asr DIR, or --asr tiny (random weights)")
         processor = AutoProcessor.from_pretrained(spec)
         model = AutoModelForSpeechSeq2Seq.from_pretrained(spec, dtype=dtype, use_safetensors=True).eval()
     return Transcriber(model.to(dev, dtype), processor, dev, dtype, language)

@@ -15,16 +15,14 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import transformers
 
-from .config import BudgetConfig, SessionConfig
-from .frames import stock_clip_pixels
-from .loading import load_model
-from .session import StreamSession
-from .synthetic import SyntheticCamera
+if TYPE_CHECKING:  # torch and the model load when a bench runs, not when the CLI parses its flags
+    import torch
+
+    from .session import StreamSession
 
 
 @dataclass
@@ -62,11 +60,17 @@ class BenchConfig:
 def sync(device: torch.device) -> None:
     """Wait for the device, so wall-clock timings cover the work (no-op on CPU)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
 def device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+    if dev.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or 'x86'})"
 
 
 def peak_rss_mb() -> float:
@@ -89,6 +93,10 @@ def _pct(values: list[float], q: float) -> float:
 def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[torch.Tensor],
                frame_pixels: int, new_tokens: int) -> tuple[float, float]:
     """Stock path: video processor on all frames + generate(). Returns (TTFT s, decode tokens/s)."""
+    import torch
+
+    from .frames import stock_clip_pixels
+
     dev = lm.device
     sync(dev)
     t0 = time.perf_counter()
@@ -147,9 +155,21 @@ def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
+    import torch
+    import transformers
+
+    from .config import BudgetConfig, SessionConfig
+    from .loading import load_model
+    from .session import StreamSession
+    from .synthetic import SyntheticCamera
+
+    say = progress or (lambda msg: None)
     spec = f"random-{cfg.size}" if cfg.size else cfg.model
+    say(f"loading {spec} ...")
     lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, attn=cfg.attn, quant=cfg.quant)
     dev = lm.device
+    say(f"model on {device_name(dev)} ({str(lm.dtype).removeprefix('torch.')}, attention {lm.attn}"
+        f"{', ' + cfg.quant if cfg.quant else ''}); warming up")
     # No eviction here: the stock path must see exactly the tokens the session holds.
     scfg = SessionConfig(frame_pixels=cfg.height * cfg.width, budget=BudgetConfig(max_tokens=None))
     cam = SyntheticCamera(cfg.height, cfg.width)
@@ -173,8 +193,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         ingest_ms.append((time.perf_counter() - t0) * 1e3)
         masks.append(torch.from_numpy(r.keep_mask.reshape(-1)))
         kept, total = kept + r.tokens_kept, total + r.tokens_total
-        if progress and (i + 1) % 30 == 0:
-            progress(f"ingested {i + 1}/{cfg.frames} frames, cache {r.cache_len} tokens")
+        if (i + 1) % 30 == 0 or i + 1 == cfg.frames:
+            say(f"ingested {i + 1}/{cfg.frames} frames, cache {r.cache_len} tokens")
     frames_cache_len = session.cache_len
 
     ttfts, rates, prompt_ids = [], [], []
@@ -184,14 +204,15 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         rates.append(rate)
         if k == 0:
             prompt_ids = prompt
-    if progress:
-        progress(f"stream: TTFT p50 {statistics.median(ttfts):.1f} ms; running the stock path")
+    say(f"stream: TTFT p50 {statistics.median(ttfts):.1f} ms; running the stock path "
+        f"({cfg.stateless_repeats} runs over {cfg.frames} frames)")
 
     st_ttft, st_rates = [], []
     for _ in range(cfg.stateless_repeats):
         ttft, rate = _stateless(lm, frames, prompt_ids, masks, scfg.frame_pixels, cfg.max_new_tokens)
         st_ttft.append(ttft * 1e3)
         st_rates.append(rate)
+        say(f"stock path: run {len(st_ttft)}/{cfg.stateless_repeats}, TTFT {ttft * 1e3:.0f} ms")
 
     out = {
         "device": device_name(dev),

@@ -31,8 +31,9 @@ def _help(text: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     spec: str = _help(
-        '"tiny" (random weights built in code), a local checkpoint directory, or a hub id',
-        default="lkhl/VideoLLaMA3-2B-Image-HF",
+        '"tiny" (random weights built in code), a local checkpoint directory, or a hub id (official '
+        'DAMO-NLP-SG/VideoLLaMA3-* checkpoints are converted once, on first use; README "Which checkpoint")',
+        default="DAMO-NLP-SG/VideoLLaMA3-2B",
     )
     device: str | None = _help("torch device; None = cuda if available, else cpu", default=None)
     dtype: str | None = _help("float32|bfloat16|float16; None = bfloat16 on cuda, float32 on cpu", default=None)
@@ -272,11 +273,26 @@ class ServerConfig:
     token: str | None = _help("bearer token clients must present (Authorization header or ?token=); "
                               "None = $VL3LIVE_TOKEN if set, else no auth (loopback only)", default=None)
     allowed_origins: list[str] | None = _help(
-        "browser Origin values allowed to connect; None = any (non-browser clients send none)", default=None)
+        "browser Origin values allowed to connect (\"*\" = any); None = pages served from loopback only. "
+        "Handshakes without an Origin (programs, not browsers) are always accepted", default=None)
     source_allow: list[str] = _help(
-        "what source.attach may pull from: scheme://host[:port] patterns (host may use * wildcards), "
-        "e.g. rtsp://192.168.1.*; empty = source.attach disabled", default_factory=list)
+        "what source.attach may pull from: scheme://host[:port] patterns matched on the parsed host; * is a "
+        "whole IPv4 octet or part of one DNS label (rtsp://192.168.1.*, rtsp://cam-*.local); without a port "
+        "only the scheme's default port (:* = any); empty = source.attach disabled", default_factory=list)
     max_sessions: int = _help("sessions at once, connected or awaiting resume; more are refused", default=16)
+    max_session_frame_pixels: int | None = _help(
+        "largest session.frame_pixels a client may ask for (each frame costs about frame_pixels / 784 "
+        "tokens of model work, which every other session waits for); None = 4 x session.frame_pixels",
+        default=None)
+    max_pts_jump: float = _help("a client's frame pts may be at most this many seconds past the session's "
+                                "newest frame (past 0 for the first); larger jumps are refused", default=3600.0)
+    recall_memory_mb: float = _help(
+        "host memory for the recall stores of all sessions together: each session's store is capped at "
+        "min(session.budget.recall_memory_mb, this / max_sessions); past its cap a session drops its oldest "
+        "evicted frames (counted in recall_dropped)", default=8192.0)
+    resume_failures_per_minute: float = _help(
+        "failed resume attempts allowed per client address and minute (bursts of 10); more get HTTP 429",
+        default=10.0)
     max_fps: float = _help("frames per second a client may send; faster ones are dropped (counted)",
                            default=30.0)
     max_frame_bytes: int = _help("largest encoded frame (JPEG/PNG) accepted", default=4 * 1024 * 1024)
@@ -293,11 +309,15 @@ class ServerConfig:
             raise ValueError(f"server.port must be in 0..65535, got {self.port}")
         if min(self.max_sessions, self.max_frame_bytes, self.max_frame_pixels) < 1:
             raise ValueError("server.max_sessions, max_frame_bytes and max_frame_pixels must be >= 1")
+        if self.max_session_frame_pixels is not None and self.max_session_frame_pixels < 28 * 28:
+            raise ValueError(f"server.max_session_frame_pixels must be >= {28 * 28}")
+        if self.max_pts_jump <= 0 or self.recall_memory_mb <= 0 or self.resume_failures_per_minute <= 0:
+            raise ValueError("server.max_pts_jump, recall_memory_mb and resume_failures_per_minute must be > 0")
         if self.max_fps <= 0 or self.max_messages_per_second <= 0:
             raise ValueError("server.max_fps and server.max_messages_per_second must be > 0")
         if self.resume_seconds < 0 or self.ack_interval <= 0 or self.stats_interval <= 0:
             raise ValueError("server.resume_seconds must be >= 0, ack_interval and stats_interval > 0")
-        for pattern in self.source_allow:
+        for pattern in self.source_allow:  # fully parsed by streamer.access when the server starts
             scheme, sep, rest = pattern.partition("://")
             if not sep or not scheme or not rest or "/" in rest:
                 raise ValueError(f"server.source_allow entries look like rtsp://host[:port], got {pattern!r}")
@@ -338,13 +358,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(arg, value, where)
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message
+            raise ValueError(errors[0] + (" (or null)" if type(None) in args else ""))
         raise ValueError(f"{where}: cannot read {value!r} as {tp}")
     if tp is bool:
         if isinstance(value, str):
@@ -352,14 +375,23 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{where}: expected a boolean, got {value!r}")
-        return bool(value)
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected a boolean (true/false), got {value!r}")
     if tp is int:
-        if isinstance(value, float) and not value.is_integer():
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
-        return float(value)
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ValueError(f"{where}: expected a string, got {value!r}")
@@ -374,7 +406,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}")
-    kwargs = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    prefix = where if where in ("", "--") else f"{where}."
+    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -394,8 +427,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for p in parts[:-1]:
             node[p] = dict(node.get(p) or {})
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(exc, "problem", None) or exc).split())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -405,7 +445,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = CONFIG_DIR / path
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])

@@ -103,17 +103,19 @@ def _read_weights(src: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def convert(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Path:
-    """Write the native checkpoint of official ``src`` (a local dir) to ``dst``; returns ``dst``."""
-    from transformers import (
-        AutoTokenizer,
-        VideoLlama3ForConditionalGeneration,
-        VideoLlama3ImageProcessor,
-        VideoLlama3Processor,
-        VideoLlama3VideoProcessor,
-    )
+def native_processor(tokenizer):
+    """transformers' native processor around an official checkpoint's tokenizer (every added token kept)."""
+    from transformers import VideoLlama3ImageProcessor, VideoLlama3Processor, VideoLlama3VideoProcessor
 
     from .tiny import CHAT_TEMPLATE
+
+    return VideoLlama3Processor(image_processor=VideoLlama3ImageProcessor(), tokenizer=tokenizer,
+                                video_processor=VideoLlama3VideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def convert(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Path:
+    """Write the native checkpoint of official ``src`` (a local dir) to ``dst``; returns ``dst``."""
+    from transformers import AutoTokenizer, VideoLlama3ForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
     official = json.loads((src / "config.json").read_text())
@@ -150,9 +152,7 @@ def convert(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Pat
     tmp.mkdir(parents=True)
     _save_shards(mapped, tmp)
     config.save_pretrained(tmp)
-    processor = VideoLlama3Processor(image_processor=VideoLlama3ImageProcessor(), tokenizer=tokenizer,
-                                     video_processor=VideoLlama3VideoProcessor(), chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(tmp)
+    native_processor(tokenizer).save_pretrained(tmp)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     log.info("converted %s -> %s (%d tensors)", src, dst, len(mapped))

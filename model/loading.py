@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, VideoLlama3ForConditionalGeneration, VideoLlama3Processor
 
-from . import tiny
+from . import hub, tiny
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,22 +130,15 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
     (``model/convert.py``). ``quant`` (``8bit``/``4bit``, CUDA) loads the LLM through bitsandbytes.
     Weights load from safetensors only unless ``trust_pickle``; remote code never runs.
     """
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    attn_impl = choose_attention(dev, attn)
-    if quant is not None and (spec == "tiny" or spec.startswith("random-")):
-        _quantization(quant, dev)  # same checks; random models are built in code, not quantized
-        raise ValueError("--quant applies to checkpoints loaded from disk or the hub, not to built-in models")
-    if spec == "tiny" or spec.startswith("random-"):
+    dev, dt, attn_impl = _settings(spec, device, dtype, attn, quant)
+    if _built_in(spec):
         size = "tiny" if spec == "tiny" else spec.removeprefix("random-")
         processor = tiny.build_processor()
         model = tiny.build_random_model(size, seed=seed, device=dev, dtype=dt, attn=attn_impl)
     else:
-        path = Path(spec).expanduser()
-        if spec.startswith((".", "/", "~")) and not path.exists():
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        spec_path = _checkpoint(spec)
         bnb = _quantization(quant, dev)
-        source = _local_or_official(str(path) if path.exists() else spec, trust_pickle)
+        source = _local_or_official(spec_path, trust_pickle)
         try:
             processor = AutoProcessor.from_pretrained(source)
             model = VideoLlama3ForConditionalGeneration.from_pretrained(
@@ -161,11 +154,74 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
                        device=dev, dtype=dt, attn=attn_impl)
 
 
+def _built_in(spec: str) -> bool:
+    return spec == "tiny" or spec.startswith("random-")
+
+
+def _settings(spec: str, device, dtype, attn, quant) -> tuple[torch.device, torch.dtype, str]:
+    """Device, dtype and attention for these settings; ValueError for ones that cannot work here."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    attn_impl = choose_attention(dev, attn)
+    if quant is not None:
+        _quantization(quant, dev)
+        if _built_in(spec):  # random models are built in code, not quantized
+            raise ValueError("--quant applies to checkpoints loaded from disk or the hub, not to built-in models")
+    return dev, dt, attn_impl
+
+
+def _checkpoint(spec: str) -> str:
+    """A local directory, or a hub id that can be had (cached, or the hub answers): see ``model.hub``."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path)
+    if spec.startswith((".", "/", "~")) or not hub.is_hub_id(spec):
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (a checkpoint is tiny, a local "
+                                "directory, or a hub id like DAMO-NLP-SG/VideoLLaMA3-2B)")
+    return hub.resolve(spec)
+
+
+TOKENIZER_FILES = ["*.json", "*.txt", "*.jinja", "*.model"]  # everything but the weights
+
+
+def load_processor(spec: str) -> VideoLlama3Processor:
+    """A checkpoint's processor (tokenizer, image and video processors) without its weights: what the
+    training data tools need. Official checkpoints get the native processor around their tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .convert import is_official, native_processor
+
+    if _built_in(spec):
+        return tiny.build_processor()
+    path = _checkpoint(spec)
+    if not Path(path).is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=TOKENIZER_FILES)
+    if is_official(path):
+        return native_processor(AutoTokenizer.from_pretrained(path))
+    processor = AutoProcessor.from_pretrained(path)
+    if not isinstance(processor, VideoLlama3Processor):
+        raise ValueError(f"{spec!r} has a {type(processor).__name__}, not a VideoLlama3Processor")
+    return processor
+
+
+def preflight(model_config, spec: str | None = None) -> str:
+    """Check every ``model.*`` setting and that the checkpoint can be had, in seconds and without
+    loading it (commands call this before any other work); returns the spec."""
+    m = model_config
+    spec = spec or m.spec
+    _settings(spec, m.device, m.dtype, m.attn, m.quant)
+    if not _built_in(spec):
+        _checkpoint(spec)
+    return spec
+
+
 def load_configured(model_config, spec: str | None = None, say=print) -> LoadedModel:
     """``load_model`` with every ``model.*`` setting (``spec`` overrides ``model.spec``); tells
     ``say`` what it loads and the device, dtype, attention backend and quantization it chose."""
     m = model_config
-    spec = spec or m.spec
+    spec = preflight(m, spec)
     say(f"loading {spec} ...")
     lm = load_model(spec, device=m.device, dtype=m.dtype, attn=m.attn, seed=m.seed, quant=m.quant,
                     trust_pickle=m.trust_pickle)

@@ -37,6 +37,7 @@ from .kvcache import RopeMover, compact, mean_prerope_keys
 from .layout import STREAM_START, ChatPieces, LayoutRenderer, timestamp
 from .loading import LoadedModel
 from .recall import RecallStore
+from .sampling import check_sampling
 
 __all__ = ["CacheLimitError", "FrameResult", "StreamSession", "TokenDelta"]
 
@@ -158,8 +159,9 @@ class StreamSession:
             "cache_len": self.cache_len, "max_tokens": self.max_tokens, "frames_added": self.frames_added,
             "frames_in_cache": len(self._ledger.frames()), "evicted_frames": self.evicted_frames,
             "evicted_exchanges": self.evicted_exchanges, "recalled_frames": self.recalled_frames,
-            "recall_stored": len(store) if store else 0, "recall_dropped": store.dropped if store else 0,
-            "recall_mb": store.nbytes / 2**20 if store else 0.0,
+            "recall_stored": len(store) if store is not None else 0,
+            "recall_dropped": store.dropped if store is not None else 0,  # (an empty store is falsy)
+            "recall_mb": store.nbytes / 2**20 if store is not None else 0.0,
             "recent_seconds_overruns": self.recent_seconds_overruns,
         }
 
@@ -435,10 +437,9 @@ class StreamSession:
 
     def _answer(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                 top_p: float, seed: int | None, ignore_eos: bool, pin: bool = False) -> Iterator[TokenDelta]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
-            raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        check_sampling(do_sample, temperature, top_k, top_p, seed)
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
         self._plan_question(question, [], max_new_tokens)  # checks only
@@ -479,6 +480,7 @@ class StreamSession:
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
         picks, evict = self._recall(question, max_new_tokens)
+        gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
         state = self._snapshot()
         parts, exchange, recalled = self._question_parts(question, picks)
         exchange.pinned = pin
@@ -492,14 +494,13 @@ class StreamSession:
             raise
         self._append_parts(parts)
         self._answering = True
-        self.recalled_frames += len(picks)
-        self.last_recall = [f.t for f in picks]
-        self._pending_ids, self._pending_text, self._pending_owner = [], "", None
-        self._last_logits, self._last_event = logits, "question"
-        gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
-        detok = IncrementalDetokenizer(self.tokenizer)
         unforwarded: list[int] = []
-        try:
+        try:  # from here on, whatever happens, the answer is closed and the session takes frames again
+            self.recalled_frames += len(picks)
+            self.last_recall = [f.t for f in picks]
+            self._pending_ids, self._pending_text, self._pending_owner = [], "", None
+            self._last_logits, self._last_event = logits, "question"
+            detok = IncrementalDetokenizer(self.tokenizer)
             for step in range(max_new_tokens):
                 token = forced[step] if forced is not None else sample_next(logits, do_sample, temperature, top_k,
                                                                             top_p, gen)
@@ -515,15 +516,17 @@ class StreamSession:
                 self._last_logits = logits
                 unforwarded = []
         finally:
-            self._rollback()
-            with torch.inference_mode():
-                self._evict(Eviction({u.uid for u in recalled}), to_store=False)
-            exchange.complete = True
-            self._pending_ids, self._pending_owner = unforwarded, exchange
-            self._pending_text = self._renderer.answer_close()
-            self._last_event = "answer"
-            self._last_logits = None
-            self._answering = False
+            try:
+                self._rollback()
+                with torch.inference_mode():
+                    self._evict(Eviction({u.uid for u in recalled}), to_store=False)
+            finally:
+                exchange.complete = True
+                self._pending_ids, self._pending_owner = unforwarded, exchange
+                self._pending_text = self._renderer.answer_close()
+                self._last_event = "answer"
+                self._last_logits = None
+                self._answering = False
 
     def add_exchange(self, question: str | None, answer: str) -> None:
         """Append a question (None: the model speaking by itself, ``stream`` layout) and a given

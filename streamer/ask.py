@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from model import CacheLimitError, Config, StreamSession, load_configured
-
-from .sources import read_video_file
+from model.config import Config
 
 
 @dataclass
@@ -24,9 +23,21 @@ class AskConfig:
             raise ValueError("--fps must be > 0")
         if not self.question.strip():
             raise ValueError("the question must not be empty")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("--max-seconds must be > 0")
 
 
 def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
+    from model import CacheLimitError, StreamSession, load_configured
+    from model.loading import preflight
+
+    from .sources import read_video_file
+
+    preflight(config.model, cfg.model)  # settings and checkpoint, then the input: before minutes of loading
+    if not Path(cfg.video).is_file():
+        raise FileNotFoundError(f"video file not found: {cfg.video}")
     lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
     session = StreamSession(lm, config.session)
     n = kept = 0

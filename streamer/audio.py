@@ -34,6 +34,25 @@ def import_sounddevice():
     return sounddevice
 
 
+def check_input_device(device: str | int | None) -> None:
+    """RuntimeError, listing the input devices there are, unless ``device`` (None: the system's default
+    input) can be opened for capture."""
+    sd = import_sounddevice()
+    device = int(device) if device is not None and str(device).isdigit() else device
+    try:
+        sd.query_devices(device, kind="input")
+        return
+    except (ValueError, sd.PortAudioError) as exc:
+        reason = str(exc)
+    try:
+        inputs = [f"{i}: {d['name']}" for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
+    except sd.PortAudioError:
+        inputs = []
+    what = f"no microphone {device!r}" if device is not None else "no default microphone"
+    raise RuntimeError(f"{what} ({reason}). Input devices: {'; '.join(inputs) or 'none found'}. Choose one with "
+                       "--set audio.device=NAME_OR_INDEX, or ask on stdin without --mic")
+
+
 @dataclass
 class Utterance:
     audio: np.ndarray  # float32 mono at SAMPLE_RATE

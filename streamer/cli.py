@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from model.config import add_dataclass_arguments, dataclass_from_args, load_config
@@ -61,9 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const=True, default=False,
                        help="continue from the newest checkpoint in train.output_dir (or this one)")
     train.add_argument("--base", default=None, help="merge-lora: the base model (default: the adapter's)")
-    data = sub.add_parser("data", help="training data tools: check FILE..., stream-from-captions VIDEO CAPTIONS OUT")
-    data.add_argument("tool", choices=["check", "stream-from-captions"])
+    data = sub.add_parser("data", help="training data tools: check FILE..., stream-from-captions VIDEO CAPTIONS OUT, "
+                                       "example DIR")
+    data.add_argument("tool", choices=["check", "stream-from-captions", "example"])
     data.add_argument("paths", nargs="+")
+    data.add_argument("--config", dest="data_config", default=None,
+                      help="check: the stage YAML whose session settings (layout, frame size) the run will use")
     data.add_argument("--clip-seconds", type=float, default=None, help="stream-from-captions: clip length "
                                                                         "(default: train.clip_seconds)")
     data.add_argument("--model", default=None, help="check: the tokenizer's checkpoint (default: model.spec)")
@@ -77,11 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _interruptible(run, *args) -> None:
-    """Run a long-lived command until it ends or Ctrl-C (which is a normal way to stop it)."""
+    """Run a long-lived command until it ends, Ctrl-C or SIGTERM (both normal ways to stop it)."""
     try:
         run(*args)
     except KeyboardInterrupt:
         pass
+
+
+def _on_sigterm(signum, frame) -> None:  # a service manager stopping us: shut down as Ctrl-C does
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,109 +100,123 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append("model.trust_pickle=true")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "bench":
-            from model.bench import BenchConfig, run_bench
-
-            cfg = dataclass_from_args(BenchConfig, args)
-            progress = None if cfg.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-            if cfg.stream_hours is not None:
-                from model.bench_stream import run_stream_bench
-
-                result = run_stream_bench(cfg, load_config(args.config, args.overrides).session, progress)
-            else:
-                result = run_bench(cfg, progress=progress)
-            print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
-            return 0
-        if args.command == "ask":
-            from .ask import AskConfig, run_ask
-
-            cfg = dataclass_from_args(AskConfig, args)
-            run_ask(cfg, load_config(args.config, args.overrides))
-            return 0
-        if args.command == "watch":
-            import asyncio
-
-            from .watch import WatchConfig, run_watch
-
-            cfg = dataclass_from_args(WatchConfig, args)
-            _interruptible(asyncio.run, run_watch(cfg, load_config(args.config, args.overrides)))
-            return 0
-        if args.command == "demo":
-            from ui.app import run_demo
-            from ui.config import DemoConfig
-
-            _interruptible(run_demo, dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides))
-            return 0
-        if args.command == "live":
-            import asyncio
-
-            from .local import LiveConfig, run_live
-
-            try:
-                _interruptible(asyncio.run, run_live(dataclass_from_args(LiveConfig, args),
-                                                     load_config(args.config, args.overrides)))
-            except RuntimeError as exc:  # e.g. PortAudio missing
-                print(f"vl3live live: error: {exc}", file=sys.stderr)
-                return 2
-            return 0
-        if args.command == "serve":
-            import asyncio
-
-            from .serve import ServeConfig, run_serve
-
-            _interruptible(asyncio.run, run_serve(dataclass_from_args(ServeConfig, args),
-                                                   load_config(args.config, args.overrides)))
-            return 0
-        if args.command == "client":
-            import asyncio
-
-            from websockets.exceptions import InvalidStatus
-
-            from .client import ClientConfig, ClientError, run_client
-
-            try:
-                _interruptible(asyncio.run, run_client(dataclass_from_args(ClientConfig, args)))
-            except ClientError as exc:
-                print(f"vl3live client: server refused: {exc}", file=sys.stderr)
-                return 2
-            except InvalidStatus as exc:
-                body = exc.response.body.decode(errors="replace").strip()
-                print(f"vl3live client: server refused the connection: HTTP {exc.response.status_code} {body}",
-                      file=sys.stderr)
-                return 2
-            return 0
-        if args.command == "convert":
-            from pathlib import Path
-
-            from model.convert import convert as convert_checkpoint
-
-            src = Path(args.src).expanduser()
-            if not src.is_dir():
-                from huggingface_hub import snapshot_download
-
-                patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
-                src = Path(snapshot_download(args.src, allow_patterns=patterns + (["*.bin"] if args.trust_pickle else [])))
-            out = convert_checkpoint(src, Path(args.dst), trust_pickle=args.trust_pickle)
-            print(f"converted to {out}; load it with --model {out}", file=sys.stderr)
-            return 0
-        if args.command == "train":
-            return _train(args)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "protocol-schema":
-            from .protocol import json_schema
-
-            text = json.dumps(json_schema(), indent=2) + "\n"
-            if args.output:
-                with open(args.output, "w") as f:
-                    f.write(text)
-            else:
-                sys.stdout.write(text)
-            return 0
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a long-lived command (model loading, ask, bench, train)
+        print(f"vl3live {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        if args.verbose:
+            raise
         print(f"vl3live {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "bench":
+        from model.bench import BenchConfig, run_bench
+
+        cfg = dataclass_from_args(BenchConfig, args)
+        progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the JSON)
+        if cfg.stream_hours is not None:
+            from model.bench_stream import run_stream_bench
+
+            result = run_stream_bench(cfg, load_config(args.config, args.overrides).session, progress)
+        else:
+            result = run_bench(cfg, progress=progress)
+        print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
+        return 0
+    if args.command == "ask":
+        from .ask import AskConfig, run_ask
+
+        cfg = dataclass_from_args(AskConfig, args)
+        run_ask(cfg, load_config(args.config, args.overrides))
+        return 0
+    if args.command == "watch":
+        import asyncio
+
+        from .watch import WatchConfig, run_watch
+
+        cfg = dataclass_from_args(WatchConfig, args)
+        _interruptible(asyncio.run, run_watch(cfg, load_config(args.config, args.overrides)))
+        return 0
+    if args.command == "demo":
+        from model.loading import preflight
+        from ui.config import DemoConfig
+
+        cfg, config = dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides)
+        preflight(config.model, cfg.model)  # before gradio and minutes of loading
+        from ui.app import run_demo
+
+        _interruptible(run_demo, cfg, config)
+        return 0
+    if args.command == "live":
+        import asyncio
+
+        from .local import LiveConfig, run_live
+
+        _interruptible(asyncio.run, run_live(dataclass_from_args(LiveConfig, args),
+                                             load_config(args.config, args.overrides)))
+        return 0
+    if args.command == "serve":
+        import asyncio
+
+        from .serve import ServeConfig, run_serve
+
+        _interruptible(asyncio.run, run_serve(dataclass_from_args(ServeConfig, args),
+                                               load_config(args.config, args.overrides)))
+        return 0
+    if args.command == "client":
+        import asyncio
+
+        from websockets.exceptions import InvalidStatus
+
+        from .client import ClientConfig, ClientError, run_client
+
+        try:
+            _interruptible(asyncio.run, run_client(dataclass_from_args(ClientConfig, args)))
+        except ClientError as exc:
+            print(f"vl3live client: server refused: {exc}", file=sys.stderr)
+            return 2
+        except InvalidStatus as exc:
+            body = exc.response.body.decode(errors="replace").strip()
+            print(f"vl3live client: server refused the connection: HTTP {exc.response.status_code} {body}",
+                  file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "convert":
+        from pathlib import Path
+
+        from model.convert import convert as convert_checkpoint
+
+        src = Path(args.src).expanduser()
+        if not src.is_dir():
+            from huggingface_hub import snapshot_download
+
+            from model.hub import resolve
+
+            patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"] + (
+                ["*.bin"] if args.trust_pickle else [])
+            found = resolve(args.src, "checkpoint", "a local directory in the official layout", patterns)
+            src = Path(found if found != args.src else snapshot_download(args.src, allow_patterns=patterns))
+        out = convert_checkpoint(src, Path(args.dst), trust_pickle=args.trust_pickle)
+        print(f"converted to {out}; load it with --model {out}", file=sys.stderr)
+        return 0
+    if args.command == "train":
+        return _train(args)
+    if args.command == "data":
+        return _data(args)
+    if args.command == "protocol-schema":
+        from .protocol import json_schema
+
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
     return 1
 
 
@@ -217,7 +239,15 @@ def _train(args) -> int:
 
 
 def _data(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.data_config or args.config, args.overrides)
+    if args.tool == "example":
+        from training.data.example import write_example
+
+        if len(args.paths) != 1:
+            raise ValueError("usage: vl3live data example DIR")
+        out = write_example(args.paths[0])
+        print(f"wrote {out} and the images and clips it names", file=sys.stderr)
+        return 0
     if args.tool == "stream-from-captions":
         from pathlib import Path
 
@@ -233,21 +263,16 @@ def _data(args) -> int:
                 f.write(json.dumps(s) + "\n")
         print(f"{len(samples)} stream samples appended to {out}", file=sys.stderr)
         return 0
+    from model.loading import load_processor
     from training.data.check import check_dataset
 
-    spec = args.model or config.model.spec
-    if spec == "tiny":
-        from model import load_model
-
-        processor = load_model("tiny", device="cpu").processor
-    else:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(spec)
+    processor = load_processor(args.model or config.model.spec)
     good, errors = check_dataset(args.paths, config, processor)
     for e in errors:
         print(e)
-    print(f"{good} good samples, {len(errors)} bad", file=sys.stderr)
+    layouts = ", ".join(f"{n} {layout}" for layout, n in sorted(good.items()))
+    print(f"{sum(good.values())} good samples, {len(errors)} bad{f' (token layouts: {layouts})' if layouts else ''}",
+          file=sys.stderr)
     return 1 if errors else 0
 
 

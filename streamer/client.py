@@ -80,10 +80,26 @@ class Client:
         return first
 
     async def close(self) -> None:
+        """Close the connection normally (1000): the server ends the session at once."""
+        await self._close(1000)
+
+    async def disconnect(self) -> None:
+        """Go away but keep the session (1001): reconnect within ``resume_seconds`` with
+        ``Client(url, resume=c.session.resume_token)`` to get it back, KV cache and all."""
+        await self._close(1001)
+
+    async def _close(self, code: int) -> None:
         if self._ws is not None:
-            await self._ws.close()
+            await self._ws.close(code)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def end(self, timeout: float = 30.0) -> P.SessionClosed:
+        """``session.close``: end the session now; returns ``session.closed`` (the final ``frame.ack``
+        is in :meth:`events` just before it). The server then closes the connection."""
+        ev = await self._request({"type": "session.close"}, "session.closed", timeout)
+        await self._close(1000)
+        return ev
 
     # -- receiving ----------------------------------------------------------------------------------
     async def _read(self) -> None:

@@ -12,13 +12,15 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from model import LoadedModel, StreamSession
 from model.config import Config, EngineConfig, SessionConfig
+from model.sampling import check_sampling
 
 from .bus import Event, EventBus
-from .live import LiveSession, PendingFrame, Question
+from .live import FRAME_OUTCOMES, LiveSession, PendingFrame, Question
 from .sources import FpsSampler, Frame
 from .worker import ModelWorker
 
@@ -32,13 +34,10 @@ def _check_sampling(sampling: dict) -> None:
     bad = set(sampling) - SAMPLING_FIELDS
     if bad:
         raise EngineError(f"unknown sampling settings {sorted(bad)}; known: {sorted(SAMPLING_FIELDS)}")
-    t, k, p = sampling.get("temperature", 1.0), sampling.get("top_k", 0), sampling.get("top_p", 1.0)
-    seed = sampling.get("seed")
-    if not isinstance(sampling.get("do_sample", False), bool) or not isinstance(k, int) or k < 0 or \
-            not isinstance(t, (int, float)) or t <= 0 or not isinstance(p, (int, float)) or not 0 < p <= 1 or \
-            (seed is not None and not isinstance(seed, int)):
-        raise EngineError(f"sampling settings out of range: {sampling} (do_sample bool, temperature > 0, "
-                          "top_k >= 0, 0 < top_p <= 1, seed int)")
+    try:
+        check_sampling(**sampling)
+    except ValueError as exc:
+        raise EngineError(f"sampling: {exc}") from None
 
 
 class EngineError(ValueError):
@@ -64,6 +63,7 @@ class Engine:
         self._responses = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = ModelWorker(self._emit_threadsafe)
+        self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -104,7 +104,8 @@ class Engine:
         session = await self._on_worker(lambda: StreamSession(self.lm, cfg))
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} exists")
-        ls = LiveSession(sid, session, dataclasses.replace(engine_config or self.config.engine))
+        ls = LiveSession(sid, session, dataclasses.replace(engine_config or self.config.engine),
+                         totals=self.frame_totals)
         ls.fresh_len = session.cache_len
         self.sessions[sid] = ls
         self._worker.add(ls)
@@ -130,20 +131,26 @@ class Engine:
             ls.session = session
             ls.fresh_len = session.cache_len
 
+    def check_update(self, ls: LiveSession, diffp_threshold: float | None | object = ...,
+                     sampling: dict | None = None, **engine_fields) -> EngineConfig:
+        """What :meth:`update` would set (``EngineError`` if any of it is refused); changes nothing."""
+        try:
+            cfg = dataclasses.replace(ls.cfg, **engine_fields)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(str(exc)) from None
+        if sampling is not None:
+            _check_sampling(sampling)
+        if diffp_threshold is not ... and diffp_threshold is not None and (
+                isinstance(diffp_threshold, bool) or not isinstance(diffp_threshold, (int, float))
+                or not 0 <= diffp_threshold < float("inf")):
+            raise EngineError(f"diffp_threshold must be a finite number >= 0, got {diffp_threshold!r}")
+        return cfg
+
     def update(self, ls: LiveSession, diffp_threshold: float | None | object = ..., sampling: dict | None = None,
                **engine_fields) -> None:
         """Change live settings of ``ls``: engine fields (fps, proactive_threshold, max_new_tokens...),
         the DiffFP threshold, and the sampling settings of its answers. Checked first, all or nothing."""
-        try:
-            cfg = dataclasses.replace(ls.cfg, **engine_fields)
-        except TypeError as exc:
-            raise EngineError(str(exc)) from None
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
-        if sampling is not None:
-            _check_sampling(sampling)
-        if diffp_threshold is not ... and diffp_threshold is not None and diffp_threshold < 0:
-            raise EngineError("diffp_threshold must be >= 0")
+        cfg = self.check_update(ls, diffp_threshold, sampling, **engine_fields)
         with self._worker.lock:
             if cfg.fps != ls.cfg.fps:
                 ls.sampler = FpsSampler(cfg.fps, last=ls.sampler.last)  # the clock goes on
@@ -152,6 +159,18 @@ class Engine:
                 ls.sampling = dict(sampling)
             if diffp_threshold is not ...:
                 ls.session.set_diffp_threshold(diffp_threshold)
+
+    def counters(self, ls: LiveSession) -> dict:
+        """``ls``'s counters as one consistent snapshot (they add up: see ``LiveSession.pending``)."""
+        with self._worker.lock:
+            return ls.counters()
+
+    def frame_counts(self) -> dict[str, int]:
+        """Frames by outcome over every session, closed ones included, and those pending now."""
+        with self._worker.lock:
+            counts = {k: self.frame_totals[k] for k in ("accepted", "source_frames", *FRAME_OUTCOMES)}
+            counts["pending"] = sum(ls.pending for ls in self.sessions.values())
+        return counts
 
     def get(self, sid: str) -> LiveSession:
         try:
@@ -168,22 +187,27 @@ class Engine:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         await asyncio.to_thread(self._worker.remove, ls)
-        self.bus.publish(Event("session.closed", sid, ls.counters()))
+        self.bus.publish(Event("session.closed", sid, self.counters(ls)))
 
     # -- frames -----------------------------------------------------------------------------------
-    def push_frame(self, ls: LiveSession, frame: Frame) -> bool:
-        """Offer one frame; returns whether the sampler took it. Never blocks, never queues more than one."""
+    def push_frame(self, ls: LiveSession, frame: Frame, event_id: str | None = None, source: bool = False) -> bool:
+        """Offer one frame; returns whether the sampler took it. Never blocks, never queues more than one.
+
+        Every frame offered gets exactly one outcome (``FRAME_OUTCOMES``); ``event_id`` is carried on
+        its error if the model session refuses it; ``source``: it came from an attached source."""
         if ls.closed:
             raise EngineError(f"session {ls.id!r} is closed")
-        ls.frames_in += 1
         ls.fps_in.tick()
         with self._worker.lock:
+            ls.count("accepted")
+            if source:
+                ls.count("source_frames")
             if not ls.sampler.accept(frame.pts_seconds):
-                ls.sampled_out += 1
+                ls.count("sampled_out")
                 return False
             if ls.frame is not None:
-                ls.dropped += 1
-            ls.frame = PendingFrame(frame, time.monotonic())
+                ls.count("dropped")
+            ls.frame = PendingFrame(frame, time.monotonic(), event_id)
             self._worker.lock.notify_all()
         return True
 
@@ -228,18 +252,21 @@ class Engine:
         task = self._pumps.get(ls.id)
         return task is not None and not task.done()
 
-    async def _pump(self, ls: LiveSession, source: AsyncIterator[Frame]) -> None:
+    async def _pump(self, ls: LiveSession, source: AsyncIterator[Frame]) -> str | None:
+        """Feed ``source`` into ``ls``; the task's result is why the source failed (None: it ended)."""
         try:
             async for frame in source:
                 if ls.closed:
                     break
-                self.push_frame(ls, frame)
-            self.bus.publish(Event("source.ended", ls.id, ls.counters()))
+                self.push_frame(ls, frame, source=True)
+            self.bus.publish(Event("source.ended", ls.id, self.counters(ls)))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.warning("session %s: source failed: %s", ls.id, exc)
+        except Exception as exc:  # the source is gone: say why, then that it ended
+            log.info("session %s: source failed: %s", ls.id, exc)  # the error event says it to listeners
             self.bus.publish(Event("error", ls.id, {"code": "source", "message": str(exc)}))
+            self.bus.publish(Event("source.ended", ls.id, {**self.counters(ls), "error": str(exc)}))
+            return str(exc)
         finally:
             close = getattr(source, "aclose", None)
             if close is not None:
@@ -280,6 +307,17 @@ class Engine:
         """End the answer being generated now (it stays in the cache as far as it got)."""
         return self._worker.cancel(ls)
 
+    @staticmethod
+    def check_instruction(ls: LiveSession, text: str | None) -> None:
+        """``EngineError`` if ``text`` cannot be a standing instruction (None clears it)."""
+        if text is None:
+            return
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError("instruction must be non-empty text (null or \"\" clears it)")
+        if len(text) > ls.cfg.max_question_chars:
+            raise EngineError(f"instruction is {len(text)} characters; the limit is {ls.cfg.max_question_chars}",
+                              "question_too_long")
+
     def set_instruction(self, ls: LiveSession, text: str | None) -> None:
         """Set (or clear with None) the standing instruction the model answers by itself.
 
@@ -288,8 +326,7 @@ class Engine:
         ``engine``). ``video-turn``: it is asked again every ``engine.proactive_every`` seconds
         of stream time and an alert goes out only when the answer says something new.
         """
-        if text is not None and (not text.strip() or len(text) > ls.cfg.max_question_chars):
-            raise EngineError(f"instruction must be 1..{ls.cfg.max_question_chars} characters", "question_too_long")
+        self.check_instruction(ls, text)
         with self._worker.lock:
             ls.instruction = text
             ls.last_instruction_t = None

@@ -8,7 +8,7 @@ fields shared with the model worker are guarded by the worker's lock.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from model import StreamSession
@@ -45,6 +45,11 @@ class RateMeter:
 class PendingFrame:
     frame: Frame
     arrived: float  # monotonic time the frame reached the engine
+    event_id: str | None = None  # the client's id for it (websocket), carried on its error
+
+
+# What becomes of a frame the engine accepted: exactly one of these, counted once it is known.
+FRAME_OUTCOMES = ("sampled_out", "dropped", "processed", "refused")
 
 
 @dataclass
@@ -70,10 +75,13 @@ class LiveSession:
     last_alert_t: float | None = None
     last_alert_text: str = ""
     closed: bool = False
-    frames_in: int = 0  # frames the source delivered
+    accepted: int = 0  # frames offered to the engine (by the client or an attached source)
+    source_frames: int = 0  # of those, frames an attached source delivered
     sampled_out: int = 0  # not taken by the fps sampler (or pts not increasing)
-    dropped: int = 0  # sampled frames overwritten by a newer one before the model took them
-    processed: int = 0
+    dropped: int = 0  # sampled frames overwritten by a newer one before the model took them (or left at close)
+    processed: int = 0  # appended to the KV cache
+    refused: int = 0  # refused by the model session (a bad frame, a full cache)
+    in_step: bool = False  # the model worker holds a frame of this session that has no outcome yet
     errors: int = 0
     proactive_suppressed: int = 0  # video-turn re-asks whose answer said nothing new
     fps_in: RateMeter = field(default_factory=RateMeter)
@@ -82,12 +90,28 @@ class LiveSession:
     last_keep: tuple | None = None  # (rgb, keep mask) of the last frame in the cache, for the demo's overlay
     fresh_len: int = 0  # cache length before anything entered it (the system prompt)
     sampling: dict = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, seed for answers
+    totals: Counter | None = None  # the engine's frame counts over every session, kept in step with these
 
     def __post_init__(self) -> None:
         self.sampler = FpsSampler(self.cfg.fps)
 
+    def count(self, what: str, n: int = 1) -> None:
+        """Add ``n`` to a frame counter (``accepted``, ``source_frames`` or an outcome) here and in the
+        engine's totals. Under the model worker's lock, so a snapshot always adds up."""
+        setattr(self, what, getattr(self, what) + n)
+        if self.totals is not None:
+            self.totals[what] += n
+
+    @property
+    def pending(self) -> int:
+        """Accepted frames without an outcome yet: in the latest-frame slot, or inside a model step (0-2).
+        At all times ``accepted == sampled_out + dropped + processed + refused + pending``."""
+        return int(self.frame is not None) + int(self.in_step)
+
     def counters(self) -> dict[str, float | int]:
-        return {"frames_in": self.frames_in, "sampled_out": self.sampled_out, "dropped": self.dropped,
-                "processed": self.processed, "errors": self.errors, "fps_in": round(self.fps_in.rate(), 2),
+        """A snapshot of the counters (take it under the model worker's lock to have them add up)."""
+        return {"accepted": self.accepted, "source_frames": self.source_frames, "sampled_out": self.sampled_out,
+                "dropped": self.dropped, "processed": self.processed, "refused": self.refused,
+                "pending": self.pending, "errors": self.errors, "fps_in": round(self.fps_in.rate(), 2),
                 "fps_processed": round(self.fps_processed.rate(), 2),
                 "proactive_suppressed": self.proactive_suppressed, "questions_waiting": len(self.questions)}

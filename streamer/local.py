@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 from model.config import Config
 
-from .engine import Engine
-from .sources import camera_source
 from .watch import _load, _print_event, _read_questions, open_watched
 
 
@@ -38,14 +36,23 @@ async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stde
     """Run until Ctrl-C, the camera ends or ``max_seconds``; returns the number of spoken questions."""
     import dataclasses
 
+    from model.loading import preflight
+
+    from .engine import Engine
+    from .sources import camera_source
+
     audio_cfg = dataclasses.replace(config.audio, asr=cfg.asr or config.audio.asr)
     heard = 0
+    preflight(config.model, cfg.model)  # everything that can be checked, before minutes of model loading
     if cfg.mic:
         from model.asr import load_asr
+        from model.hub import resolve
 
-        from .audio import import_sounddevice
+        from .audio import check_input_device
 
-        import_sounddevice()  # a missing PortAudio is reported before minutes of model loading
+        if audio_cfg.asr != "tiny":
+            resolve(audio_cfg.asr, "speech recognition checkpoint", "--asr DIR, or --asr tiny (random weights)")
+        check_input_device(audio_cfg.device)  # PortAudio installed, and a microphone to open
         print(f"loading speech recognition {audio_cfg.asr} ...", file=err, flush=True)
         transcribe = load_asr(audio_cfg.asr, language=audio_cfg.language, seed=config.model.seed)
     lm = _load(cfg, config, err)
@@ -94,6 +101,8 @@ async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stde
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()
+            if source in done and source.result():
+                raise ValueError(f"the camera failed: {source.result()}")
         finally:
             for t in waits:
                 t.cancel()

@@ -1,15 +1,18 @@
 """Prometheus metrics of the websocket server (``GET /metrics``), from engine events and server counters.
 
-Each server has its own registry (so several can run in one process). Gauges are read from the
-live sessions at scrape time; counters and histograms are fed by the event bus as events happen.
+Each server has its own registry (so several can run in one process). Gauges and the frame
+counts are read at scrape time (the engine's totals, taken under its lock, so
+``accepted = sampled_out + dropped + processed + refused + pending`` holds in every scrape);
+the other counters and the histograms are fed by the event bus as events happen.
 """
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .bus import Event
@@ -37,12 +40,38 @@ class _SessionGauges(Collector):
         return [sessions, fps, cache, waiting]
 
 
+SERVER_FRAME_OUTCOMES = ("received", "rate_dropped", "rejected")  # counted by the server, before the engine
+ENGINE_FRAME_COUNTS = ("accepted", "source_frames", "sampled_out", "dropped", "processed", "refused")
+
+
+class _FrameCounts(Collector):
+    def __init__(self, engine_counts: Callable[[], dict[str, int]], server_counts: Tally):
+        self._engine, self._server = engine_counts, server_counts
+
+    def collect(self):
+        engine = self._engine()
+        frames = CounterMetricFamily("vl3live_frames", "frames by outcome: received (from clients) = accepted - "
+                                     "source_frames + rate_dropped + rejected; accepted = sampled_out + dropped + "
+                                     "processed + refused + pending", labels=["outcome"])
+        for name in SERVER_FRAME_OUTCOMES:
+            frames.add_metric([name], self._server[name])
+        for name in ENGINE_FRAME_COUNTS:
+            frames.add_metric([name], engine[name])
+        pending = GaugeMetricFamily("vl3live_frames_pending", "accepted frames without an outcome yet (in a "
+                                    "session's latest-frame slot or inside a model step)")
+        pending.add_metric([], engine["pending"])
+        return [frames, pending]
+
+
 class Metrics:
-    def __init__(self, sessions: Callable[[], list[tuple[LiveSession, bool]]]):
+    def __init__(self, sessions: Callable[[], list[tuple[LiveSession, bool]]],
+                 frame_counts: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Counter("vl3live_connections", "websocket connections accepted", registry=r)
-        self.frames = Counter("vl3live_frames", "frames by outcome", ["outcome"], registry=r)
+        self.frames = Tally()  # the server's own frame outcomes (SERVER_FRAME_OUTCOMES)
+        self.handshakes_refused = Counter("vl3live_handshakes_refused", "websocket handshakes refused, by reason",
+                                          ["reason"], registry=r)
         self.errors = Counter("vl3live_errors", "error events sent, by code", ["code"], registry=r)
         self.responses = Counter("vl3live_responses", "answers finished", ["kind"], registry=r)
         self.frame_latency = Histogram("vl3live_frame_latency_seconds", "frame arrival to in the KV cache",
@@ -52,34 +81,22 @@ class Metrics:
         self.ttft = Histogram("vl3live_ttft_seconds", "question start to first answer token",
                               buckets=LATENCY_BUCKETS, registry=r)
         r.register(_SessionGauges(sessions))
-        self._seen: dict[str, tuple[int, int]] = {}  # session -> (sampled_out, dropped) last seen
+        r.register(_FrameCounts(frame_counts, self.frames))
 
     def observe(self, ev: Event) -> None:
         """Bus observer: runs on the event loop for every published event."""
         d = ev.data
         if ev.type == "stats":
-            self.frames.labels("processed").inc()
             if d.get("latency_ms") is not None:
                 self.frame_latency.observe(d["latency_ms"] / 1e3)
             if d.get("ingest_ms") is not None:
                 self.ingest.observe(d["ingest_ms"] / 1e3)
-            self._counters(ev.session, d)
         elif ev.type == "response.done":
             self.responses.labels("proactive" if d.get("proactive") else "question").inc()
             if d.get("ttft_ms") is not None:
                 self.ttft.observe(d["ttft_ms"] / 1e3)
         elif ev.type == "error":
             self.errors.labels(d.get("code", "internal")).inc()
-        elif ev.type == "session.closed":
-            self._counters(ev.session, d)
-            self._seen.pop(ev.session, None)
-
-    def _counters(self, sid: str, d: dict) -> None:
-        sampled, dropped = int(d.get("sampled_out", 0)), int(d.get("dropped", 0))
-        old_sampled, old_dropped = self._seen.get(sid, (0, 0))
-        self.frames.labels("sampled_out").inc(max(0, sampled - old_sampled))
-        self.frames.labels("dropped").inc(max(0, dropped - old_dropped))
-        self._seen[sid] = (sampled, dropped)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,8 +18,17 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from model.sampling import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K
+
 PROTOCOL_VERSION = "1"
 EVENT_ID_CHARS = 128
+# Upper bounds of numeric fields (besides the server's own limits), so that no value a client may
+# send is too large for the engine: every number is range-checked here, at the boundary.
+MAX_INT = 2**31 - 1
+MAX_PTS = 1e9  # seconds (31 years); jumps are bounded further by server.max_pts_jump
+MAX_SECONDS = 1e6  # proactive_cooldown / proactive_every
+MAX_FPS = 1000.0
+MAX_DIFFP_THRESHOLD = 1000.0  # above any pixel difference in either reference mode
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,14 +54,16 @@ ERROR_CODES = {
     "source": "the attached source cannot be opened or broke off (the server keeps retrying)",
     "subscriber_overflow": "this connection fell too far behind on answer events",
     "too_many_sessions": "server.max_sessions reached (the connection is closed, code 1013)",
-    "resume_failed": "unknown or expired resume token (the connection is closed, code 4001)",
+    "resume_failed": "an empty, malformed, unknown or expired resume token (the connection is closed, code 4001)",
     "internal": "a bug on the server; the session goes on",
 }
 
 # Close codes the server uses (besides what the websocket library sends by itself).
 CLOSE_CODES = {
-    1000: "normal closure (the client closed)",
-    1001: "the server is shutting down",
+    1000: "normal closure: the client closed (its session ends at once), or the session ended (session.close)",
+    1001: "the server is shutting down (from the client: going away, the session waits for a resume)",
+    1002: "protocol violation: a malformed websocket frame (sent by the websocket library); the session can be "
+          "resumed",
     1007: "a text message that is not UTF-8 (RFC 6455 requires closing); the session can be resumed",
     1009: "a message over the transport limit (about 4/3 x server.max_frame_bytes + 64 KiB)",
     1011: "internal error",
@@ -83,12 +94,12 @@ class _Message(BaseModel):
 class Generation(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    max_new_tokens: int | None = Field(default=None, ge=1, description="answer length limit (<= the server's)")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT, description="answer length limit (<= the server's)")
     do_sample: bool | None = None
-    temperature: float | None = Field(default=None, gt=0)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, gt=0, le=MAX_TEMPERATURE)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class SessionSettings(BaseModel):
@@ -97,15 +108,18 @@ class SessionSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    fps: float | None = Field(default=None, gt=0, description="frames per second sampled, by pts")
+    fps: float | None = Field(default=None, gt=0, le=MAX_FPS, description="frames per second sampled, by pts "
+                                                                        "(<= server.max_fps)")
     layout: Literal["video-turn", "stream"] | None = None
-    diffp_threshold: float | None = Field(default=None, ge=0, description="DiffFP threshold (see README)")
-    memory_budget: int | None = Field(default=None, ge=1, description="KV cache budget in tokens")
-    frame_pixels: int | None = Field(default=None, ge=784, description="per-frame pixel budget")
+    diffp_threshold: float | None = Field(default=None, ge=0, le=MAX_DIFFP_THRESHOLD,
+                                          description="DiffFP threshold (see README)")
+    memory_budget: int | None = Field(default=None, ge=1, le=MAX_INT, description="KV cache budget in tokens")
+    frame_pixels: int | None = Field(default=None, ge=784, le=MAX_INT,
+                                     description="per-frame pixel budget (<= limits.max_session_frame_pixels)")
     instruction: str | None = Field(default=None, description="standing instruction; \"\" clears it")
     proactive_threshold: float | None = Field(default=None, ge=0, le=1)
-    proactive_cooldown: float | None = Field(default=None, ge=0)
-    proactive_every: float | None = Field(default=None, gt=0)
+    proactive_cooldown: float | None = Field(default=None, ge=0, le=MAX_SECONDS)
+    proactive_every: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     generation: Generation | None = None
 
 
@@ -117,14 +131,15 @@ class SessionUpdate(_Message):
 class InputFrame(_Message):
     type: Literal["input_frame"]
     image: str = Field(description="base64 JPEG or PNG")
-    pts: float | None = Field(default=None, ge=0, description="seconds; default: arrival time")
+    pts: float | None = Field(default=None, ge=0, le=MAX_PTS, description="seconds; default: arrival time. At most "
+                              "limits.max_pts_jump past the session's newest frame (or past 0 for the first)")
 
 
 class InputFrameMeta(_Message):
     """Gives the ``pts`` (and ``event_id``) of the next binary message."""
 
     type: Literal["input_frame.meta"]
-    pts: float | None = Field(default=None, ge=0)
+    pts: float | None = Field(default=None, ge=0, le=MAX_PTS)
 
 
 class SourceAttach(_Message):
@@ -139,7 +154,7 @@ class SourceDetach(_Message):
 class Question(_Message):
     type: Literal["question"]
     text: str = Field(min_length=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
 
 
 class ResponseCancel(_Message):
@@ -150,11 +165,17 @@ class Ping(_Message):
     type: Literal["ping"]
 
 
+class SessionClose(_Message):
+    """End the session now (its slot is free at once): answered by ``session.closed``, then close 1000."""
+
+    type: Literal["session.close"]
+
+
 ClientMessage = Annotated[SessionUpdate | InputFrame | InputFrameMeta | SourceAttach | SourceDetach | Question
-                          | ResponseCancel | Ping, Field(discriminator="type")]
+                          | ResponseCancel | Ping | SessionClose, Field(discriminator="type")]
 CLIENT_MODELS = {m.model_fields["type"].annotation.__args__[0]: m for m in
                  (SessionUpdate, InputFrame, InputFrameMeta, SourceAttach, SourceDetach, Question, ResponseCancel,
-                  Ping)}
+                  Ping, SessionClose)}
 
 
 # -- server -> client -----------------------------------------------------------------------------
@@ -183,13 +204,20 @@ class FrameAck(_Event):
     """Coalesced: at most one per ``server.ack_interval``; counts are totals for the session."""
 
     type: Literal["frame.ack"] = "frame.ack"
-    received: int = Field(description="frames received on this session (binary or input_frame)")
-    accepted: int = Field(description="decoded and offered to the engine")
+    received: int = Field(description="frames received on this session (binary or input_frame); received = "
+                                      "accepted - source_frames + rate_dropped + rejected")
+    accepted: int = Field(description="offered to the engine: decoded client frames and an attached source's "
+                                      "frames; accepted = sampled_out + dropped + processed + refused + pending")
+    source_frames: int = Field(default=0, description="of accepted, frames pulled from an attached source")
     rate_dropped: int = Field(description="dropped for exceeding server.max_fps")
-    rejected: int = Field(description="refused with an error (bad image, too large, ...)")
+    rejected: int = Field(description="refused by the server with an error (bad image, too large, bad pts, ...)")
     sampled_out: int = Field(description="not taken by the fps sampler (or pts not increasing)")
     dropped: int = Field(description="replaced by a newer frame before the model took them")
     processed: int = Field(description="appended to the KV cache")
+    refused: int = Field(default=0, description="refused by the model session with an error (bad_frame, "
+                                                "cache_limit)")
+    pending: int = Field(default=0, description="accepted but without an outcome yet (waiting for the model or "
+                                                "inside its step; 0-2)")
     last_event_id: str | None = None
     last_pts: float | None = Field(default=None, description="stream time of the last processed frame")
     tokens_kept: int | None = Field(default=None, description="DiffFP-kept tokens of the last processed frame")
@@ -243,6 +271,14 @@ class SourceEnded(_Event):
     url: str | None
 
 
+class SessionClosed(_Event):
+    """The session ended (``session.close``); its final ``frame.ack`` came just before."""
+
+    type: Literal["session.closed"] = "session.closed"
+    event_id: str | None = None
+    session_id: str
+
+
 class Error(_Event):
     type: Literal["error"] = "error"
     code: str = Field(description="stable; see ERROR_CODES / docs/protocol.md")
@@ -257,7 +293,7 @@ class Pong(_Event):
 
 
 ServerEvent = Annotated[SessionCreated | SessionUpdated | FrameAck | ResponseCreated | ResponseDelta | ResponseDone
-                        | Alert | Stats | SourceEnded | Error | Pong, Field(discriminator="type")]
+                        | Alert | Stats | SourceEnded | SessionClosed | Error | Pong, Field(discriminator="type")]
 _SERVER = TypeAdapter(ServerEvent)
 
 

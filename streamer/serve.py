@@ -6,11 +6,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from model import load_configured
 from model.config import Config
-
-from .engine import Engine
-from .server import Server
 
 
 @dataclass
@@ -21,6 +17,11 @@ class ServeConfig:
 
 
 async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
+    from model import load_configured
+
+    from .engine import Engine
+    from .server import Server
+
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model

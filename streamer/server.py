@@ -1,20 +1,23 @@
 """``vl3live serve``: the websocket API over the live engine (protocol: ``streamer/protocol.py``).
 
-One session per connection. A client that drops keeps its session for ``server.resume_seconds``
-and gets it back by reconnecting with ``?resume=TOKEN`` (from ``session.created``). Besides the
-websocket on ``/``, plain HTTP ``GET /health`` and ``GET /metrics`` (Prometheus) are served.
-Every bad message costs one ``error`` event; the connection closes only on the documented codes.
+One session per connection. A client that closes cleanly (close code 1000) or sends
+``session.close`` ends its session at once; one that drops keeps it for ``server.resume_seconds``
+and gets it back by reconnecting with ``?resume=TOKEN`` (from ``session.created``; a new token
+comes with every resume). Besides the websocket on ``/``, plain HTTP ``GET /health`` and
+``GET /metrics`` (Prometheus) are served. Every bad message costs one ``error`` event; the
+connection closes only on the documented codes. Who may connect and what may be attached:
+``streamer/access.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from http import HTTPStatus
@@ -29,6 +32,7 @@ from websockets.http11 import Request, Response
 from model.config import ServerConfig
 
 from . import protocol as P
+from .access import FailureThrottle, origin_allowed, parse_pattern, source_allowed
 from .bus import Event, Subscription
 from .engine import Engine, EngineError
 from .live import LiveSession
@@ -39,6 +43,12 @@ log = logging.getLogger(__name__)
 
 FORWARDED = {"response.created": P.ResponseCreated, "response.delta": P.ResponseDelta,
              "response.done": P.ResponseDone, "alert": P.Alert}
+RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 bits
+SINGLE_HEADERS = ("Origin", "Authorization", "Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Upgrade")
+# The one message every unreachable source gets (details go to the server's log): the text must not
+# tell a port scanner which ports are open.
+SOURCE_UNREACHABLE = ("cannot read from the source (unreachable, refused, or not a video stream); retrying until "
+                      "source.detach")
 
 
 class TokenBucket:
@@ -59,26 +69,6 @@ class TokenBucket:
         return False
 
 
-def source_allowed(url: str, allow: list[str]) -> bool:
-    """Whether ``url`` matches a ``scheme://host[:port]`` pattern of ``allow`` (host may use ``*``)."""
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return False
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return False
-    host = (parts.hostname or "").lower()
-    if not parts.scheme or not host:
-        return False
-    for pattern in allow:
-        scheme, _, hostport = pattern.lower().partition("://")
-        phost, _, pport = hostport.rpartition(":") if hostport.rsplit(":", 1)[-1].isdigit() else (hostport, "", "")
-        if parts.scheme.lower() == scheme and fnmatch.fnmatchcase(host, phost) and (not pport or port == int(pport)):
-            return True
-    return False
-
-
 @dataclasses.dataclass
 class ApiSession:
     """A session as the API sees it: its engine session plus what outlives one connection."""
@@ -90,7 +80,6 @@ class ApiSession:
     conn: ServerConnection | None = None
     expiry: asyncio.TimerHandle | None = None
     received: int = 0
-    accepted: int = 0
     rate_dropped: int = 0
     rejected: int = 0
     last_event_id: str | None = None
@@ -111,13 +100,20 @@ class Server:
         self.config = config or engine.config.server
         self.token = self.check(self.config)
         self.sessions: dict[str, ApiSession] = {}  # by resume token
-        self.metrics = Metrics(lambda: [(s.ls, s.conn is not None) for s in self.sessions.values()])
+        self.metrics = Metrics(lambda: [(s.ls, s.conn is not None) for s in self.sessions.values()],
+                               engine.frame_counts)
         engine.bus.observe(self.metrics.observe)
         self._ws: WsServer | None = None
         self._opening = 0
         self.port: int | None = None
         cfg = self.config
         self._transport_max = cfg.max_frame_bytes * 4 // 3 + 64 * 1024
+        self._source_allow = [parse_pattern(p) for p in cfg.source_allow]  # a bad pattern fails at start
+        self._resume_failures = FailureThrottle(cfg.resume_failures_per_minute, burst=10)
+        session = engine.config.session
+        self.max_session_frame_pixels = cfg.max_session_frame_pixels or 4 * session.frame_pixels
+        # every session's recall store gets its share of server.recall_memory_mb
+        self.recall_mb = min(session.budget.recall_memory_mb, cfg.recall_memory_mb / cfg.max_sessions)
 
     @staticmethod
     def check(config: ServerConfig) -> str | None:
@@ -166,7 +162,17 @@ class Server:
             given = (parse_qs(urlsplit(request.path).query).get("token") or [None])[0]
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
+    def _refuse(self, conn: ServerConnection, status: HTTPStatus, reason: str, text: str) -> Response:
+        """An HTTP refusal of a handshake: counted, and one line in the log (no traceback)."""
+        self.metrics.handshakes_refused.labels(reason).inc()
+        log.warning("refused %s from %s: %s", status.value, _address(conn), text.strip())
+        return _response(status, text)
+
     def _http(self, conn: ServerConnection, request: Request) -> Response | None:
+        doubled = [h for h in SINGLE_HEADERS if len(request.headers.get_all(h)) > 1]
+        if doubled:  # ambiguous: which Origin / token would count? Refused before anything reads them
+            return self._refuse(conn, HTTPStatus.BAD_REQUEST, "duplicate_header",
+                                f"duplicate {', '.join(doubled)} header: send each once\n")
         path = urlsplit(request.path).path
         if path == "/health":
             alive = self.engine._worker.alive
@@ -175,22 +181,27 @@ class Server:
             return _response(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body),
                              "application/json")
         if not self._authorized(request):
-            return _response(HTTPStatus.UNAUTHORIZED, "missing or wrong token (Authorization: Bearer TOKEN "
-                                                      "or ?token=TOKEN)\n")
+            return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "token", "missing or wrong token (Authorization: "
+                                                                         "Bearer TOKEN or ?token=TOKEN)\n")
         if path == "/metrics":
             return _response(HTTPStatus.OK, self.metrics.render().decode(), "text/plain; version=0.0.4")
         if path != "/":
             return _response(HTTPStatus.NOT_FOUND, f"no {path}: the websocket is on /, and /health, /metrics\n")
         origin = request.headers.get("Origin")
-        if self.config.allowed_origins is not None and origin is not None and \
-                origin not in self.config.allowed_origins:
-            return _response(HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed\n")
+        if not origin_allowed(origin, self.config.allowed_origins):
+            listed = "server.allowed_origins" if self.config.allowed_origins is not None else \
+                "loopback pages only, unless listed in server.allowed_origins"
+            return self._refuse(conn, HTTPStatus.FORBIDDEN, "origin", f"origin {origin!r} is not allowed ({listed})\n")
+        if "resume" in parse_qs(urlsplit(request.path).query, keep_blank_values=True) and \
+                self._resume_failures.blocked(_address(conn)):
+            return self._refuse(conn, HTTPStatus.TOO_MANY_REQUESTS, "resume_throttled",
+                                "too many failed resume attempts from this address; wait a minute\n")
         return None
 
     # -- connections ----------------------------------------------------------------------------------
     async def _handle(self, conn: ServerConnection) -> None:
         self.metrics.connections.inc()
-        resume = (parse_qs(urlsplit(conn.request.path).query).get("resume") or [None])[0]
+        resume = parse_qs(urlsplit(conn.request.path).query, keep_blank_values=True).get("resume")
         try:
             s = await (self._resume(conn, resume) if resume is not None else self._open(conn))
         except ConnectionClosed:
@@ -211,20 +222,32 @@ class Server:
             if writer is not None:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
-            if s.conn is conn:  # not taken over by a resume: wait for one
+            if s.conn is conn:  # not taken over by a resume
                 s.conn = None
                 if s.resume_token in self.sessions:
-                    self._detach(s)
+                    if _closed_by_client(conn):  # done with it: the slot is free at once
+                        await self._end(s)
+                    else:  # dropped: wait for a resume
+                        self._detach(s)
 
-    async def _resume(self, conn: ServerConnection, token: str) -> ApiSession | None:
-        s = self.sessions.get(token)
+    async def _resume(self, conn: ServerConnection, given: list[str]) -> ApiSession | None:
+        token = given[0] if len(given) == 1 else ""
+        s = self.sessions.get(token) if RESUME_TOKEN.fullmatch(token) else None
         if s is None:
-            await self._error(conn, "resume_failed", "unknown or expired resume token")
+            self._resume_failures.failed(_address(conn))
+            why = "unknown or expired resume token" if RESUME_TOKEN.fullmatch(token) else \
+                "malformed resume token (?resume= takes the resume_token of session.created, once)"
+            await self._error(conn, "resume_failed", why)
             await conn.close(4001, "resume_failed")
             return None
         if s.expiry is not None:
             s.expiry.cancel()
             s.expiry = None
+        # a new token on every resume: whoever held the old one (a thief, or the owner's stale copy)
+        # cannot take the session back with it
+        del self.sessions[s.resume_token]
+        s.resume_token = secrets.token_urlsafe(24)
+        self.sessions[s.resume_token] = s
         old, s.conn = s.conn, conn
         if old is not None:  # a dead peer not noticed yet, or the same client twice
             await old.close(4003, "resumed on another connection")
@@ -240,8 +263,11 @@ class Server:
             await conn.close(1013, "too many sessions")
             return None
         self._opening += 1  # counted while the session is built
+        session_config = self.engine.config.session
+        session_config = dataclasses.replace(session_config, budget=dataclasses.replace(
+            session_config.budget, recall_memory_mb=self.recall_mb))
         try:
-            ls = await self.engine.open_session()
+            ls = await self.engine.open_session(session_config)
         except Exception as exc:  # e.g. the worker stopped during shutdown
             await self._error(conn, "internal", f"cannot open a session: {exc}")
             await conn.close(1011, "cannot open a session")
@@ -264,15 +290,16 @@ class Server:
 
         s.expiry = asyncio.get_running_loop().call_later(self.config.resume_seconds, expire)
 
-    async def _end(self, s: ApiSession) -> None:
+    async def _end(self, s: ApiSession, code: int = 1001, reason: str = "server shutting down") -> None:
         if self.sessions.pop(s.resume_token, None) is None:
             return
         if s.expiry is not None:
             s.expiry.cancel()
-        if s.conn is not None:
-            await s.conn.close(1001, "server shutting down")
+        conn, s.conn = s.conn, None
         s.sub.close()
-        await self.engine.close_session(s.ls.id)
+        await self.engine.close_session(s.ls.id)  # freed before the client sees the close
+        if conn is not None:
+            await conn.close(code, reason)
 
     # -- reading --------------------------------------------------------------------------------------
     async def _read(self, conn: ServerConnection, s: ApiSession) -> None:
@@ -322,6 +349,10 @@ class Server:
                 if not await self.engine.detach(s.ls):
                     raise P.ProtocolError("source_busy", "no source is attached", eid)
                 s.source_url = None
+            elif isinstance(msg, P.SessionClose):
+                await conn.send(P.dump(self._ack(s)))  # the final counts
+                await conn.send(P.dump(P.SessionClosed(event_id=eid, session_id=s.ls.id)))
+                await self._end(s, 1000, "session closed")
         except P.ProtocolError as exc:
             exc.event_id = exc.event_id or eid
             raise
@@ -335,29 +366,37 @@ class Server:
         s.received += 1
         s.last_event_id = eid
         s.ack_dirty = True
-        self.metrics.frames.labels("received").inc()
-        if self.engine.has_source(s.ls):
-            s.rejected += 1
-            raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send frames",
-                                  eid)
+        self.metrics.frames["received"] += 1
         if not s.fps_bucket.take():  # over server.max_fps: dropped before any decoding
             s.rate_dropped += 1
-            self.metrics.frames.labels("rate_dropped").inc()
+            self.metrics.frames["rate_dropped"] += 1
             return
         cfg = self.config
         try:
+            if self.engine.has_source(s.ls):
+                raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send "
+                                                     "frames")
+            if pts is not None:  # a client's own clock: bounded jumps (the timestamp text and the clock)
+                newest = s.ls.sampler.last or 0.0
+                if pts > newest + cfg.max_pts_jump:
+                    raise P.ProtocolError("invalid_field", f"pts {pts:g} is more than server.max_pts_jump "
+                                                           f"({cfg.max_pts_jump:g} s) past the session's newest "
+                                                           f"frame ({newest:g} s); send stream time in seconds")
             raw = P.decode_base64_image(data, cfg.max_frame_bytes) if isinstance(data, str) else data
             rgb = await asyncio.to_thread(P.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
-        except P.ProtocolError as exc:
+            t = pts if pts is not None else time.monotonic() - s.t0
+            # from here every frame has exactly one outcome in the engine's counters
+            self.engine.push_frame(s.ls, Frame(t, rgb), event_id=eid)
+        except (P.ProtocolError, EngineError) as exc:
             s.rejected += 1
-            exc.event_id = eid
-            raise
-        t = pts if pts is not None else time.monotonic() - s.t0
-        self.engine.push_frame(s.ls, Frame(t, rgb))  # the sampler's refusals count in sampled_out
-        s.accepted += 1
+            self.metrics.frames["rejected"] += 1
+            if isinstance(exc, P.ProtocolError):
+                exc.event_id = eid
+                raise
+            raise P.ProtocolError(exc.code if exc.code in P.ERROR_CODES else "invalid_field", str(exc), eid) from None
 
     async def _attach(self, s: ApiSession, url: str, eid: str | None) -> None:
-        if not source_allowed(url, self.config.source_allow):
+        if not source_allowed(url, self._source_allow):
             raise P.ProtocolError("source_forbidden", "this URL is not on the server's source allow-list "
                                                       f"({', '.join(self.config.source_allow) or 'empty: attach is off'})",
                                   eid)
@@ -367,14 +406,16 @@ class Server:
         loop = asyncio.get_running_loop()
 
         def failed(message: str) -> None:  # from the reader thread; the reader keeps retrying
+            log.info("session %s: source %s: %s", sid, url, message)  # the details stay here
             loop.call_soon_threadsafe(self.engine.bus.publish, Event("error", sid, {"code": "source",
-                                                                                  "message": message,
+                                                                                  "message": SOURCE_UNREACHABLE,
                                                                                   "event_id": eid}))
 
         s.source_url = url
         self.engine.attach(s.ls, rtsp_source(url, fps=s.ls.cfg.fps, on_failure=failed), continue_clock=True)
 
     async def _update(self, s: ApiSession, new: P.SessionSettings) -> None:
+        """Every setting is checked before any is applied: all or nothing."""
         ls, cfg = s.ls, self.config
         limit = self.engine.config.engine.max_new_tokens
         gen = new.generation
@@ -382,14 +423,12 @@ class Server:
             raise P.ProtocolError("invalid_field", f"session.fps: the server allows at most {cfg.max_fps}")
         if gen is not None and gen.max_new_tokens is not None and gen.max_new_tokens > limit:
             raise P.ProtocolError("invalid_field", f"session.generation.max_new_tokens: at most {limit}")
-        if new.instruction is not None and len(new.instruction) > ls.cfg.max_question_chars:
-            raise P.ProtocolError("question_too_long", f"instruction is over {ls.cfg.max_question_chars} characters")
-        old = ls.session.config
-        shaped = dataclasses.replace(
-            old, layout=new.layout or old.layout, frame_pixels=new.frame_pixels or old.frame_pixels,
-            budget=dataclasses.replace(old.budget, max_tokens=new.memory_budget or old.budget.max_tokens))
-        if shaped != old:
-            await self.engine.reconfigure(ls, shaped)
+        if new.frame_pixels is not None and new.frame_pixels > self.max_session_frame_pixels:
+            raise P.ProtocolError("invalid_field", f"session.frame_pixels: the server allows at most "
+                                                   f"{self.max_session_frame_pixels} (server.max_session_frame_pixels)")
+        instruction = new.instruction or None
+        if "instruction" in new.model_fields_set:
+            self.engine.check_instruction(ls, instruction)
         fields = {k: getattr(new, k) for k in ("fps", "proactive_threshold", "proactive_cooldown", "proactive_every")
                   if getattr(new, k) is not None}
         if gen is not None and gen.max_new_tokens is not None:
@@ -398,9 +437,16 @@ class Server:
         if gen is not None:
             sampling = {**ls.sampling, **gen.model_dump(exclude_none=True, exclude={"max_new_tokens"})}
         threshold = new.diffp_threshold if "diffp_threshold" in new.model_fields_set else ...
+        self.engine.check_update(ls, diffp_threshold=threshold, sampling=sampling, **fields)
+        old = ls.session.config
+        shaped = dataclasses.replace(
+            old, layout=new.layout or old.layout, frame_pixels=new.frame_pixels or old.frame_pixels,
+            budget=dataclasses.replace(old.budget, max_tokens=new.memory_budget or old.budget.max_tokens))
+        if shaped != old:
+            await self.engine.reconfigure(ls, shaped)
         self.engine.update(ls, diffp_threshold=threshold, sampling=sampling, **fields)
         if "instruction" in new.model_fields_set:
-            self.engine.set_instruction(ls, new.instruction or None)
+            self.engine.set_instruction(ls, instruction)
 
     def _settings(self, s: ApiSession) -> dict:
         ls = s.ls
@@ -414,6 +460,7 @@ class Server:
     def _limits(self) -> dict:
         c, e = self.config, self.engine.config.engine
         return {"max_fps": c.max_fps, "max_frame_bytes": c.max_frame_bytes, "max_frame_pixels": c.max_frame_pixels,
+                "max_session_frame_pixels": self.max_session_frame_pixels, "max_pts_jump": c.max_pts_jump,
                 "max_message_bytes": self._transport_max, "max_messages_per_second": c.max_messages_per_second,
                 "max_question_chars": e.max_question_chars, "max_queued_questions": e.max_queued_questions,
                 "max_new_tokens": e.max_new_tokens}
@@ -440,7 +487,8 @@ class Server:
                 if ev is not None:
                     await self._forward(conn, s, ev)
                 elif s.sub.closed:
-                    await conn.close(4002, "subscriber_overflow")
+                    if self.sessions.get(s.resume_token) is s:  # overflowed (not ended by _end)
+                        await conn.close(4002, "subscriber_overflow")
                     return
                 now = loop.time()
                 if now >= next_ack:
@@ -466,6 +514,7 @@ class Server:
             fields = {k: v for k, v in d.items() if k in model.model_fields}
             await conn.send(P.dump(model(**fields, t=ev.t)))
         elif ev.type == "error":
+            s.ack_dirty = True  # a refused frame changes the counts
             code = d.get("code", "internal")
             await conn.send(P.dump(P.Error(code=code if code in P.ERROR_CODES else "internal",
                                            message=str(d.get("message", "")), event_id=d.get("event_id"))))
@@ -474,10 +523,11 @@ class Server:
             s.source_url = None
 
     def _ack(self, s: ApiSession) -> P.FrameAck:
-        c = s.ls.counters()
+        c = self.engine.counters(s.ls)
         st = s.last_stats.data if s.last_stats is not None else {}
-        return P.FrameAck(received=s.received, accepted=s.accepted, rate_dropped=s.rate_dropped, rejected=s.rejected,
-                          sampled_out=c["sampled_out"], dropped=c["dropped"], processed=c["processed"],
+        return P.FrameAck(received=s.received, accepted=c["accepted"], source_frames=c["source_frames"],
+                          rate_dropped=s.rate_dropped, rejected=s.rejected, sampled_out=c["sampled_out"],
+                          dropped=c["dropped"], processed=c["processed"], refused=c["refused"], pending=c["pending"],
                           last_event_id=s.last_event_id, last_pts=s.last_stats.t if s.last_stats else None,
                           tokens_kept=st.get("tokens_kept"), tokens_total=st.get("tokens_total"),
                           cache_len=st.get("cache_len"))
@@ -488,6 +538,18 @@ def _response(status: HTTPStatus, body: str, content_type: str = "text/plain; ch
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
                        ("Connection", "close")])
     return Response(status.value, status.phrase, headers, data)
+
+
+def _address(conn: ServerConnection) -> str:
+    """The client's IP address (the key of the resume throttle)."""
+    peer = conn.remote_address
+    return str(peer[0]) if peer else "?"
+
+
+def _closed_by_client(conn: ServerConnection) -> bool:
+    """Whether the client ended the connection with a normal closure (1000): it is done with its session."""
+    proto = conn.protocol
+    return proto.close_rcvd is not None and proto.close_rcvd.code == 1000 and bool(proto.close_rcvd_then_sent)
 
 
 def _peek_event_id(message: str | bytes) -> str | None:

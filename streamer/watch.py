@@ -10,13 +10,14 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from model import load_configured
 from model.config import Config
 
 from .bus import Event
-from .engine import Engine, EngineError
-from .sources import camera_source, file_source, rtsp_source
+
+if TYPE_CHECKING:  # the engine (torch) loads when a command runs, not when the CLI parses its flags
+    from .engine import Engine
 
 
 @dataclass
@@ -39,10 +40,18 @@ class WatchConfig:
             raise ValueError("a source is needed")
         if self.stats_every <= 0:
             raise ValueError("--stats-every must be > 0")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("--max-seconds must be > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.ask is not None and not self.ask.strip():
+            raise ValueError("--ask must not be empty")
 
 
 def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float | None = None):
     """The async frame source a SOURCE argument names."""
+    from .sources import camera_source, file_source, rtsp_source
+
     if spec.startswith(("rtsp://", "rtsps://")):
         return rtsp_source(spec, fps=fps)
     path = Path(spec)
@@ -50,6 +59,9 @@ def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float
         return file_source(path, fps=fps, realtime=realtime, max_seconds=max_seconds)
     if spec.startswith("/dev/video") or spec.isdigit() or spec.startswith("video="):
         return camera_source(spec, fps=fps)
+    if "://" in spec:
+        raise ValueError(f"unsupported source URL {spec!r}: sources are rtsp:// or rtsps:// URLs, video files, "
+                         "camera devices or webrtc")
     raise FileNotFoundError(f"no such source: {spec!r} (not an rtsp:// URL, a file or a camera device)")
 
 
@@ -71,11 +83,16 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
     if cfg.source == "webrtc":
         await _watch_webrtc(cfg, config, out, err)
         return
+    from .engine import Engine
+
+    if cfg.ask is not None and len(cfg.ask) > config.engine.max_question_chars:
+        raise ValueError(f"--ask is {len(cfg.ask)} characters; engine.max_question_chars is "
+                         f"{config.engine.max_question_chars}")
     source = open_source(cfg.source, config.engine.fps, not cfg.fast, cfg.max_seconds)
     lm = _load(cfg, config, err)
     loop = asyncio.get_running_loop()
     async with Engine(lm, config) as engine:
-        ls, sub, _ = await open_watched(engine, source, cfg.instruction)
+        ls, sub, pump = await open_watched(engine, source, cfg.instruction)
         stdin_open = _read_questions(loop, engine, lambda: ls, err)
         state: dict = {"asked": cfg.ask is None}
         last_print = loop.time()
@@ -91,6 +108,8 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
                 if ev.type == "stats" and not state["asked"]:
                     state["asked"] = True
                     engine.ask(ls, cfg.ask)
+            if ended and not state["asked"] and ls.processed == 0:
+                state["asked"] = True  # no frame ever came: nothing to ask about
             if loop.time() - last_print >= cfg.stats_every and "last_stats" in state:
                 s = state["last_stats"]
                 d = s.data
@@ -102,6 +121,9 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
                 break
         if stdin_open:
             loop.remove_reader(sys.stdin.fileno())
+        failure = await pump
+    if failure:
+        raise ValueError(f"the source failed: {failure}")
 
 
 async def open_watched(engine: Engine, source, instruction: str | None = None):
@@ -114,6 +136,8 @@ async def open_watched(engine: Engine, source, instruction: str | None = None):
 
 
 def _load(cfg: WatchConfig, config: Config, err):
+    from model import load_configured
+
     return load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
 
 
@@ -124,6 +148,8 @@ def _read_questions(loop, engine: Engine, target, err) -> bool:
         fd = sys.stdin.fileno()
     except (OSError, ValueError, AttributeError):
         return False
+
+    from .engine import EngineError
 
     def on_line() -> None:
         line = sys.stdin.readline()
@@ -154,6 +180,7 @@ def _read_questions(loop, engine: Engine, target, err) -> bool:
 
 async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
     """Serve the WebRTC page; print every session's answers; stdin questions go to the newest session."""
+    from .engine import Engine
     from .sources.webrtc import WebRTCIngest
 
     lm = _load(cfg, config, err)

@@ -103,6 +103,9 @@ class ModelWorker:
             ls.closed = True
             if ls in self._sessions:
                 self._sessions.remove(ls)
+            if ls.frame is not None:  # never reached the model
+                ls.frame = None
+                ls.count("dropped")
             answer = self._answers.pop(ls.id, None)
             if answer is not None:  # closed by the worker thread, which may be inside it right now
                 self._retired.append(answer)
@@ -187,6 +190,7 @@ class ModelWorker:
             return
         with self._cond:
             pending, ls.frame = ls.frame, None
+            ls.in_step = pending is not None
             question = ls.questions.popleft() if pending is None and ls.questions else None
         if pending is not None:
             self._ingest(ls, pending)
@@ -197,15 +201,24 @@ class ModelWorker:
         s = ls.session
         try:
             r = s.add_frame(pending.frame.rgb, pending.frame.pts_seconds)
-        except (ValueError, CacheLimitError) as exc:
-            ls.errors += 1
-            code = "cache_limit" if isinstance(exc, CacheLimitError) else "bad_frame"
-            self._emit(Event("error", ls.id, {"code": code, "message": str(exc)}, t=pending.frame.pts_seconds))
+        except Exception as exc:  # refused: counted as such, the session goes on
+            if not isinstance(exc, (ValueError, CacheLimitError)):
+                log.exception("session %s: frame at t=%s failed", ls.id, pending.frame.pts_seconds)
+            code = "cache_limit" if isinstance(exc, CacheLimitError) else \
+                "bad_frame" if isinstance(exc, ValueError) else "internal"
+            with self._cond:
+                ls.in_step = False
+                ls.count("refused")
+                ls.errors += 1
+            self._emit(Event("error", ls.id, {"code": code, "message": str(exc), "event_id": pending.event_id},
+                             t=pending.frame.pts_seconds))
             return
-        ls.processed += 1
-        ls.fps_processed.tick()
+        with self._cond:
+            ls.in_step = False
+            ls.count("processed")
+            ls.fps_processed.tick()
+            stats = ls.counters()
         ls.last_keep = (pending.frame.rgb, r.keep_mask)
-        stats = ls.counters()
         st = s.stats()
         stats.update(tokens_kept=r.tokens_kept, tokens_total=r.tokens_total, cache_len=r.cache_len,
                      max_tokens=st["max_tokens"], evicted_frames=st["evicted_frames"], ingest_ms=round(r.ms, 2),
@@ -266,6 +279,12 @@ class ModelWorker:
             except CacheLimitError as exc:
                 done = True
                 self._emit(Event("error", ls.id, {"code": "cache_limit", "message": str(exc),
+                                                  "event_id": a.q.event_id}, t=a.t))
+            except Exception as exc:  # any other failure ends this answer, never the session
+                log.exception("session %s: answer %s failed", ls.id, a.q.response_id)
+                done = True
+                ls.errors += 1
+                self._emit(Event("error", ls.id, {"code": "internal", "message": f"the answer failed: {exc}",
                                                   "event_id": a.q.event_id}, t=a.t))
             else:
                 if a.ttft_ms is None:

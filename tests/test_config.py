@@ -1,4 +1,5 @@
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,9 @@ def test_default_yaml_spells_out_the_dataclass_defaults():
     assert load_config() == Config()
 
 
-def test_default_config_is_the_2b_checkpoint_with_live_diffp():
+def test_default_config_is_the_2b_video_checkpoint_with_live_diffp():
     cfg = load_config()
-    assert cfg.model.spec == "lkhl/VideoLLaMA3-2B-Image-HF"
+    assert cfg.model.spec == "DAMO-NLP-SG/VideoLLaMA3-2B"  # the video-trained model, not the image one
     assert cfg.session.layout == "video-turn"
     assert cfg.session.diffp_reference == "last_kept"
     assert cfg.session.threshold == DIFFP_LAST_KEPT_THRESHOLD
@@ -65,6 +66,25 @@ def test_dotted_overrides_are_typed():
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["session.frame_pixels=abc"], r"^session\.frame_pixels: expected an integer, got 'abc'$"),
+    (["session.budget.max_tokens=1.5"], r"^session\.budget\.max_tokens: expected an integer, got 1\.5 \(or null\)$"),
+    (["engine.fps=fast"], r"^engine\.fps: expected a number, got 'fast'$"),
+    (["train.lora=maybe"], r"^train\.lora: expected a boolean"),
+    (["session.layout=["], r"^--set session\.layout=\[: the value is not valid YAML"),
+])
+def test_a_value_of_the_wrong_type_names_its_key_and_the_type(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  spec: tiny\n session: [\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}:3:2: invalid YAML: "):
+        load_config(bad)
 
 
 def test_missing_config_file():

@@ -23,13 +23,15 @@ def _config(**engine):
     return cfg
 
 
-async def _camera(n, fps, size=(84, 112), pace=0.0):
-    """A source far faster than the model: a few camera frames, re-sent with increasing pts."""
+async def _camera(n, fps, size=(84, 112), pace=0.0, burst=1):
+    """A source far faster than the model: a few camera frames, re-sent with increasing pts
+    (``burst`` frames back to back, then a pause of ``pace`` seconds)."""
     cam = SyntheticCamera(*size)
     shots = [cam.frame(i * 1.3) for i in range(8)]
     for i in range(n):
         yield Frame(i / fps, shots[i % 8])
-        await asyncio.sleep(pace)
+        if (i + 1) % burst == 0:
+            await asyncio.sleep(pace)
 
 
 def _drain(sub):
@@ -48,12 +50,13 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
             await asyncio.sleep(0)
             before = rss_mb()
             # 0.45 MB frames, at least 10x faster than the model takes them
-            await eng.attach(ls, _camera(1500, 1000.0, size=(336, 448), pace=0.0005))
-            assert await eventually(lambda: ls.processed + ls.dropped == ls.frames_in)
+            await eng.attach(ls, _camera(1500, 1000.0, size=(336, 448), pace=0.0005, burst=4))
+            assert await eventually(lambda: ls.processed + ls.dropped == ls.accepted)
             grown = rss_mb() - before
             c = ls.counters()
-            assert c["frames_in"] == 1500 and c["sampled_out"] == 0
-            assert c["dropped"] == c["frames_in"] - c["processed"]
+            assert c["accepted"] == 1500 and c["sampled_out"] == 0 and c["refused"] == c["pending"] == 0
+            assert c["source_frames"] == 1500 and eng.frame_counts()["accepted"] == 1500
+            assert c["dropped"] == c["accepted"] - c["processed"]
             assert c["processed"] >= 10 and c["dropped"] >= 9 * c["processed"]  # produced >= 10x processed
             assert grown < 150, f"RSS grew {grown:.0f} MB over 1500 frames of 0.45 MB"
             assert ls.session.last_t == pytest.approx(1499 / 1000.0)  # the newest frame won

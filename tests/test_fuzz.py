@@ -153,7 +153,8 @@ async def _fuzzer(url: str, seed: int, stats: dict) -> str:
             stats["close_codes"].add(ws.close_code)
             ws = await websockets.connect(url + f"?resume={token}", max_size=None)
             again = await ws_rig.recv_json(ws, ("session.created",))
-            assert again["resumed"] and again["session_id"] == sid
+            assert again["resumed"] and again["session_id"] == sid and again["resume_token"] != token
+            token = again["resume_token"]  # each resume hands out a new one
             continue
         reply = await _reply(ws)
         assert reply["type"] == "error", (message[:200], reply)
@@ -172,7 +173,7 @@ async def _fuzzer(url: str, seed: int, stats: dict) -> str:
     stats["rate_limited"] += sum(r["code"] == "rate_limited" for r in replies)
     await ws.send(json.dumps({"type": "ping", "event_id": "alive"}))
     assert (await _reply(ws))["type"] == "pong"  # the connection is up after all that
-    await ws.close()
+    await ws.close(1001)  # going away, not done: the session stays (for resume) to be inspected
     return sid
 
 

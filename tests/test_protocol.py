@@ -48,6 +48,7 @@ VALID = [
     {"type": "question", "text": "What is on the table?", "event_id": "q1", "max_new_tokens": 32},
     {"type": "response.cancel"},
     {"type": "ping", "event_id": "p"},
+    {"type": "session.close", "event_id": "bye"},
 ]
 
 
@@ -84,6 +85,24 @@ BAD = [
     ('{"type": "session.update", "session": {"fps": 0}, "event_id": "e"}', "invalid_field"),
     ('{"type": "session.update", "session": {"generation": {"top_p": 2}}, "event_id": "e"}', "invalid_field"),
     ('{"type": "session.update", "session": {"memory_budget": 1e400}, "event_id": "e"}', "invalid_field"),
+    # every number is range-checked here, at the boundary: none can reach the engine and fail there
+    ('{"type": "session.update", "session": {"generation": {"seed": 18446744073709551616}}, "event_id": "e"}',
+     "invalid_field"),
+    ('{"type": "session.update", "session": {"generation": {"seed": -1}}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"generation": {"temperature": 1e300}}, "event_id": "e"}',
+     "invalid_field"),
+    ('{"type": "session.update", "session": {"generation": {"top_k": 1099511627776}}, "event_id": "e"}',
+     "invalid_field"),
+    ('{"type": "session.update", "session": {"generation": {"max_new_tokens": 1099511627776}}, "event_id": "e"}',
+     "invalid_field"),
+    ('{"type": "session.update", "session": {"memory_budget": 1099511627776}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"frame_pixels": 1099511627776}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"fps": 1e9}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"diffp_threshold": 1e300}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"proactive_cooldown": 1e300}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "session.update", "session": {"proactive_every": 1e300}, "event_id": "e"}', "invalid_field"),
+    ('{"type": "input_frame.meta", "pts": 1e308, "event_id": "e"}', "invalid_field"),
+    ('{"type": "question", "text": "hi", "max_new_tokens": 1099511627776, "event_id": "e"}', "invalid_field"),
     ('{"type": "ping", "event_id": 7}', "invalid_field"),
     ('{"type": "source.attach", "url": ["rtsp://x"], "event_id": "e"}', "invalid_field"),
 ]
@@ -139,8 +158,8 @@ def test_frames_decode_and_every_image_error_code():
 SERVER_EVENTS = [
     P.SessionCreated(session_id="s1", resume_token="tok", resume_seconds=30, settings={"fps": 1}, limits={}),
     P.SessionUpdated(event_id="u1", settings={"fps": 2}),
-    P.FrameAck(received=3, accepted=3, rate_dropped=0, rejected=0, sampled_out=0, dropped=1, processed=2,
-               last_event_id="f3", last_pts=1.0, tokens_kept=10, tokens_total=12, cache_len=100),
+    P.FrameAck(received=3, accepted=3, rate_dropped=0, rejected=0, sampled_out=0, dropped=1, processed=1, refused=1,
+               pending=0, last_event_id="f3", last_pts=1.0, tokens_kept=10, tokens_total=12, cache_len=100),
     P.ResponseCreated(response_id="r1", event_id="q1", question="what?", proactive=False, t=1.0),
     P.ResponseDelta(response_id="r1", text="a cup", t=1.0),
     P.ResponseDone(response_id="r1", event_id="q1", text="a cup", proactive=False, cancelled=False, ttft_ms=5.0,
@@ -148,6 +167,7 @@ SERVER_EVENTS = [
     P.Alert(response_id="r2", text="the door opened", instruction="tell me", t=4.0),
     P.Stats(t=2.0, stats={"cache_len": 100}),
     P.SourceEnded(url="rtsp://127.0.0.1/cam"),
+    P.SessionClosed(event_id="bye", session_id="s1"),
     P.Error(code="bad_image", message="empty image", event_id="f9"),
     P.Pong(event_id="p", server_time=1.0),
 ]

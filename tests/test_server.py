@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -18,8 +19,9 @@ from websockets.exceptions import InvalidStatus
 
 from model.config import ServerConfig
 from streamer import protocol as P
+from streamer.access import parse_pattern, source_allowed
 from streamer.client import Client, ClientError
-from streamer.server import Server, source_allowed
+from streamer.server import Server
 from streamer.sources import file_source
 from tests import ws_rig
 from tests.conftest import eventually
@@ -111,7 +113,7 @@ def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_p
     asyncio.run(main())
 
 
-def test_resume_keeps_the_session_and_an_expired_token_is_refused(lm):
+def test_resume_keeps_the_session_rotates_its_token_and_an_expired_token_is_refused(lm):
     cfg = ws_rig.config(resume_seconds=1.0)
     shots = ws_rig.frames(6)
 
@@ -123,9 +125,10 @@ def test_resume_keeps_the_session_and_an_expired_token_is_refused(lm):
                 await c.send_frame(ws_rig.png(shots[i]), pts=float(i))
                 before = (await _ack(c, lambda a, n=i + 1: a.processed == n)).cache_len
             token, sid = c.session.resume_token, c.session.session_id
-            await c.close()
+            await c.disconnect()  # going away (1001), not done: the session waits
             async with Client(url, resume=token) as c2:
                 assert c2.session.resumed and c2.session.session_id == sid and len(engine.sessions) == 1
+                assert c2.session.resume_token != token  # every resume rotates the token
                 assert (await _ack(c2, lambda a: True)).cache_len == before  # a resumed client is told where it is
                 for i in range(3, 6):
                     await c2.send_frame(ws_rig.png(shots[i]), pts=float(i))
@@ -133,18 +136,59 @@ def test_resume_keeps_the_session_and_an_expired_token_is_refused(lm):
                 assert after.cache_len > before and after.received == 6
                 done = [ev async for ev in c2.ask("What changed?")][-1]
                 assert isinstance(done, P.ResponseDone) and done.t == 5.0
-                async with Client(url, resume=token) as c3:  # the same session from a second connection
-                    assert c3.session.session_id == sid
+                with pytest.raises(ClientError) as info:  # the first token worked once
+                    await Client(url, resume=token).connect()
+                assert info.value.code == "resume_failed"
+                stolen = c2.session.resume_token
+                async with Client(url, resume=stolen) as c3:  # the session from a second connection (a thief)
+                    assert c3.session.session_id == sid and c3.session.resume_token != stolen
                     assert await eventually(lambda: c2.closed is not None, timeout=10)
                     assert c2.closed[0] == 4003
+                    with pytest.raises(ClientError) as info:  # the owner cannot take it back with its old token
+                        await Client(url, resume=stolen).connect()
+                    assert info.value.code == "resume_failed" and c3.closed is None
+                    latest = c3.session.resume_token
+                    await c3.disconnect()
             await asyncio.sleep(1.5)  # past resume_seconds: the session is gone
             assert len(engine.sessions) == 0 and len(server.sessions) == 0
-            async with websockets.connect(url + f"?resume={token}") as ws:
+            async with websockets.connect(url + f"?resume={latest}") as ws:
                 err = await ws_rig.recv_json(ws)
                 assert err["type"] == "error" and err["code"] == "resume_failed"
                 with pytest.raises(websockets.ConnectionClosed):
                     await ws.recv()
                 assert ws.close_code == 4001
+    asyncio.run(main())
+
+
+def test_an_empty_or_malformed_resume_is_refused_and_failed_attempts_are_throttled(lm):
+    cfg = ws_rig.config(resume_failures_per_minute=6.0)
+
+    async def refused(target, **kw) -> tuple[int | None, str | None]:
+        """(close code, error code) of a handshake to ``target``, or (HTTP status, None) if it was refused."""
+        try:
+            async with websockets.connect(target, **kw) as ws:
+                err = await ws_rig.recv_json(ws)
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                return ws.close_code, err.get("code")
+        except InvalidStatus as exc:
+            return exc.response.status_code, None
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            for query in ("?resume=", "?resume", "?resume=short", "?resume=" + "x" * 31 + "!",
+                          "?resume=" + "A" * 32, "?resume=a&resume=b"):
+                assert await refused(url + query) == (4001, "resume_failed"), query
+            assert len(engine.sessions) == 0  # none of them opened a session
+            for _ in range(4):  # 6 per minute, bursts of 10: the 11th failure in a row is throttled
+                await refused(url + "?resume=" + "B" * 32)
+            assert await refused(url + "?resume=" + "C" * 32) == (429, None)
+            other = await refused(url + "?resume=" + "C" * 32, local_addr=("127.0.0.2", 0))
+            assert other == (4001, "resume_failed")  # another address is not affected
+            async with Client(url) as c:  # nor are new sessions from the throttled address
+                assert c.session.session_id
+            status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
+            assert _metric(metrics, 'vl3live_handshakes_refused_total{reason="resume_throttled"}') == 1
     asyncio.run(main())
 
 
@@ -292,7 +336,7 @@ def test_cache_limit_is_an_error_event(lm):
 def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
     port = _free_port()
     camera = _start_server(port)
-    cfg = ws_rig.config(source_allow=["rtsp://127.0.0.1"])
+    cfg = ws_rig.config(source_allow=["rtsp://127.0.0.1:*"])
     shot = ws_rig.png(ws_rig.frames(1)[0])
 
     async def main():
@@ -309,12 +353,19 @@ def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
             assert err.code == "source_busy" and err.event_id == "a2"
             await c.send_json({"type": "source.detach"})
             await asyncio.sleep(0.3)
-            nowhere = f"rtsp://127.0.0.1:{_free_port()}/cam"  # allowed, but no camera there
-            await c.send_json({"type": "source.attach", "url": nowhere, "event_id": "a3"})
-            err = await c.next_event("error")
-            assert err.code == "source" and err.event_id == "a3" and "retrying" in err.message
-            await c.send_json({"type": "source.detach"})
-            await asyncio.sleep(0.3)
+            messages = []
+            with socket.socket() as mute:  # a port that accepts and says nothing, and one that is closed
+                mute.bind(("127.0.0.1", 0))
+                mute.listen()
+                for i, port_ in enumerate((_free_port(), mute.getsockname()[1])):  # allowed, but no camera
+                    await c.send_json({"type": "source.attach", "url": f"rtsp://127.0.0.1:{port_}/cam",
+                                       "event_id": f"a{i}"})
+                    err = await c.next_event("error", timeout=60)
+                    assert err.code == "source" and err.event_id == f"a{i}" and "retrying" in err.message
+                    messages.append(err.message)
+                    await c.send_json({"type": "source.detach"})
+                    await asyncio.sleep(0.3)
+            assert messages[0] == messages[1]  # refused or silent: the client cannot tell (no port scanning)
             ls = next(iter(engine.sessions.values()))
             times = ls.session.frames_in_cache()
             assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))  # camera continues the clock
@@ -328,18 +379,31 @@ def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
         _stop(camera)
 
 
-def test_source_allow_list_matching():
-    allow = ["rtsp://127.0.0.1", "rtsp://cam-*.local:8554", "rtsps://*.example.com"]
-    assert source_allowed("rtsp://127.0.0.1:9000/cam", allow)
-    assert source_allowed("rtsp://user:pw@cam-3.local:8554/stream", allow)
-    assert source_allowed("RTSPS://a.example.com/x", allow)
-    for url in ("rtsp://cam-3.local:9000/x", "http://127.0.0.1/", "file:///etc/passwd", "/etc/passwd",
-                "rtsp://127.0.0.2/", "rtsp://example.com/", "rtsp://127.0.0.1/ x", "rtsp://127.0.0.1:99999/",
-                "concat:rtsp://127.0.0.1/a|file:/etc/passwd", "rtsp:///cam"):
+def test_source_allow_list_matches_the_parsed_host_not_the_string():
+    allow = ["rtsp://127.0.0.1:*", "rtsp://cam-*.local:8554", "rtsps://*.example.com", "RTSP://192.168.1.*",
+             "rtsp://[::1]:8554"]
+    for url in ("rtsp://127.0.0.1:9000/cam", "rtsp://127.0.0.1/cam", "rtsp://user:pw@cam-3.local:8554/stream",
+                "RTSPS://a.example.com/x", "rtsp://192.168.1.7/cam", "rtsp://192.168.1.7:554/cam",
+                "rtsp://192.168.1.7./cam", "rtsp://[::1]:8554/cam"):
+        assert source_allowed(url, allow), url
+    for url in ("rtsp://192.168.1.attacker.example/cam",  # a * is a whole octet, never a suffix
+                "rtsp://192.168.1.7.nip.io/cam", "rtsp://192.168.1.7:8554/cam",  # no port in the pattern: 554 only
+                "rtsps://a.b.example.com/x",  # a * is one DNS label
+                "rtsp://cam-3.local:9000/x", "rtsp://cam-3.local/x",
+                "rtsp://0300.0250.1.1/", "rtsp://192.168.1.07/", "rtsp://3232235777/", "rtsp://0x7f000001/",
+                "rtsp://127.1/", "rtsp://127.0.0.1%2e/", "rtsp://[::2]:8554/",  # numeric spellings resolvers accept
+                "http://127.0.0.1/", "file:///etc/passwd", "/etc/passwd", "rtsp://127.0.0.2/", "rtsp://example.com/",
+                "rtsp://127.0.0.1/ x", "rtsp://127.0.0.1:99999/", "concat:rtsp://127.0.0.1/a|file:/etc/passwd",
+                "rtsp:///cam"):
         assert not source_allowed(url, allow), url
     assert not source_allowed("rtsp://127.0.0.1/", [])
+    assert source_allowed("rtsp://cam.local:8554/x", ["rtsp://cam.local:8554"])
+    assert not source_allowed("rtsp://cam.local/x", ["rtsp://cam.local:8554"])
     with pytest.raises(ValueError, match="source_allow"):
         ServerConfig(source_allow=["127.0.0.1"])
+    for bad in ("rtsp://192.168.1.0*", "rtsp://10.*", "rtsp://1.2.3.256", "rtsp://h:70000", "rtsp://a_b.local"):
+        with pytest.raises(ValueError, match="source_allow"):
+            parse_pattern(bad)
 
 
 def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, monkeypatch):
@@ -440,7 +504,7 @@ def test_events_lost_while_disconnected_are_announced_on_resume(lm):
             await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
             await c.next_event("frame.ack")
             await c.send_json({"type": "question", "text": "Tell me everything.", "event_id": "q"})
-            await c.close()  # gone while the answer is generated: its 40 deltas overflow the 8-event buffer
+            await c.disconnect()  # gone while the answer is generated: its 40 deltas overflow the 8-event buffer
             ls = engine.get(c.session.session_id)
             assert await eventually(lambda: engine._worker.idle(ls) and ls.processed == 1, timeout=60)
             await asyncio.sleep(0.1)

@@ -112,3 +112,40 @@ def test_unstarted_answer_changes_nothing(session):
     session.ask("Never read?")  # never iterated
     assert session.token_ids() == ids
     _still_works(session, 2.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"do_sample": True, "seed": 2**64}, "seed"), ({"seed": -1}, "seed"), ({"seed": "7"}, "seed"),
+    ({"do_sample": True, "temperature": 1e9}, "temperature"), ({"do_sample": True, "top_k": 2**40}, "top_k"),
+    ({"do_sample": "yes"}, "do_sample"), ({"top_p": float("nan")}, "top_p"),
+])
+def test_sampling_settings_out_of_range_are_refused_at_once(session, kwargs, message):
+    ids = session.token_ids()
+    with pytest.raises(ValueError, match=message):
+        session.ask("Anything?", max_new_tokens=3, **kwargs)
+    assert session.token_ids() == ids
+    _still_works(session, 2.0)
+
+
+@pytest.mark.parametrize("where, fail_at", [("IncrementalDetokenizer", 1), ("sample_next", 2), ("_forward", 2)])
+def test_a_failure_inside_an_answer_never_leaves_the_session_answering(session, monkeypatch, where, fail_at):
+    """Whatever breaks once the question is committed (right after, or mid-answer), the answer ends and
+    the session takes frames and questions again."""
+    import model.session as ms
+
+    owner = StreamSession if where == "_forward" else ms
+    real = getattr(owner, where)
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, where, broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        for _ in session.ask("Tell me a story.", max_new_tokens=6, ignore_eos=True):
+            pass
+    monkeypatch.undo()
+    assert not session._answering and session._cache.get_seq_length() == session.cache_len
+    _still_works(session, 2.0)

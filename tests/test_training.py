@@ -2,6 +2,7 @@
 resume, LoRA merge into a checkpoint the live session runs on, bad samples, the data tools."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,60 @@ def test_data_tools_convert_captions_and_check_a_dataset(data, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "2 good samples, 1 bad" in r.stderr
     assert "stream.jsonl:3" in r.stdout and "file not found" in r.stdout
+
+
+def test_a_dataset_where_every_sample_is_bad_stops_with_an_error_and_no_model(tiny_ckpt, data, tmp_path):
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"video": f"missing{i}.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "That."}]}) + "\n" for i in range(3)))
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=2, save_steps=100)
+    cfg.train.data = [str(tmp_path / "bad.jsonl")]
+    with pytest.raises(ValueError, match="none of the first 3 samples can be used.*missing0.mp4"):
+        run_train(cfg, say=lambda m: None)
+    assert not (tmp_path / "out" / "final").exists()
+    r = subprocess.run([sys.executable, "-m", "streamer.cli", "train", f"data=[{tmp_path / 'bad.jsonl'}]",
+                        "model.spec=tiny", f"output_dir={tmp_path / 'cli'}", "max_steps=2", "num_workers=0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "nothing would be trained" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cli" / "final").exists()
+
+
+def test_the_logged_loss_is_per_token_under_accumulation_and_the_rates_are_the_ones_used(tiny_ckpt, data, tmp_path):
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:3])
+                     .replace('"clip.mp4"', json.dumps(str(data / "clip.mp4"))))
+    losses = {}
+    for name, batch, accum in (("batch", 3, 1), ("accum", 1, 3)):
+        cfg = _config(tiny_ckpt, data, tmp_path / name, max_steps=2, save_steps=100, batch_size=batch,
+                      grad_accum=accum, lr_llm=1e-3, lr_projector=2e-3, lr_vision=4e-4)
+        cfg.train.data = [str(three)]
+        result = run_train(cfg, say=lambda m: None)
+        losses[name] = result["losses"]
+        logged = [h for h in result["trainer"].state.log_history if "loss" in h]
+        # cosine without warmup over 2 steps: step 1 trains at the base rates, step 2 at half of them
+        rates = [r for h in logged for r in (h["lr_llm"], h["lr_projector"], h["lr_vision"])]
+        assert rates == pytest.approx([1e-3, 2e-3, 4e-4, 5e-4, 1e-3, 2e-4]) and "learning_rate" not in logged[0]
+    # the same three samples in one batch or accumulated over three: the same mean loss per token
+    assert losses["accum"][0] == pytest.approx(losses["batch"][0], rel=1e-4)
+
+
+def test_the_readme_training_example_checks_and_the_cpu_recipe_trains(tmp_path):
+    from training.data.example import SAMPLES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"\*\*Training data\*\*.*?```jsonl?\n(.*?)```", readme, re.S).group(1)
+    assert [json.loads(line) for line in block.splitlines() if line.strip()] == SAMPLES  # the README as written
+    cli = [sys.executable, "-m", "streamer.cli"]
+    r = subprocess.run([*cli, "data", "example", "data/example"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "data", "check", "data/example/train.jsonl", "--model", "tiny"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)  # the default config: layout video-turn
+    assert r.returncode == 0 and "5 good samples, 0 bad (token layouts: 1 stream, 4 video-turn)" in r.stderr, \
+        r.stderr + r.stdout
+    recipe = CONFIG_DIR / "train" / "tiny_cpu.yaml"
+    r = subprocess.run([*cli, "train", "--config", str(recipe), "max_steps=2"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 2 and len(out["losses"]) == 2 and all(0 < loss < 20 for loss in out["losses"])
+    assert "'lr_llm'" in r.stderr and (tmp_path / "runs" / "tiny_cpu" / "final" / "config.json").is_file()

@@ -62,8 +62,10 @@ def base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def stream_loss(model, batch: dict, video_token_id: int) -> torch.Tensor:
-    """The loss of one collated batch (see the module docstring)."""
+def stream_loss(model, batch: dict, video_token_id: int, num_items_in_batch=None) -> torch.Tensor:
+    """The loss of one collated batch (see the module docstring): the mean over its labelled tokens, or
+    with ``num_items_in_batch`` (the labelled tokens of every micro-batch of one optimizer step under
+    gradient accumulation) their sum divided by it, so the step's loss is the true per-token mean."""
     ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(ids)
     if "pixel_values" in batch:
@@ -74,7 +76,8 @@ def stream_loss(model, batch: dict, video_token_id: int) -> torch.Tensor:
         vis = torch.cat(list(feats.pooler_output))[batch["keep"]]
         slots = (ids == video_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, vis.to(embeds.dtype))
-    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra)
     return out.loss
 
 
@@ -84,6 +87,8 @@ class StreamTrainer(Trainer):
         self.train_config = train_config
         self.video_token_id = video_token_id
         self.tokens = self.kept = self.total = self.skipped = 0
+        self.used_samples = 0  # samples that reached the loss
+        self.step_lrs: dict[str, float] = {}  # module -> learning rate of the last optimizer step
         self._t0 = time.monotonic()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -92,9 +97,10 @@ class StreamTrainer(Trainer):
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
         self.tokens += int(inputs["attention_mask"].sum())
+        self.used_samples += int(inputs["input_ids"].shape[0])
         self.kept += int(inputs.pop("tokens_kept"))
         self.total += int(inputs.pop("tokens_total"))
-        loss = stream_loss(model, inputs, self.video_token_id)
+        loss = stream_loss(model, inputs, self.video_token_id, num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
     def create_optimizer(self):
@@ -113,6 +119,9 @@ class StreamTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
+        if "loss" in logs and self.step_lrs:  # the rate each module trained at in the last step, not the
+            logs.pop("learning_rate", None)  # first group's (a module can be frozen, or at its own rate)
+            logs.update({f"lr_{m}": lr for m, lr in self.step_lrs.items()})
         logs.update(tokens_per_s=round(self.tokens / elapsed, 1), skipped_samples=self.skipped)
         if self.total:
             logs["diffp_kept"] = round(self.kept / self.total, 4)
@@ -142,13 +151,25 @@ class StreamTrainer(Trainer):
                     shutil.rmtree(old, ignore_errors=True)
 
 
+class _StepLearningRates(TrainerCallback):
+    """Records each module's learning rate right after the optimizer step used it (the schedule moves
+    on before the step is logged)."""
+
+    def __init__(self, trainer: StreamTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = self.trainer.optimizer
+        self.trainer.step_lrs = {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
 class _Progress(TrainerCallback):
     def __init__(self, say):
         self.say = say
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}
             self.say(f"step {state.global_step}/{state.max_steps}: {shown}")
 
 
@@ -189,6 +210,7 @@ def run_train(config: Config, resume: bool | str = False, say=print, callbacks: 
     model = prepare_model(model, cfg)
     dataset = StreamDataset(lm.processor, config.session, cfg)
     say(f"{len(dataset)} samples ({len(dataset.parse_errors)} unreadable lines skipped)")
+    _first_usable(dataset, say)
     args = TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -205,12 +227,16 @@ def run_train(config: Config, resume: bool | str = False, say=print, callbacks: 
                             data_collator=Collator(pad if pad is not None else 0),
                             train_config=cfg, video_token_id=lm.model.config.video_token_id,
                             callbacks=[_Progress(say), *(callbacks or [])])
+    trainer.add_callback(_StepLearningRates(trainer))
     checkpoint = resume if isinstance(resume, str) else (latest_checkpoint(cfg.output_dir) if resume else None)
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output_dir}")
     if checkpoint:
         say(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.used_samples == 0 and trainer.state.global_step > 0:  # never a "trained" model from nothing
+        raise ValueError(f"no sample reached the loss in {trainer.state.global_step} steps ({trainer.skipped} "
+                         "skipped as bad): nothing was trained and no model was saved")
     final = Path(cfg.output_dir) / "final"
     base_of(trainer.model).config.use_cache = True  # off for training only
     trainer.model.save_pretrained(final, safe_serialization=True)
@@ -221,11 +247,30 @@ def run_train(config: Config, resume: bool | str = False, say=print, callbacks: 
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "trainer": trainer}
 
 
+PREFLIGHT_SAMPLES = 200
+
+
+def _first_usable(dataset: StreamDataset, say) -> None:
+    """Stop before training when not one of the first samples renders (every one bad: missing or
+    corrupt files, too long...), naming the first problems, instead of "training" on nothing."""
+    errors = []
+    for i in range(min(len(dataset), PREFLIGHT_SAMPLES)):
+        item = dataset[i]
+        if not isinstance(item, Exception):
+            return
+        errors.append(str(item))
+    shown = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+    raise ValueError(f"none of the first {len(errors)} samples can be used, so nothing would be trained: {shown}")
+
+
 def _load_4bit(spec: str):
     """QLoRA: the LLM in 4-bit NF4, the vision encoder and projector in bf16."""
     from transformers import AutoProcessor, BitsAndBytesConfig, VideoLlama3ForConditionalGeneration
 
+    from model.hub import resolve
     from model.loading import LoadedModel
+
+    spec = resolve(spec)
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["vision_model", "projector",

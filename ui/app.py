@@ -40,21 +40,27 @@ class Handlers:
     def __init__(self, backend: LiveBackend, allow_sources: list[str] | None = None):
         self.b = backend
         self.allow_sources = allow_sources  # None: any rtsp:// URL (loopback demo)
+        # gradio's page session -> our session: gradio keeps a closed tab's state for an hour, so the
+        # tab's session (and its camera source) is closed on the page's unload event instead
+        self.pages: dict[str, str] = {}
 
-    def _session(self, sid: str | None) -> str:
-        return sid if self.b.alive(sid) else self.b.open_session()
+    def _session(self, sid: str | None, request: gr.Request | None = None) -> str:
+        sid = sid if self.b.alive(sid) else self.b.open_session()
+        if request is not None and getattr(request, "session_hash", None):
+            self.pages[request.session_hash] = sid
+        return sid
 
-    def frame(self, image, sid):
+    def frame(self, image, sid, request: gr.Request = None):
         """A webcam frame (numpy RGB); returns the session id (state)."""
         if image is None:
             return sid
-        sid = self._session(sid)
+        sid = self._session(sid, request)
         self.b.push(sid, image)
         return sid
 
-    def ask(self, text: str, sid):
+    def ask(self, text: str, sid, request: gr.Request = None):
         text = (text or "").strip()
-        sid = self._session(sid)
+        sid = self._session(sid, request)
         if text:
             try:
                 self.b.ask(sid, text)
@@ -62,23 +68,23 @@ class Handlers:
                 gr.Warning(str(exc))
         return "", sid, self.b.refresh(sid).chat
 
-    def instruct(self, text: str, sid):
-        sid = self._session(sid)
+    def instruct(self, text: str, sid, request: gr.Request = None):
+        sid = self._session(sid, request)
         try:
             self.b.instruct(sid, (text or "").strip() or None)
         except ValueError as exc:
             gr.Warning(str(exc))
         return sid
 
-    def source(self, video, url: str, sid):
+    def source(self, video, url: str, sid, request: gr.Request = None):
         """Stream an uploaded video file or an RTSP URL into the session (instead of the webcam)."""
-        sid = self._session(sid)
+        sid = self._session(sid, request)
         spec = (url or "").strip() or video
         if not spec:
             gr.Warning("upload a video or enter an rtsp:// URL first")
             return sid
         if isinstance(spec, str) and spec.startswith("rtsp"):
-            from streamer.server import source_allowed
+            from streamer.access import source_allowed
 
             if self.allow_sources is not None and not source_allowed(spec, self.allow_sources):
                 gr.Warning("this RTSP URL is not on server.source_allow")
@@ -89,13 +95,13 @@ class Handlers:
             gr.Warning(str(exc))
         return sid
 
-    def settings(self, layout: str, threshold: float, budget: float, fps: float, sid):
+    def settings(self, layout: str, threshold: float, budget: float, fps: float, sid, request: gr.Request = None):
         """Live settings apply at once; a new layout or budget starts a new session."""
         view = self.b.views.get(sid) if sid else None
         cfg = self.b.engine.get(sid).session.config if view else self.b.config.session
         if view is None or layout != cfg.layout or int(budget) != cfg.budget.max_tokens:
             self.b.close_session(sid)
-            sid = self.b.open_session(layout, int(budget))
+            sid = self._session(self.b.open_session(layout, int(budget)), request)
         try:
             self.b.update(sid, diffp_threshold=float(threshold), fps=float(fps))
         except ValueError as exc:
@@ -119,6 +125,12 @@ class Handlers:
     def closed(self, sid) -> None:
         self.b.close_session(sid)
 
+    def unload(self, request: gr.Request) -> None:
+        """The tab was closed or reloaded: end its session, and the camera source feeding it, now."""
+        sid = self.pages.pop(getattr(request, "session_hash", None) or "", None)
+        if sid is not None:
+            self.b.close_session(sid)
+
 
 def build(backend: LiveBackend, cfg: DemoConfig, note: str | None = None,
           allow_sources: list[str] | None = None) -> gr.Blocks:
@@ -131,17 +143,17 @@ def build(backend: LiveBackend, cfg: DemoConfig, note: str | None = None,
         # drag the handlers' backend (the whole model) into every copy
         sid = gr.State(None, time_to_live=3600, delete_callback=lambda s: h.closed(s))
         with gr.Row():
-            with gr.Column(scale=1):
-                cam = gr.Image(sources=["webcam"], streaming=True, label="webcam", elem_id="webcam",
+            with gr.Column(scale=1):  # the video and its stats first: both in view at 1280x800
+                cam = gr.Image(sources=["webcam"], streaming=True, label="webcam", elem_id="webcam", height=360,
                                webcam_options=WebcamOptions(mirror=False, constraints={
                                    "video": {"width": {"ideal": cfg.width}, "height": {"ideal": cfg.height}}}))
-                with gr.Accordion("or stream a video file / RTSP camera", open=False):
+                stats = gr.Markdown("start the webcam", elem_id="stats")
+                with gr.Accordion("or stream a video file / RTSP camera", open=False, elem_id="sources"):
                     video = gr.Video(label="video file", sources=["upload"])
-                    url = gr.Textbox(label="RTSP URL", placeholder="rtsp://camera/stream")
-                    start = gr.Button("Stream this source")
+                    url = gr.Textbox(label="RTSP URL", placeholder="rtsp://camera/stream", elem_id="rtsp_url")
+                    start = gr.Button("Stream this source", elem_id="stream_source")
                 overlay = gr.Image(label="DiffFP: patches kept from the last frame (others dimmed)",
                                    interactive=False, elem_id="overlay")
-                stats = gr.Markdown("start the webcam", elem_id="stats")
             with gr.Column(scale=1):
                 chat = gr.Chatbot(label="assistant", elem_id="chat", height=420)
                 with gr.Row():
@@ -170,6 +182,7 @@ def build(backend: LiveBackend, cfg: DemoConfig, note: str | None = None,
         apply.click(h.settings, [layout, threshold, budget, fps, sid], [sid, chat])
         load.click(h.reload, [model, sid], [sid, chat])
         gr.Timer(cfg.refresh).tick(h.tick, [sid], [chat, stats, overlay], show_progress="hidden")
+        demo.unload(h.unload)
     return demo
 
 

@@ -38,6 +38,7 @@ class SessionView:
     ttft_ms: float | None = None
     errors: int = 0
     source: str = "webcam"
+    _repeat: tuple[str, int, int] | None = None  # (error code, chat index, times) of the last error line
 
     def apply(self, ev: Event) -> None:
         d = ev.data
@@ -56,7 +57,15 @@ class SessionView:
             self.stats, self.last_t = d, ev.t
         elif ev.type == "error":
             self.errors += 1
-            self.chat.append({"role": "assistant", "content": f"⚠️ error `{d.get('code')}`: {d.get('message')}"})
+            code = str(d.get("code"))
+            text = f"⚠️ error `{code}`: {d.get('message')}"
+            if self._repeat is not None and self._repeat[0] == code and self._repeat[1] == len(self.chat) - 1:
+                n = self._repeat[2] + 1  # the same kind of error again (a source retrying): one line, counted
+                self.chat[-1]["content"] = f"{text} (x{n})"
+                self._repeat = (code, len(self.chat) - 1, n)
+            else:
+                self.chat.append({"role": "assistant", "content": text})
+                self._repeat = (code, len(self.chat) - 1, 1)
         elif ev.type == "source.ended":
             self.chat.append({"role": "assistant", "content": f"*(the {self.source} ended)*"})
 
@@ -142,21 +151,31 @@ class LiveBackend:
         self._call(push)
 
     def attach(self, sid: str, spec: str, realtime: bool = True) -> None:
-        """Feed a video file or an rtsp:// URL into the session instead of the webcam."""
+        """Feed a video file or an rtsp:// URL into the session instead of the webcam. A camera that
+        cannot be reached says so in the chat (each retry counted on one line); the reader retries."""
         ls = self._call(self.engine.get, sid)
         fps = ls.cfg.fps
+        loop, bus = self._loop, self.engine.bus
+
+        def failed(message: str) -> None:  # from the reader thread
+            loop.call_soon_threadsafe(bus.publish, Event("error", sid, {"code": "source", "message": message}))
 
         async def go():
             await self.engine.detach(ls)
-            source = rtsp_source(spec, fps=fps) if spec.startswith(("rtsp://", "rtsps://")) else \
-                file_source(spec, fps=fps, realtime=realtime)
+            source = rtsp_source(spec, fps=fps, on_failure=failed) if spec.startswith(("rtsp://", "rtsps://")) \
+                else file_source(spec, fps=fps, realtime=realtime)
             self.engine.attach(ls, source, continue_clock=True)
         self._run(go())
         self.views[sid].source = "RTSP stream" if spec.startswith("rtsp") else "video file"
 
     def ask(self, sid: str, text: str) -> None:
-        self._call(lambda: self.engine.ask(self.engine.get(sid), text))
-        self.views[sid].chat.append({"role": "user", "content": text})
+        chat = self.views[sid].chat
+        chat.append({"role": "user", "content": text})  # before its answer can start
+        try:
+            self._call(lambda: self.engine.ask(self.engine.get(sid), text))
+        except Exception:
+            chat.remove({"role": "user", "content": text})
+            raise
 
     def instruct(self, sid: str, text: str | None) -> None:
         self._call(lambda: self.engine.set_instruction(self.engine.get(sid), text or None))
@@ -189,14 +208,14 @@ class LiveBackend:
         if not s:
             return "waiting for the first frame ..."
         ttft = f"{view.ttft_ms:.0f} ms" if view.ttft_ms is not None else "-"
-        return "\n".join([
-            "| stat | value |", "|---|---|",
-            f"| stream time | {view.last_t or 0:.1f} s |",
-            f"| fps in / processed | {s['fps_in']:.1f} / {s['fps_processed']:.1f} |",
-            f"| frames dropped (latest wins) | {s['dropped']} |",
-            f"| tokens kept, last frame | {s['tokens_kept']} / {s['tokens_total']} |",
-            f"| cache / budget | {s['cache_len']} / {s['max_tokens'] or '∞'} tokens |",
-            f"| frames evicted | {s['evicted_frames']} |",
-            f"| per-frame latency | {s['latency_ms']:.0f} ms (model {s['ingest_ms']:.0f} ms) |",
-            f"| TTFT, last answer | {ttft} |",
+        return "\n".join([  # two stat columns, so the table stays short
+            "| stat | value | stat | value |", "|---|---|---|---|",
+            f"| stream time | {view.last_t or 0:.1f} s | fps in / processed | {s['fps_in']:.1f} / "
+            f"{s['fps_processed']:.1f} |",
+            f"| frames dropped (latest wins) | {s['dropped']} | tokens kept, last frame | {s['tokens_kept']} / "
+            f"{s['tokens_total']} |",
+            f"| cache / budget | {s['cache_len']} / {s['max_tokens'] or '∞'} tokens | frames evicted | "
+            f"{s['evicted_frames']} |",
+            f"| per-frame latency | {s['latency_ms']:.0f} ms (model {s['ingest_ms']:.0f} ms) | TTFT, last answer | "
+            f"{ttft} |",
         ])

@@ -60,12 +60,16 @@ def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
 def live_frames(open_container: Callable[[], object], fps: float, reconnect: bool = True,
                 max_backoff: float = 8.0, stats: ReaderStats | None = None,
                 stop: Callable[[], bool] = lambda: False,
-                on_failure: Callable[[str], None] | None = None) -> Iterator[Frame]:
+                on_failure: Callable[[str], None] | None = None, max_failures: int | None = None,
+                name: str = "video source") -> Iterator[Frame]:
     """Frames from ``open_container()`` (a PyAV container), reopened with backoff when it fails.
 
-    ``on_failure(message)`` is told of each failed open or broken stream (from this thread)."""
+    ``on_failure(message)`` is told of each failed open or broken stream (from this thread). With
+    ``max_failures``, that many failed opens in a row end it with a ValueError (a local device that
+    is not there); without, it retries until stopped (a network camera that comes back)."""
     stats = stats or ReaderStats()
     backoff = 0.25
+    failed_opens = 0
     last_t: float | None = None
     last_wall = 0.0
     while not stop():
@@ -73,8 +77,11 @@ def live_frames(open_container: Callable[[], object], fps: float, reconnect: boo
             container = open_container()
         except (av.FFmpegError, OSError) as exc:
             stats.failures += 1
+            failed_opens += 1
             if not reconnect:
-                raise ValueError(f"cannot open video source: {exc}") from exc
+                raise ValueError(f"cannot open {name}: {exc}") from exc
+            if max_failures is not None and failed_opens >= max_failures:
+                raise ValueError(f"cannot open {name} ({exc}); gave up after {failed_opens} tries") from exc
             log.warning("video source unavailable (%s); retrying in %.2f s", exc, backoff)
             if on_failure is not None:
                 on_failure(f"video source unavailable ({exc}); retrying in {backoff:.2f} s")
@@ -84,6 +91,7 @@ def live_frames(open_container: Callable[[], object], fps: float, reconnect: boo
         stats.connects += 1
         stats.reconnects += stats.connects > 1
         backoff = 0.25
+        failed_opens = 0
         t0 = 0.0 if last_t is None else last_t + max(time.monotonic() - last_wall, 1e-3)
         try:
             with container:
@@ -112,7 +120,7 @@ def rtsp_source(url: str, fps: float = 1.0, options: dict | None = None, reconne
 
     def make(stopped) -> Iterator[Frame]:
         return live_frames(lambda: av.open(url, options=opts, timeout=(5.0, 5.0)), fps, reconnect, stats=stats,
-                           stop=stopped, on_failure=on_failure)
+                           stop=stopped, on_failure=on_failure, name="the RTSP camera")
 
     return iterate_in_thread(make, name="rtsp")
 
@@ -128,17 +136,29 @@ def camera_format() -> str:
     raise ValueError(f"no known camera capture format on {sys.platform}")
 
 
+CAMERA_TRIES = 4  # failed opens in a row (about 2 s with the backoff) before a local camera is given up
+
+
 def camera_source(device: str, fps: float = 1.0, width: int | None = None, height: int | None = None,
-                  stats: ReaderStats | None = None, fmt: str | None = None) -> AsyncIterator[Frame]:
+                  stats: ReaderStats | None = None, fmt: str | None = None,
+                  max_failures: int = CAMERA_TRIES) -> AsyncIterator[Frame]:
     """A local camera: ``/dev/video0`` (Linux), ``0`` (macOS), ``video=NAME`` (Windows).
 
-    ``fmt`` overrides the platform's capture format (e.g. ``lavfi`` for FFmpeg's test sources).
+    ``fmt`` overrides the platform's capture format (e.g. ``lavfi`` for FFmpeg's test sources). A
+    device that cannot be opened ``max_failures`` times in a row (absent, busy, unplugged) ends the
+    source with a ValueError that says what to check.
     """
     fmt = fmt or camera_format()
     opts = {"video_size": f"{width}x{height}"} if width and height else {}
 
     def make(stopped) -> Iterator[Frame]:
-        return live_frames(lambda: av.open(device, format=fmt, options=opts), fps, reconnect=True, stats=stats,
-                           stop=stopped)
+        frames = live_frames(lambda: av.open(device, format=fmt, options=opts), fps, reconnect=True, stats=stats,
+                             stop=stopped, max_failures=max_failures, name=f"camera {device!r} ({fmt})")
+        try:
+            yield from frames
+        except ValueError as exc:
+            hint = " (ls /dev/video* lists the cameras there are)" if fmt == "v4l2" else ""
+            raise ValueError(f"{exc}: is it connected and not in use by another program?{hint} "
+                             "--camera-format picks another capture format") from None
 
     return iterate_in_thread(make, name="camera")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from model.config import Config
 
 from .render import SampleRenderer
 from .samples import SampleError, read_samples
 
 
-def check_dataset(files: list[str], config: Config, processor) -> tuple[int, list[str]]:
-    """(good samples, error lines): parse, files, decodable video, times, turns, length."""
+def check_dataset(files: list[str], config: Config, processor) -> tuple[Counter, list[str]]:
+    """(good samples by token layout, error lines): parse, files, decodable video, times, turns, length."""
     renderer = SampleRenderer(processor, config.session, config.train)
-    good, errors = 0, []
+    good: Counter = Counter()
+    errors = []
     for path in files:
         for item in read_samples(path):
             if isinstance(item, SampleError):
@@ -19,7 +22,7 @@ def check_dataset(files: list[str], config: Config, processor) -> tuple[int, lis
                 continue
             try:
                 renderer.render(item)
-                good += 1
+                good[renderer.layout_of(item)] += 1
             except SampleError as exc:
                 errors.append(str(exc))
     return good, errors

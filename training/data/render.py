@@ -87,10 +87,23 @@ class SampleRenderer:
             frames = [frames[i] for i in idx]
         return frames
 
+    def layout_of(self, sample: Sample) -> str:
+        """The sample's own layout; else ``stream`` for one that speaks by itself; else the config's.
+        Images, videos and text samples are always ``video-turn``."""
+        if sample.kind != "stream":
+            return "video-turn"
+        if sample.layout is not None:
+            return sample.layout
+        return "stream" if sample.speaks_by_itself() else self.session.layout
+
     def render(self, sample: Sample, seed: int = 0) -> Rendered:
         check_files(sample)
-        check_turns(sample, self.session.layout)
-        layout = self.session.layout if sample.kind == "stream" else "video-turn"
+        layout = self.layout_of(sample)
+        check_turns(sample, layout)
+        if layout == "stream" and self.stream_start in (None, self.tok.unk_token_id):
+            raise SampleError(sample.where, f"the stream layout needs the token {STREAM_START}, which this "
+                                            "checkpoint's tokenizer does not have (use a converted official "
+                                            'checkpoint, or "layout": "video-turn" for a sample with questions only)')
         r = LayoutRenderer(layout, self.pieces)
         out = Rendered(self._enc(r.start()), [])
         out.labels = [IGNORE] * len(out.input_ids)

@@ -7,7 +7,10 @@ Two shapes:
   "value": str}, ...]``; ``<image>`` / ``<video>`` placeholders in the text are dropped (the
   visuals go at the start of the first user turn).
 * stream: ``{"video": path, "start_time": s, "end_time": s, "conversation": [{"role": "user" |
-  "assistant", "content": str, "time": s}, ...]}``; times are seconds in the video.
+  "assistant", "content": str, "time": s}, ...]}``; times are seconds in the video. An optional
+  ``"layout"`` (``stream`` | ``video-turn``) picks the token layout of this sample; without it, a
+  sample where the assistant speaks without a question is rendered in the ``stream`` layout (the
+  only one that can hold it) and the others in the stage config's ``session.layout``.
 
 Paths are relative to the data file. Every problem is a :class:`SampleError` naming the file and line.
 """
@@ -19,6 +22,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from model.config import LAYOUTS
 
 
 class SampleError(ValueError):
@@ -43,6 +48,12 @@ class Sample:
     images: list[Path] = field(default_factory=list)
     start: float = 0.0
     end: float | None = None
+    layout: str | None = None  # the sample's own "layout", if it gives one
+
+    def speaks_by_itself(self) -> bool:
+        """Whether the assistant says something with no question before it (a proactive message)."""
+        return any(m.role == "assistant" and (i == 0 or self.messages[i - 1].role != "user")
+                   for i, m in enumerate(self.messages))
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -66,6 +77,11 @@ def parse_sample(obj: object, base: Path, where: str) -> Sample:
     """One sample from its JSON object; structure only (files are checked by :func:`check_files`)."""
     if not isinstance(obj, dict):
         raise SampleError(where, f"a sample is a JSON object, got {type(obj).__name__}")
+    layout = obj.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise SampleError(where, f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "stream" and "conversation" not in obj:
+        raise SampleError(where, 'only stream samples ("conversation" with times) render in the stream layout')
     if "conversation" in obj:
         video = _path(base, obj.get("video"), where, "video")
         start, end = _number(obj, "start_time", where), _number(obj, "end_time", where)
@@ -85,7 +101,7 @@ def parse_sample(obj: object, base: Path, where: str) -> Sample:
             if out and t < out[-1].time + start:
                 raise SampleError(where, f"conversation[{i}] time {t} is before the previous message")
             out.append(Message(m["role"], m["content"], t - start))
-        return Sample("stream", out, where, video=video, start=start, end=end)
+        return Sample("stream", out, where, video=video, start=start, end=end, layout=layout)
     conv = obj.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise SampleError(where, 'a sample needs "conversations" (LLaVA style) or "conversation" (stream)')
@@ -113,8 +129,9 @@ def check_turns(sample: Sample, layout: str) -> None:
         if m.role == "user" and prev == "user":
             raise SampleError(sample.where, f"message {i}: two questions in a row (answer the first)")
         if m.role == "assistant" and prev != "user" and (sample.kind != "stream" or layout != "stream"):
-            raise SampleError(sample.where, f"message {i}: an answer without a question needs a stream "
-                                            "sample and the stream layout")
+            raise SampleError(sample.where, f"message {i}: an answer without a question needs a stream sample "
+                                            'in the stream layout (this one says "layout": "video-turn")'
+                              if sample.kind == "stream" else f"message {i}: an answer without a question")
     if sample.kind != "stream" and msgs[-1].role != "assistant":
         raise SampleError(sample.where, "the conversation must end with an answer")
 

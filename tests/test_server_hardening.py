@@ -1,0 +1,278 @@
+"""What a hostile or careless client found (issue 13), each on the real server over loopback: settings
+out of range, frames the model refuses, oversized frame budgets, slots held after a clean close,
+duplicate headers, cross-site handshakes, absurd timestamps, blank instructions, recall memory."""
+
+import asyncio
+import logging
+import re
+
+import numpy as np
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from streamer import protocol as P
+from streamer.client import Client, ClientError
+from tests import ws_rig
+from tests.conftest import eventually
+from tests.test_server import _ack, _get, _metric
+
+
+def _adds_up(a: P.FrameAck) -> bool:
+    return a.accepted == a.sampled_out + a.dropped + a.processed + a.refused + a.pending and \
+        a.received == a.accepted - a.source_frames + a.rate_dropped + a.rejected
+
+
+def test_a_setting_out_of_range_is_refused_and_a_failed_answer_never_bricks_the_session(lm, monkeypatch):
+    async def main():
+        async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
+            ls = engine.get(c.session.session_id)
+            for bad in ({"seed": 2**64}, {"seed": -3}, {"temperature": 1e300}, {"top_k": 2**40}):
+                with pytest.raises(ClientError) as info:
+                    await c.update(generation={"do_sample": True, **bad})
+                assert info.value.code == "invalid_field"
+            assert ls.sampling == {}  # nothing of those was applied
+            with pytest.raises(ClientError) as info:  # all or nothing: a good fps with a bad seed changes neither
+                await c.update(fps=4, generation={"seed": 2**64})
+            assert info.value.code == "invalid_field" and ls.cfg.fps == 2.0
+            await c.update(generation={"do_sample": True, "seed": 2**63 - 1})  # the largest seed works
+            await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
+            await _ack(c, lambda a: a.processed == 1)
+            done = [ev async for ev in c.ask("First?")][-1]
+            assert isinstance(done, P.ResponseDone)
+
+            import model.session as ms
+            real = ms.IncrementalDetokenizer
+
+            def broken(*args, **kwargs):  # a failure of any kind once an answer has started
+                monkeypatch.setattr(ms, "IncrementalDetokenizer", real)
+                raise RuntimeError("injected")
+            monkeypatch.setattr(ms, "IncrementalDetokenizer", broken)
+            events = []
+            with pytest.raises(ClientError, match="injected") as info:
+                async for ev in c.ask("Second?"):
+                    events.append(ev)
+            assert info.value.code == "internal" and info.value.error.event_id
+            await c.send_frame(ws_rig.png(ws_rig.frames(2)[1]), pts=1.0)  # frames and questions go on
+            ack = await _ack(c, lambda a: a.processed == 2)
+            assert ack.refused == 0
+            done = [ev async for ev in c.ask("Third?")][-1]
+            assert isinstance(done, P.ResponseDone) and done.text
+    asyncio.run(main())
+
+
+def test_every_frame_has_exactly_one_outcome_in_acks_stats_and_metrics(lm):
+    cfg = ws_rig.config(max_fps=1000.0)
+    shots = ws_rig.frames(6)
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            seen = []
+            await c.send_frame(ws_rig.png(shots[0]), pts=0.0, event_id="f0")
+            await c.send_frame(ws_rig.png(np.zeros((10, 3000, 3), np.uint8)), pts=1.0, event_id="wide")  # ratio 300
+            err = await c.next_event("error")
+            assert err.code == "bad_frame" and err.event_id == "wide" and "aspect" in err.message
+            await c.send_frame(b"GIF89a not an image", pts=2.0, event_id="gif")
+            assert (await c.next_event("error")).event_id == "gif"
+            for i in range(1, 6):  # a few more, some faster than the session's 2 fps (sampled out)
+                await c.send_frame(ws_rig.png(shots[i]), pts=2.0 + i * 0.3, event_id=f"f{i}")
+            final = await _ack(c, lambda a: a.received == 8 and a.pending == 0 and a.processed >= 3, log=seen)
+            acks = [ev for ev in seen if isinstance(ev, P.FrameAck)]
+            assert acks and all(_adds_up(a) for a in acks)  # every ack on the way adds up
+            assert (final.received, final.accepted, final.rejected, final.refused) == (8, 7, 1, 1)
+            assert final.sampled_out >= 1 and final.processed + final.dropped + final.sampled_out == 6
+            stats = await c.next_event("stats", timeout=10)
+            st = stats.stats
+            assert st["accepted"] == st["sampled_out"] + st["dropped"] + st["processed"] + st["refused"] + \
+                st["pending"]
+            _, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
+            m = {k: _metric(metrics, f'vl3live_frames_total{{outcome="{k}"}}') for k in
+                 ("received", "accepted", "source_frames", "rate_dropped", "rejected", "sampled_out", "dropped",
+                  "processed", "refused")}
+            pending = _metric(metrics, "vl3live_frames_pending")
+            assert m["accepted"] == m["sampled_out"] + m["dropped"] + m["processed"] + m["refused"] + pending
+            assert m["received"] == m["accepted"] - m["source_frames"] + m["rate_dropped"] + m["rejected"]
+            assert (m["received"], m["refused"], m["processed"]) == (8, 1, final.processed)
+    asyncio.run(main())
+
+
+def test_a_session_cannot_ask_for_frames_larger_than_the_server_allows(lm):
+    cfg = ws_rig.config()  # session.frame_pixels = 84 x 112: the cap defaults to 4x that
+    cap = 4 * cfg.session.frame_pixels
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            assert c.session.limits["max_session_frame_pixels"] == cap
+            with pytest.raises(ClientError, match="max_session_frame_pixels") as info:
+                await c.update(frame_pixels=cap + 1)
+            assert info.value.code == "invalid_field"
+            assert engine.get(c.session.session_id).session.config.frame_pixels == cfg.session.frame_pixels
+            up = await c.update(frame_pixels=cap)
+            assert up.settings["frame_pixels"] == cap
+    asyncio.run(main())
+    cfg = ws_rig.config(max_session_frame_pixels=28 * 28 * 2)
+
+    async def configured():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            with pytest.raises(ClientError, match="at most 1568"):
+                await c.update(frame_pixels=28 * 28 * 3)
+    asyncio.run(configured())
+
+
+def test_a_clean_close_or_session_close_frees_the_slot_at_once(lm):
+    cfg = ws_rig.config(max_sessions=2, resume_seconds=60.0)
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            for _ in range(3):  # more than max_sessions, one after another, each closed cleanly (1000)
+                async with Client(url) as c:
+                    await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
+                    await _ack(c, lambda a: a.processed == 1)
+            assert await eventually(lambda: not server.sessions and not engine.sessions, timeout=10)
+            c1 = Client(url)
+            await c1.connect()
+            closed = await c1.end()  # session.close: answered, then the server closes with 1000
+            assert closed.session_id == c1.session.session_id and c1.closed[0] == 1000
+            tail = [ev.type async for ev in c1.events()]
+            assert tail[-2:] == ["frame.ack", "session.closed"]  # the final counts come first
+            assert not server.sessions and not engine.sessions
+            a, b = Client(url), Client(url)  # the server is empty again: two fit
+            await a.connect()
+            await b.connect()
+            await b.disconnect()  # going away (1001): held for a resume, so the server is full
+            assert await eventually(lambda: len(server.sessions) == 2 and server.sessions, timeout=10)
+            with pytest.raises(ClientError) as info:
+                await Client(url).connect()
+            assert info.value.code == "too_many_sessions"
+            await a.close()
+    asyncio.run(main())
+
+
+async def _raw_handshake(port: int, headers: list[tuple[str, str]]) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = ["GET / HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+             *(f"{k}: {v}" for k, v in headers)]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    status = (await asyncio.wait_for(reader.readline(), 10)).decode()
+    writer.close()
+    return status
+
+
+def test_duplicate_headers_are_a_bad_request_with_one_log_line(lm, caplog):
+    cfg = ws_rig.config(token="s3cret")
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            port = server.port
+            with caplog.at_level(logging.WARNING):
+                for doubled in ([("Origin", "http://127.0.0.1"), ("Origin", "http://evil.example")],
+                                [("Authorization", "Bearer s3cret"), ("Authorization", "Bearer guess")]):
+                    status = await _raw_handshake(port, doubled)
+                    assert status.startswith("HTTP/1.1 400"), status
+                ok = await _raw_handshake(port, [("Authorization", "Bearer s3cret")])
+                assert ok.startswith("HTTP/1.1 101"), ok
+            assert not engine.sessions or len(engine.sessions) == 1  # only the good handshake got one
+            records = [r for r in caplog.records if "duplicate" in r.getMessage()]
+            assert len(records) == 2 and all(r.exc_info is None for r in records)
+            assert not any(r.exc_info for r in caplog.records)  # no traceback anywhere
+    asyncio.run(main())
+
+
+def test_by_default_only_programs_and_loopback_pages_may_connect(lm):
+    async def main():
+        async with ws_rig.serving(lm) as (engine, server, url):  # default config: no token, allowed_origins null
+            for evil in ("http://evil.example", "https://127.0.0.1.evil.example", "null", "file://"):
+                with pytest.raises(InvalidStatus) as info:
+                    await websockets.connect(url, origin=evil)
+                assert info.value.response.status_code == 403, evil
+            for page in ("http://127.0.0.1:7860", "http://localhost:3000", "http://[::1]:8080"):
+                async with Client(url, origin=page) as c:
+                    assert c.session.session_id
+            async with Client(url) as c:  # no Origin: not a browser
+                assert c.session.session_id
+            _, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
+            assert _metric(metrics, 'vl3live_handshakes_refused_total{reason="origin"}') == 4
+    asyncio.run(main())
+    cfg = ws_rig.config(allowed_origins=["https://app.example.com"])
+
+    async def listed():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            async with Client(url, origin="https://app.example.com") as c:
+                assert c.session.session_id
+            with pytest.raises(InvalidStatus):  # a list replaces the loopback default
+                await websockets.connect(url, origin="http://127.0.0.1:7860")
+    asyncio.run(listed())
+
+
+def test_pts_jumps_blank_instructions_and_the_server_wide_recall_bound(lm):
+    cfg = ws_rig.config(max_pts_jump=100.0, max_sessions=4, recall_memory_mb=0.08)
+    cfg.session.budget.max_tokens = 600
+    cfg.session.budget.recent_tokens = 100
+    shots = ws_rig.frames(4)
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+            ls = engine.get(c.session.session_id)
+            await c.send_frame(ws_rig.png(shots[0]), pts=1.0)
+            await _ack(c, lambda a: a.processed == 1)
+            await c.send_frame(ws_rig.png(shots[1]), pts=1e8, event_id="far")  # finite but absurd
+            err = await c.next_event("error")
+            assert err.code == "invalid_field" and err.event_id == "far" and "max_pts_jump" in err.message
+            await c.send_frame(ws_rig.png(shots[2]), pts=50.0)  # within the bound: the clock goes on
+            ack = await _ack(c, lambda a: a.processed == 2)
+            assert ack.last_pts == 50.0 and ack.rejected == 1
+            for text, code in ((" ", "invalid_field"), ("\n\t", "invalid_field"), ("x" * 3000, "question_too_long")):
+                with pytest.raises(ClientError) as info:
+                    await c.update(instruction=text)
+                assert info.value.code == code, text
+            assert ls.instruction is None
+            # each session's recall store gets server.recall_memory_mb / max_sessions at most
+            assert ls.session.config.budget.recall_memory_mb == pytest.approx(0.02)
+            rng = np.random.default_rng(0)
+            for i in range(40):  # enough to evict frames into the (tiny) store and past its cap
+                await c.send_frame(ws_rig.png(rng.integers(0, 256, (84, 112, 3), dtype=np.uint8)), pts=51.0 + i)
+                await _ack(c, lambda a, n=3 + i: a.processed + a.refused + a.dropped + a.sampled_out >= n)
+            st = ls.session.stats()
+            assert st["evicted_frames"] > 0 and st["recall_stored"] > 0 and st["recall_dropped"] > 0
+            assert st["recall_mb"] <= 0.02
+    asyncio.run(main())
+
+
+def test_a_cross_site_page_in_a_real_browser_cannot_use_the_local_server(lm, tmp_path):
+    """Chromium on a page from another site opens ws://127.0.0.1:PORT/: the server refuses it (403);
+    the same page served from loopback connects."""
+    import http.server
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser_rig import CHROMIUM_FLAGS
+
+    (tmp_path / "index.html").write_text("<!doctype html><script>window.result = new Promise(done => {"
+                                         "const ws = new WebSocket(location.hash.slice(1));"
+                                         "ws.onmessage = m => done(JSON.parse(m.data).type);"
+                                         "ws.onerror = () => done('refused'); });</script>")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    page_port = pages.server_address[1]
+    with ws_rig.ServerThread(lm) as srv:
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+                    *CHROMIUM_FLAGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+                outcomes = {}
+                for site in (f"http://evil.example:{page_port}/", f"http://127.0.0.1:{page_port}/"):
+                    page = browser.new_page()
+                    page.goto(site + "#" + srv.url)
+                    outcomes[site.split(":")[1]] = page.evaluate("window.result")
+                    page.close()
+                browser.close()
+        finally:
+            pages.shutdown()
+        _, metrics = _get(srv.url.replace("ws://", "http://") + "metrics")
+    assert outcomes == {"//evil.example": "refused", "//127.0.0.1": "session.created"}, outcomes
+    assert _metric(metrics, 'vl3live_handshakes_refused_total{reason="origin"}') == 1
+    assert re.search(r"^vl3live_connections_total 1\.0$", metrics, re.M)  # the refused one never got a session

@@ -1,0 +1,64 @@
+"""``vl3live data example DIR``: the README's training-data example, with synthetic media to run it.
+
+Writes ``DIR/train.jsonl`` holding exactly the samples the README shows (one of each kind: an
+image, two images, a video, text only, a stream sample where the assistant speaks up by itself)
+and the images and clips they name, rendered from :class:`model.synthetic.SyntheticCamera`, so
+``vl3live data check`` and the CPU recipe (``configs/train/tiny_cpu.yaml``) run as written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from model.synthetic import SyntheticCamera
+
+# The README's "Training data" block, line for line (tests/test_training.py checks that they agree).
+SAMPLES = [
+    {"image": "img/cat.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                               {"from": "gpt", "value": "A cat."}]},
+    {"image": ["img/a.jpg", "img/b.jpg"], "conversations": [{"from": "human", "value": "<image><image>\nWhat changed?"},
+                                                           {"from": "gpt", "value": "The light is on."}]},
+    {"video": "clips/cook.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat is cooked?"},
+                                                  {"from": "gpt", "value": "Pasta."}]},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {"video": "cam/door.mp4", "start_time": 60, "end_time": 180, "conversation": [
+        {"role": "user", "content": "Tell me when someone comes in.", "time": 61.0},
+        {"role": "assistant", "content": "I will.", "time": 61.0},
+        {"role": "assistant", "content": "A man in a red coat came in.", "time": 95.5}]},
+]
+CLIPS = {"clips/cook.mp4": 12.0, "cam/door.mp4": 190.0}  # seconds
+SIZE = (168, 224)  # height, width: small, so the tiny model trains in seconds
+
+
+def _clip(path: Path, seconds: float, camera: SyntheticCamera, fps: int = 2) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
+        for i in range(int(seconds * fps)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(camera.frame(i / fps), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def write_example(out_dir: str | Path) -> Path:
+    """Write the example dataset into ``out_dir``; returns the path of its ``train.jsonl``."""
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    camera = SyntheticCamera(*SIZE, seed=3)
+    for i, name in enumerate(("cat.jpg", "a.jpg", "b.jpg")):
+        rgb = camera.frame(2.0 + i)
+        if name == "b.jpg":  # the light is on
+            rgb = np.clip(rgb.astype(np.int16) + 60, 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(out / "img" / name, quality=90)
+    for name, seconds in CLIPS.items():
+        _clip(out / name, seconds, camera)
+    data = out / "train.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+    return data
