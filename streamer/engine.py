@@ -64,6 +64,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = ModelWorker(self._emit_threadsafe)
         self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
+        self._closing: dict[str, LiveSession] = {}  # sessions being closed (no longer in self.sessions)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -169,7 +170,7 @@ class Engine:
         """Frames by outcome over every session, closed ones included, and those pending now."""
         with self._worker.lock:
             counts = {k: self.frame_totals[k] for k in ("accepted", "source_frames", *FRAME_OUTCOMES)}
-            counts["pending"] = sum(ls.pending for ls in self.sessions.values())
+            counts["pending"] = sum(ls.pending for ls in [*self.sessions.values(), *self._closing.values()])
         return counts
 
     def get(self, sid: str) -> LiveSession:
@@ -182,11 +183,15 @@ class Engine:
         ls = self.sessions.pop(sid, None)
         if ls is None:
             return
-        pump = self._pumps.pop(sid, None)
-        if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        await asyncio.to_thread(self._worker.remove, ls)
+        self._closing[sid] = ls  # its pending frames still count until the worker has let go of it
+        try:
+            pump = self._pumps.pop(sid, None)
+            if pump is not None:
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            await asyncio.to_thread(self._worker.remove, ls)
+        finally:
+            self._closing.pop(sid, None)
         self.bus.publish(Event("session.closed", sid, self.counters(ls)))
 
     # -- frames -----------------------------------------------------------------------------------

@@ -98,7 +98,9 @@ class ModelWorker:
             self._sessions.append(ls)
             self._cond.notify_all()
 
-    def remove(self, ls: LiveSession) -> None:
+    def remove(self, ls: LiveSession, timeout: float = 60.0) -> None:
+        """Take ``ls`` out; from another thread, also wait (up to ``timeout``) for a step of it that is
+        running now, so that none of its frames is left without an outcome."""
         with self._cond:
             ls.closed = True
             if ls in self._sessions:
@@ -110,6 +112,8 @@ class ModelWorker:
             if answer is not None:  # closed by the worker thread, which may be inside it right now
                 self._retired.append(answer)
                 self._cond.notify_all()
+            if threading.current_thread() is not self._thread:
+                self._cond.wait_for(lambda: self._current is not ls, timeout)
 
     def notify(self) -> None:
         with self._cond:
@@ -182,6 +186,7 @@ class ModelWorker:
             finally:
                 with self._cond:
                     self._current = None
+                    self._cond.notify_all()
 
     def _step(self, ls: LiveSession) -> None:
         answer = self._answers.get(ls.id)

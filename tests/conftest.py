@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import threading
 import time
 
 import numpy as np
@@ -65,3 +67,22 @@ async def eventually(pred, timeout: float = 60.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+def wait_for_line(proc, pattern: str, timeout: float = 60.0) -> tuple[re.Match | None, list[str]]:
+    """Read ``proc.stderr`` (text) in a thread until a line matches ``pattern``: (the match or None
+    after ``timeout``, the lines read so far, which keep growing as the process writes)."""
+    lines: list[str] = []
+    found: list[re.Match] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(pattern, line)
+            if m and not found:
+                found.append(m)
+                ready.set()
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(timeout)
+    return (found[0] if found else None), lines

@@ -32,6 +32,16 @@ def _until(pred, timeout: float = 60.0, every: float = 0.05):
     raise AssertionError("timed out")
 
 
+def _open_page(pw, profile: str, url: str):
+    """Debian's chromium (headless, fake camera) at 1280x800 on ``url``: (browser, page)."""
+    browser = pw.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium",
+                                                    args=CHROMIUM_FLAGS, headless=True,
+                                                    viewport={"width": 1280, "height": 800})
+    page = browser.new_page()
+    page.goto(url)
+    return browser, page
+
+
 @pytest.fixture
 def handlers(lm):
     cfg = ws_rig.config()
@@ -132,11 +142,7 @@ def test_the_demo_page_in_a_real_browser(tmp_path):
                 break
         assert url, "the demo did not start"
         with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
-            browser = pw.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium",
-                                                            args=CHROMIUM_FLAGS, headless=True,
-                                                            viewport={"width": 1280, "height": 800})
-            page = browser.new_page()
-            page.goto(url)
+            browser, page = _open_page(pw, profile, url)
             page.get_by_text("Click to Access Webcam").click()
             page.locator("#webcam button", has_text="Record").click()
 
@@ -219,11 +225,7 @@ def test_closing_the_tab_ends_its_session_and_its_rtsp_source(tmp_path):
     demo, backend, url = run_demo(DemoConfig(port=0), cfg, block=False)
     try:
         with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
-            browser = pw.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium",
-                                                            args=CHROMIUM_FLAGS, headless=True,
-                                                            viewport={"width": 1280, "height": 800})
-            page = browser.new_page()
-            page.goto(url)
+            browser, page = _open_page(pw, profile, url)
             page.get_by_text("or stream a video file / RTSP camera").click()
             page.locator("#rtsp_url textarea, #rtsp_url input").first.fill(f"rtsp://127.0.0.1:{port}/cam")
             page.click("#stream_source")

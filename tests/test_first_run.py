@@ -3,18 +3,17 @@ fails in seconds with one line that says what to do; bad arguments, files, camer
 are errors that end the command; ``--help`` is instant; SIGTERM stops a server cleanly."""
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import ws_rig
+from tests.conftest import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,16 +141,8 @@ def test_sigterm_stops_serve_cleanly(tmp_path):
     serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0", "serve", "--model",
                               "tiny"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        lines: list[str] = []
-        ready = threading.Event()
-
-        def read():
-            for line in serve.stderr:
-                lines.append(line)
-                if "serving ws://" in line:
-                    ready.set()
-        threading.Thread(target=read, daemon=True).start()
-        assert ready.wait(60), "".join(lines)
+        ready, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:\d+/")
+        assert ready, "".join(lines)
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0
     finally:
@@ -159,7 +150,6 @@ def test_sigterm_stops_serve_cleanly(tmp_path):
             serve.kill()
             serve.wait(10)
     assert "Traceback" not in "".join(lines)
-    assert re.search(r"serving ws://127\.0\.0\.1:\d+/", "".join(lines))
 
 
 @pytest.mark.parametrize("args", [["ask", "x.mp4", "q?", "--model", "tiny", "--max-seconds", "0"],

@@ -5,8 +5,9 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
+
+from tests.conftest import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,17 +32,9 @@ def test_scripts_demo_sets_up_and_serves_the_demo():
     env = {**os.environ, "VL3LIVE_VENV": sys.prefix}  # this environment: setup only checks what it has
     demo = subprocess.Popen([str(ROOT / "scripts" / "demo"), "--model", "tiny", "--port", "0"], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines: list[str] = []
-    up = threading.Event()
-
-    def read():
-        for line in demo.stderr:
-            lines.append(line)
-            if "demo on http://" in line:
-                up.set()
-    threading.Thread(target=read, daemon=True).start()
     try:
-        assert up.wait(300), "".join(lines[-30:])
+        up, lines = wait_for_line(demo, r"demo on http://", timeout=300)
+        assert up, "".join(lines[-30:])
     finally:
         demo.terminate()
         demo.wait(60)
