@@ -83,6 +83,16 @@ def build_tiny_whisper(seed: int = 0):
     return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
 
 
+def resolve_asr(spec: str) -> str:
+    """The checkpoint ``load_asr`` would load (``model.hub.resolve``: cached, or the hub answers), checked
+    without loading it; ``tiny`` as is."""
+    if spec == "tiny":
+        return spec
+    from .hub import resolve
+
+    return resolve(spec, "speech recognition checkpoint", "--asr DIR, or --asr tiny (random weights)")
+
+
 def load_asr(spec: str = "openai/whisper-small", device: str | None = None, language: str | None = "en",
              seed: int = 0) -> Transcriber:
     """A :class:`Transcriber` for ``spec`` (``tiny``, a directory, or a hub id); safetensors weights only."""
@@ -93,9 +103,7 @@ def load_asr(spec: str = "openai/whisper-small", device: str | None = None, lang
     else:
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
-        from .hub import resolve
-
-        spec = resolve(spec, "speech recognition checkpoint", "--asr DIR, or --asr tiny (random weights)")
+        spec = resolve_asr(spec)
         processor = AutoProcessor.from_pretrained(spec)
         model = AutoModelForSpeechSeq2Seq.from_pretrained(spec, dtype=dtype, use_safetensors=True).eval()
     return Transcriber(model.to(dev, dtype), processor, dev, dtype, language)

@@ -6,7 +6,7 @@ a video the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +83,22 @@ def read_video_file(path: str | Path, fps: float = 1.0, max_seconds: float | Non
                 yield Frame(pts_seconds=t, rgb=frame.to_ndarray(format="rgb24"))
         except av.FFmpegError as exc:
             raise ValueError(f"error while decoding {path}: {exc}") from exc
+
+
+def write_video_file(path: str | Path, frames: Iterable[np.ndarray], fps: int) -> Path:
+    """Encode RGB uint8 frames (all of one size) as H.264 at ``fps``; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = None
+        for rgb in frames:
+            if stream is None:
+                stream = out.add_stream("libx264", rate=fps)
+                stream.height, stream.width = rgb.shape[:2]
+                stream.pix_fmt = "yuv420p"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        if stream is not None:
+            for packet in stream.encode():
+                out.mux(packet)
+    return path

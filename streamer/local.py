@@ -45,13 +45,11 @@ async def run_live(cfg: LiveConfig, config: Config, out=sys.stdout, err=sys.stde
     heard = 0
     preflight(config.model, cfg.model)  # everything that can be checked, before minutes of model loading
     if cfg.mic:
-        from model.asr import load_asr
-        from model.hub import resolve
+        from model.asr import load_asr, resolve_asr
 
         from .audio import check_input_device
 
-        if audio_cfg.asr != "tiny":
-            resolve(audio_cfg.asr, "speech recognition checkpoint", "--asr DIR, or --asr tiny (random weights)")
+        resolve_asr(audio_cfg.asr)
         check_input_device(audio_cfg.device)  # PortAudio installed, and a microphone to open
         print(f"loading speech recognition {audio_cfg.asr} ...", file=err, flush=True)
         transcribe = load_asr(audio_cfg.asr, language=audio_cfg.language, seed=config.model.seed)

@@ -14,6 +14,7 @@ import pytest
 
 from tests import ws_rig
 from tests.conftest import wait_for_line
+from tests.test_sources import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,12 +33,6 @@ def _offline(tmp_path: Path, endpoint: str) -> dict:
     return env
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_line_error(r, spec: str, hint: str) -> str:
     lines = [line for line in r.stderr.splitlines() if line.strip() and "bitsandbytes" not in line]
     errors = [line for line in lines if ": error: " in line]
@@ -48,7 +43,7 @@ def _one_line_error(r, spec: str, hint: str) -> str:
 
 
 def test_offline_without_a_checkpoint_every_command_fails_fast_with_one_clear_line(tmp_path):
-    env = _offline(tmp_path, f"http://127.0.0.1:{_closed_port()}")
+    env = _offline(tmp_path, f"http://127.0.0.1:{_free_port()}")
     data = tmp_path / "d.jsonl"
     data.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}\n')
     runs = {

@@ -10,12 +10,12 @@ import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from model.config import Config
 from model.synthetic import SyntheticCamera
+from model.video import write_video_file
 from streamer.engine import Engine
 from streamer.server import Server
 
@@ -92,15 +92,7 @@ def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
 
 def write_clip(path: Path, seconds: float = 4.0, fps: int = 10) -> Path:
     cam = SyntheticCamera(H, W)
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        for i in range(int(seconds * fps)):
-            for p in s.encode(av.VideoFrame.from_ndarray(cam.frame(i / fps), format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return path
+    return write_video_file(path, (cam.frame(i / fps) for i in range(int(seconds * fps))), fps)
 
 
 async def recv_json(ws, types: tuple[str, ...] = (), timeout: float = 30.0) -> dict:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from model.synthetic import SyntheticCamera
+from model.video import write_video_file
 
 # The README's "Training data" block, line for line (tests/test_training.py checks that they agree).
 SAMPLES = [
@@ -35,18 +35,6 @@ CLIPS = {"clips/cook.mp4": 12.0, "cam/door.mp4": 190.0}  # seconds
 SIZE = (168, 224)  # height, width: small, so the tiny model trains in seconds
 
 
-def _clip(path: Path, seconds: float, camera: SyntheticCamera, fps: int = 2) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
-        for i in range(int(seconds * fps)):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(camera.frame(i / fps), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 def write_example(out_dir: str | Path) -> Path:
     """Write the example dataset into ``out_dir``; returns the path of its ``train.jsonl``."""
     out = Path(out_dir)
@@ -57,8 +45,9 @@ def write_example(out_dir: str | Path) -> Path:
         if name == "b.jpg":  # the light is on
             rgb = np.clip(rgb.astype(np.int16) + 60, 0, 255).astype(np.uint8)
         Image.fromarray(rgb).save(out / "img" / name, quality=90)
+    fps = 2
     for name, seconds in CLIPS.items():
-        _clip(out / name, seconds, camera)
+        write_video_file(out / name, (camera.frame(i / fps) for i in range(int(seconds * fps))), fps)
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
     return data
