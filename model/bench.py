@@ -44,8 +44,18 @@ class BenchConfig:
     stream_hours: float | None = field(default=None, metadata={
         "help": "instead: stream this many hours of synthetic camera through one session with the KV budget "
                 "of session.budget (see --config/--set) and report memory, eviction, recall and drift"})
-    ask_every: float = field(default=600.0, metadata={"help": "with --stream-hours: seconds of stream time "
-                                                                "between questions"})
+    ask_every: float | None = field(default=None, metadata={
+        "help": "seconds of stream time between questions; None = 600 with --stream-hours, 5 with --sessions"})
+    sessions: int | None = field(default=None, metadata={
+        "help": "instead: N synthetic cameras through the live engine, batched against engine.batching off "
+                "(frames/s, answer tokens/s, TTFT, frame latency, max_streams; README \"Engine\")"})
+    seconds: float = field(default=20.0, metadata={"help": "with --sessions: wall seconds of each saturated run"})
+    flood_fps: float = field(default=30.0, metadata={"help": "with --sessions: frames per second each camera "
+                                                              "sends in the frame-bound run"})
+    probe_seconds: float = field(default=10.0, metadata={"help": "with --sessions: wall seconds of each "
+                                                                  "real-time max_streams probe"})
+    max_streams_limit: int = field(default=256, metadata={"help": "with --sessions: the most cameras a "
+                                                                   "max_streams probe tries"})
     json: bool = field(default=False, metadata={"help": "print one JSON object only"})
 
     def __post_init__(self) -> None:
@@ -53,8 +63,12 @@ class BenchConfig:
             raise ValueError("frames, repeats and stateless_repeats must be >= 1 and max_new_tokens >= 2")
         if self.size is not None and self.size not in ("2b", "7b"):
             raise ValueError("--size must be 2b or 7b")
-        if self.fps <= 0 or (self.stream_hours is not None and self.stream_hours <= 0) or self.ask_every <= 0:
+        if self.fps <= 0 or (self.stream_hours is not None and self.stream_hours <= 0) or (
+                self.ask_every is not None and self.ask_every <= 0):
             raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
+        if self.sessions is not None and (self.sessions < 1 or self.seconds <= 0 or self.probe_seconds <= 0
+                                          or self.max_streams_limit < 1 or self.flood_fps <= 0):
+            raise ValueError("--sessions, --seconds, --probe-seconds and --max-streams-limit must be > 0")
 
 
 def sync(device: torch.device) -> None:

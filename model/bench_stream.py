@@ -51,7 +51,7 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
     scfg = dataclasses.replace(session_cfg, frame_pixels=cfg.height * cfg.width)
     session = StreamSession(lm, scfg)
     cam = SyntheticCamera(cfg.height, cfg.width)
-    ask_every = max(1, int(round(cfg.ask_every * cfg.fps)))
+    ask_every = max(1, int(round((cfg.ask_every or 600.0) * cfg.fps)))
     ingest_ms, ingest_cpu_ms, rss = [], [], {}
     max_cache, kept, total, questions, full_frame = 0, 0, 0, 0, None
     start = time.perf_counter()

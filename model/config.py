@@ -165,8 +165,28 @@ class EngineConfig:
         "video-turn layout: re-ask the standing instruction every N seconds of stream time", default=10.0)
     proactive_max_new_tokens: int = _help("length limit of a proactive answer", default=64)
     subscriber_queue: int = _help("events buffered per subscriber; stats are dropped first", default=256)
+    batching: bool = _help("pack every session's work into one forward per step; off = one session per step "
+                           "(the same code; for comparison and as a fallback)", default=True)
+    max_step_tokens: int = _help("new tokens one step runs over all sessions; longer prefills are chunked",
+                                 default=2048)
+    min_chunk_tokens: int = _help("the smallest piece of a frame or prefill a step runs (each waiting one gets "
+                                  "this much before the rest of the budget tops them up)", default=64)
+    kv_pool_tokens: int | None = _help(
+        "KV pool size in tokens, shared by all sessions (each reserves its session.budget.max_tokens); None = "
+        "kv_pool_memory of free GPU memory on CUDA, server.max_sessions budgets on CPU", default=None)
+    kv_pool_memory: float = _help("fraction of free GPU memory the KV pool takes when kv_pool_tokens is null",
+                                  default=0.85)
+    kv_page_tokens: int = _help("tokens per KV page (the block-table granularity)", default=16)
+    prep_threads: int = _help("threads that preprocess frames (resize, normalize, patchify) as they arrive",
+                              default=2)
 
     def __post_init__(self) -> None:
+        if min(self.max_step_tokens, self.min_chunk_tokens, self.kv_page_tokens, self.prep_threads) < 1 or (
+                self.kv_pool_tokens is not None and self.kv_pool_tokens < self.kv_page_tokens):
+            raise ValueError("engine: max_step_tokens, min_chunk_tokens, kv_page_tokens and prep_threads must be "
+                             ">= 1, kv_pool_tokens >= kv_page_tokens")
+        if not 0.0 < self.kv_pool_memory <= 1.0:
+            raise ValueError("engine.kv_pool_memory must be in (0, 1]")
         if self.fps <= 0 or self.proactive_every <= 0 or self.proactive_cooldown < 0:
             raise ValueError("engine.fps and engine.proactive_every must be > 0, proactive_cooldown >= 0")
         if min(self.max_new_tokens, self.max_queued_questions, self.max_question_chars,

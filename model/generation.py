@@ -24,18 +24,23 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
+
+    Each step decodes only a short window (the tokens since the last emitted text plus a few
+    before them, for context), not the whole answer, so a token costs the same at any length."""
 
     def __init__(self, tokenizer: object):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens up to here are emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return delta
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix: self._read], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""  # nothing visible yet, or an incomplete multi-byte character: wait for the next token
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before):]

@@ -1,17 +1,16 @@
-"""Operations on a transformers ``DynamicCache``: drop tokens and re-rotate the keys that move.
+"""RoPE arithmetic on cached keys: move them between positions, and undo it for recall.
 
 Qwen2 caches keys after RoPE. Removing tokens from the middle moves every later token to a
 smaller position; RoPE is a rotation by ``position x inv_freq``, so a cached key is moved from
 position ``p`` to ``p'`` by rotating it by the difference. The rotations use the model's own
 rotary embedding module (its ``cos``/``sin`` at ``p`` and ``p'``, composed in float32), so a moved
-key equals the key the model would compute at ``p'`` up to float rounding. The compacted cache is
-built through ``DynamicCache``'s public constructor; no transformers module is patched.
+key equals the key the model would compute at ``p'`` up to float rounding. ``KVPool.compact``
+uses it to evict from the middle of a session's pages; no transformers module is patched.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 
 class RopeMover:
@@ -47,48 +46,19 @@ class RopeMover:
         return out.to(keys.dtype)
 
 
-def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer, each (batch, kv_heads, seq, head_dim)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def compact(cache: DynamicCache, keep: torch.Tensor, mover: RopeMover, config: object) -> DynamicCache:
-    """A new cache holding only positions ``keep`` (sorted, 1-D long), moved to ``0..len(keep)-1``.
-
-    Tokens before the first removed position do not move; only the rest is re-rotated.
-    """
-    kv = layer_kv(cache)
-    seq = kv[0][0].shape[-2]
-    device = kv[0][0].device
-    keep = keep.to(device)
-    n = keep.numel()
-    new_pos = torch.arange(n, device=device)
-    moved = (keep != new_pos).nonzero()
-    first = int(moved[0, 0]) if moved.numel() else n
-    if first == n and n == seq:
-        return cache
-    cos, sin = mover.delta(keep[first:], new_pos[first:])
-    tail = keep[first:]
-    data = []
-    for k, v in kv:
-        k_tail = mover.rotate(k.index_select(-2, tail), cos, sin)
-        data.append((torch.cat([k[..., :first, :], k_tail], dim=-2),
-                     torch.cat([v[..., :first, :], v.index_select(-2, tail)], dim=-2)))
-    return DynamicCache(ddp_cache_data=data, config=config)
-
-
-def mean_prerope_keys(cache: DynamicCache, positions: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                      mover: RopeMover) -> torch.Tensor:
+def mean_prerope_keys(layer_keys: list[torch.Tensor], positions: torch.Tensor, groups: torch.Tensor,
+                      n_groups: int, mover: RopeMover) -> torch.Tensor:
     """Mean key before RoPE of each group of cached positions: (n_groups, layers, kv_heads, head_dim) float32.
 
+    ``layer_keys`` are the cached keys at ``positions``, per layer (kv_heads, n, head_dim);
     ``groups[i]`` is the group of ``positions[i]``; every group must be non-empty.
     """
     device = positions.device
     cos, sin = mover.cos_sin(positions)
     counts = torch.bincount(groups, minlength=n_groups).clamp(min=1).float()
     out = []
-    for k, _ in layer_kv(cache):
-        k0 = mover.rotate(k[0].index_select(-2, positions).float(), cos, -sin)  # (H, n, D), rotated back to 0
+    for k in layer_keys:
+        k0 = mover.rotate(k.float(), cos, -sin)  # (H, n, D), rotated back to position 0
         sums = torch.zeros(n_groups, k0.shape[0], k0.shape[-1], device=device)
         sums.index_add_(0, groups, k0.transpose(0, 1))
         out.append(sums / counts.view(-1, 1, 1))

@@ -1,9 +1,15 @@
 """``StreamSession``: one stream's persistent KV cache, fed frame by frame and asked at any time.
 
-Each frame is preprocessed, pruned by DiffFP, encoded alone by the vision tower (frames are
+Each frame is preprocessed, pruned by DiffFP, encoded by the vision tower (frames are
 independent attention segments, so this equals encoding the clip at once) and its kept tokens
 are appended with their timestamp text to the cache in one forward. Questions and answers go
 into the same cache, so later questions can refer to them.
+
+The session's model work is written as *operations* (:meth:`begin_frame`, :meth:`begin_answer`):
+generators that yield each forward they need as a :class:`model.executor.Forward` and get it back
+run. :meth:`add_frame` and :meth:`ask` run them at once on the session's own executor; the live
+engine runs the operations of many sessions together, one packed forward per step, over one
+shared :class:`model.kvpool.KVPool`. It is the same code either way.
 
 Text that must follow an answer (``<|im_end|>\\n``) is held as *pending* and forwarded together
 with the next frame or question, saving one forward per answer; ``token_ids()`` and
@@ -18,28 +24,30 @@ keys that move are re-rotated (``model.kvcache``); with ``recall: on`` the evict
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from .budget import EXCHANGE, FRAME, SINK, CacheLimitError, Eviction, KVBudget, Ledger, Unit
 from .config import SessionConfig
 from .diffp import DiffPruner
+from .executor import Executor, Forward
 from .frames import MERGE, FramePreprocessor, PixelFrame
 from .generation import IncrementalDetokenizer, sample_next
-from .kvcache import RopeMover, compact, mean_prerope_keys
+from .kvcache import RopeMover, mean_prerope_keys
+from .kvpool import KVPool
 from .layout import STREAM_START, ChatPieces, LayoutRenderer, timestamp
 from .loading import LoadedModel
 from .recall import RecallStore
 from .sampling import check_sampling
 
-__all__ = ["CacheLimitError", "FrameResult", "StreamSession", "TokenDelta"]
+__all__ = ["CacheLimitError", "FrameResult", "Op", "StreamSession", "TokenDelta"]
+
+Op = Generator  # a session operation: yields Forward (and TokenDelta), receives each Forward back run
 
 
 @dataclass
@@ -64,18 +72,21 @@ class TokenDelta:
 
 
 class StreamSession:
-    """A persistent VideoLLaMA3 conversation over one video stream (not thread-safe)."""
+    """A persistent VideoLLaMA3 conversation over one video stream (not thread-safe).
 
-    def __init__(self, lm: LoadedModel, config: SessionConfig | None = None):
+    ``pool`` and ``executor``: the live engine's shared KV pool and executor (the session reserves
+    its KV budget in the pool now: ``PoolFullError`` if it does not fit; :meth:`close` returns it).
+    Without them the session has a private pool that grows as needed.
+    """
+
+    def __init__(self, lm: LoadedModel, config: SessionConfig | None = None, pool: KVPool | None = None,
+                 executor: Executor | None = None):
         self.lm = lm
         self.config = config or SessionConfig()
         self.tokenizer = lm.tokenizer
         model = lm.model
         self._text_model = model.model.language_model
-        self._cache_kw = "cache" if "cache" in inspect.signature(self._text_model.forward).parameters \
-            else "past_key_values"
         self._text_config = model.config.text_config
-        self._cache = self._new_cache()
         limit = self._text_config.max_position_embeddings
         if self.config.max_cache_tokens is not None:
             limit = min(limit, self.config.max_cache_tokens)
@@ -101,6 +112,11 @@ class StreamSession:
         if budget_cfg.max_tokens is not None:
             self._budget = KVBudget(budget_cfg, limit, len(sink_ids), self._max_frame_tokens(pieces))
         self.max_tokens = int(self._budget.max_tokens if self._budget else limit)
+        if pool is None:
+            pool = KVPool(self._text_config, 16 * 64, lm.device, lm.dtype, growable=True)
+        self._pool = pool
+        self._executor = executor or Executor(lm)
+        self._seq = pool.open(self.max_tokens)  # admission: the whole budget fits the pool, or PoolFullError
         self._mover = RopeMover(self._text_model.rotary_emb)
         self._store: RecallStore | None = None
         if self._budget is not None and budget_cfg.recall == "on":
@@ -113,10 +129,14 @@ class StreamSession:
         self._pending_owner: Unit | None = None  # the exchange the pending tokens belong to
         self._turn: Unit | None = None  # video-turn: the exchange of the open user turn
         self._last_logits: torch.Tensor | None = None
+        self._last_hidden: torch.Tensor | None = None  # after a frame: its last row, for logits on demand
+        self.logit_log: list[torch.Tensor] | None = None  # a list: each answer token's logits are appended
+        self.frame_logits = False  # compute the full logits after every frame (else on demand)
         self._last_event = ""
         self._last_t: float | None = None
         self._answering = False
         self.frames_added = 0
+        self.frames_prepared_here = 0  # frames begin_frame had to preprocess itself (not from prepare())
         self.evicted_frames = 0
         self.evicted_exchanges = 0
         self.recalled_frames = 0
@@ -125,15 +145,73 @@ class StreamSession:
         if len(sink_ids) > self.max_tokens:
             raise ValueError(f"the system prompt ({len(sink_ids)} tokens) does not fit {self.max_tokens} tokens")
         if sink_ids:
-            with torch.inference_mode():
-                self._append(self._embed(sink_ids))
-            self._ledger.append(sink_ids, self._ledger.new_unit(SINK, 0.0))
+            try:
+                self._run(self._sink_op(sink_ids))
+            except BaseException:
+                self.close()
+                raise
+
+    def _sink_op(self, ids: list[int]) -> Op:
+        yield self._fwd(lambda _: self._embed(ids), len(ids), logits=False)
+        self._ledger.append(ids, self._ledger.new_unit(SINK, 0.0))
+
+    def close(self) -> None:
+        """Return this session's KV pages and reservation to the pool (the session is unusable after)."""
+        self._pool.release(self._seq)
+
+    # -- running operations -------------------------------------------------------------------------
+    def _fwd(self, build, tokens: int, logits: bool = True, kind: str = "prefill", frame=None,
+             probe: bool = False) -> Forward:
+        return Forward(self._seq, tokens, build, logits=logits, probe=probe, frame=frame, kind=kind)
+
+    def _drive(self, op: Op) -> Generator[TokenDelta, None, object]:
+        """Run ``op`` on this session's executor, each forward at once; its token deltas pass through."""
+        send, value = op.send, None
+        try:
+            while True:
+                try:
+                    work = send(value)
+                except StopIteration as stop:
+                    return stop.value
+                if isinstance(work, Forward):
+                    self._executor.run([work])
+                    send, value = (op.throw, work.error) if work.error is not None else (op.send, work)
+                else:
+                    send, value = op.send, None
+                    yield work
+        finally:
+            op.close()
+
+    def _run(self, op: Op) -> object:
+        """Run an operation that streams nothing; return its result."""
+        gen = self._drive(op)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
 
     # -- public state -------------------------------------------------------------------------
     @property
     def cache_len(self) -> int:
         """Tokens in the KV cache."""
         return len(self._ledger)
+
+    @property
+    def kv_len(self) -> int:
+        """Positions holding keys and values in the pool (equals ``cache_len`` between operations)."""
+        return self._seq.length
+
+    def cached_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after RoPE) and values of every cached position in ``layer``: each (1, kv_heads, n, head_dim)."""
+        slots = self._seq.table[: self._seq.length]
+        return tuple(t[layer].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                     for t in (self._pool.keys, self._pool.values))
+
+    @property
+    def budget_tokens(self) -> int:
+        """KV positions this session reserved in its pool."""
+        return self._seq.reserved_pages * self._pool.page_size
 
     @property
     def last_t(self) -> float | None:
@@ -167,6 +245,9 @@ class StreamSession:
 
     def next_logits(self) -> torch.Tensor:
         """Logits (V,) for the token after the last one in the cache (inside an answer: the next token)."""
+        if self._last_logits is None and self._last_hidden is not None:
+            with torch.inference_mode():
+                self._last_logits = self.lm.model.lm_head(self._last_hidden)
         if self._last_logits is None:
             raise RuntimeError("no logits yet: add a frame or ask first")
         return self._last_logits.detach().float().cpu().clone()
@@ -175,18 +256,17 @@ class StreamSession:
         """P(``<|im_start|>``) against P(``<|stream_start|>``) after the last frame (``stream`` layout)."""
         if self._stream_ids is None:
             raise RuntimeError("respond_probability() needs layout='stream'")
-        if self._last_event != "frame" or self._last_logits is None:
+        if self._last_event != "frame" or (self._last_logits is None and self._last_hidden is None):
             raise RuntimeError("respond_probability() is defined right after add_frame()")
-        pair = self._last_logits[list(self._stream_ids)].float()
+        ids = list(self._stream_ids)
+        if self._last_logits is not None:
+            pair = self._last_logits[ids].float()
+        else:  # two rows of the logits head, not all of it
+            with torch.inference_mode():
+                pair = (self.lm.model.lm_head.weight[ids] @ self._last_hidden).float()
         return float(torch.softmax(pair, dim=-1)[0])
 
     # -- model steps ----------------------------------------------------------------------------
-    def _new_cache(self) -> DynamicCache:
-        try:
-            return DynamicCache(config=self._text_config)
-        except TypeError:  # older transformers
-            return DynamicCache()
-
     def _special_id(self, token: str) -> int | None:
         """The id of ``token``, or None when the tokenizer does not have it."""
         i = self.tokenizer.convert_tokens_to_ids(token)
@@ -216,31 +296,9 @@ class StreamSession:
         t = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
         return self.lm.model.get_input_embeddings()(t)  # (T, H)
 
-    def _encode_frame(self, pf: PixelFrame, keep: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector on one frame; returns the kept tokens' embeddings (K, H)."""
-        m = self.lm.model.model
-        out = m.get_video_features(
-            pixel_values_videos=pf.pixel_values.to(self.lm.dtype),
-            video_grid_thw=torch.tensor([pf.grid_thw], device=self.lm.device),
-            video_merge_sizes=torch.tensor([MERGE], device=self.lm.device),
-        )
-        return out.pooler_output[0][keep]
-
-    def _append(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Append ``embeds`` (T, H) to the cache; return the last hidden states (1, T, H)."""
-        out = self._text_model(inputs_embeds=embeds.unsqueeze(0).to(self.lm.dtype), use_cache=True,
-                               **{self._cache_kw: self._cache})
-        return out.last_hidden_state
-
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Append ``embeds`` (T, H) to the cache; return the logits of the last position (V,)."""
-        return self.lm.model.lm_head(self._append(embeds)[:, -1])[0]
-
     def _rollback(self) -> None:
         """Drop anything a failed forward wrote past the committed tokens."""
-        extra = self._cache.get_seq_length() - self.cache_len
-        if extra > 0:
-            self._cache.crop(-extra)  # a negative count removes that many (both transformers 5.17 and 5.2x)
+        self._pool.truncate(self._seq, self.cache_len)
 
     # -- the KV budget ---------------------------------------------------------------------------
     def _plan_room(self, new_tokens: int, what: str) -> Eviction:
@@ -265,7 +323,8 @@ class StreamSession:
         if self._store is not None and to_store and frames:
             self._store_frames(frames)
         keep = self._ledger.remove(uids)
-        self._cache = compact(self._cache, torch.from_numpy(keep), self._mover, self._text_config)
+        with torch.inference_mode():
+            self._pool.compact(self._seq, torch.from_numpy(keep), self._mover)
         self.evicted_frames += len(frames)
         self.evicted_exchanges += sum(u.kind == EXCHANGE for u in units)
         return len(frames)
@@ -277,28 +336,22 @@ class StreamSession:
         pos = np.flatnonzero(visual & np.isin(owners, list(index)))
         groups = np.array([index[o] for o in owners[pos]], dtype=np.int64)
         dev = self.lm.device
-        keys = mean_prerope_keys(self._cache, torch.from_numpy(pos).to(dev), torch.from_numpy(groups).to(dev),
-                                 len(frames), self._mover).cpu()
+        positions = torch.from_numpy(pos).to(dev)
+        keys = mean_prerope_keys(self._pool.layer_keys(self._seq, positions), positions,
+                                 torch.from_numpy(groups).to(dev), len(frames), self._mover).cpu()
         embs = torch.cat([u.emb for u in frames]).cpu().split([u.n_vis for u in frames])  # one copy, one sync
         for u, emb, key in zip(frames, embs, keys):
             self._store.add(u.t, emb, key)
             u.emb = None
 
-    def _question_queries(self, question: str) -> torch.Tensor:
+    def _question_queries(self, question: str) -> Op:
         """Pre-RoPE queries of the question's own tokens in context: (tokens, layers, heads, head_dim)."""
         ids = self._encode_ids(question)
-        tc = self._text_config
-        heads = tc.num_attention_heads
-        captured: list[torch.Tensor] = []
-        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
-                 for layer in self._text_model.layers]
         try:
-            self._append(self._embed(ids))  # only the queries are wanted: no logits
+            item = yield self._fwd(lambda _: self._embed(ids), len(ids), logits=False, probe=True)
         finally:
-            for h in hooks:
-                h.remove()
             self._rollback()
-        return torch.stack([q.view(len(ids), heads, -1).float() for q in captured], dim=1)
+        return item.queries
 
     # -- token pieces and their owners ------------------------------------------------------------
     # A part is (token ids, owning unit); ids None stands for the owner's visual tokens.
@@ -364,8 +417,20 @@ class StreamSession:
             self._ledger.append(ids if ids is not None else [self.video_token_id] * owner.n_vis, owner)
 
     # -- frames ----------------------------------------------------------------------------------
-    def add_frame(self, frame: np.ndarray, t: float) -> FrameResult:
+    def prepare(self, frame: object) -> PixelFrame:
+        """Validate, resize, normalize and patchify one RGB uint8 HxWx3 frame (``ValueError`` if bad).
+
+        Thread-safe and independent of the stream's state: the live engine runs it where the frame
+        arrives, so it never waits in front of other sessions' steps."""
+        with torch.inference_mode():
+            return self._prep(frame)
+
+    def add_frame(self, frame: np.ndarray | PixelFrame, t: float) -> FrameResult:
         """Preprocess, prune, encode and append one RGB uint8 HxWx3 frame at stream time ``t`` seconds."""
+        return self._run(self.begin_frame(frame, t))
+
+    def begin_frame(self, frame: np.ndarray | PixelFrame, t: float) -> Op:
+        """The operation of :meth:`add_frame` (a frame from :meth:`prepare` skips preprocessing)."""
         start = time.perf_counter()
         if self._answering:
             raise RuntimeError("an answer is being generated; finish or close it before adding frames")
@@ -374,28 +439,34 @@ class StreamSession:
         t = float(t)
         if self._last_t is not None and t <= self._last_t:
             raise ValueError(f"timestamps must increase: got t={t} after t={self._last_t}")
-        evicted = 0
         with torch.inference_mode():
-            pf = self._prep(frame)  # validates the frame
+            if not isinstance(frame, PixelFrame):
+                self.frames_prepared_here += 1
+            pf = frame if isinstance(frame, PixelFrame) else self._prep(frame)  # validates the frame
             keep = self._pruner.mask(pf)
             keep_np = keep.cpu().numpy()  # the one device sync of the step
-            unit = self._ledger.new_unit(FRAME, t, n_vis=int(keep_np.sum()))
-            state = self._snapshot()
-            parts = self._pending_part() + self._frame_parts(unit)
-            try:
-                evicted = self._evict(self._plan_room(self._count(parts), f"frame at t={t}"))
-                unit.emb = self._encode_frame(pf, keep)
-                logits = self._forward(self._embed_parts(parts))
-            except BaseException:
-                self._restore(state)
-                self._rollback()
-                raise
+        unit = self._ledger.new_unit(FRAME, t, n_vis=int(keep_np.sum()))
+        state = self._snapshot()
+        parts = self._pending_part() + self._frame_parts(unit)
+
+        def build(visual: torch.Tensor) -> torch.Tensor:
+            unit.emb = visual
+            return self._embed_parts(parts)
+        try:
+            evicted = self._evict(self._plan_room(self._count(parts), f"frame at t={t}"))
+            item = yield self._fwd(build, self._count(parts), logits=self.frame_logits, kind="frame",
+                                   frame=(pf, keep))
+        except BaseException:
+            self._restore(state)
+            self._rollback()
+            raise
         self._pruner.commit(pf, keep)
         if self._store is None:
             unit.emb = None
         self._append_parts(parts)
         self._pending_ids, self._pending_text, self._pending_owner = [], "", None
-        self._last_logits, self._last_event, self._last_t = logits, "frame", t
+        self._last_logits, self._last_hidden = item.out_logits, item.hidden
+        self._last_event, self._last_t = "frame", t
         self.frames_added += 1
         rows, cols = pf.grid_thw[1] // MERGE, pf.grid_thw[2] // MERGE
         return FrameResult(t=t, tokens_total=pf.num_tokens, tokens_kept=unit.n_vis, cache_len=self.cache_len,
@@ -416,8 +487,8 @@ class StreamSession:
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        return self._answer(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos,
-                            pin)
+        return self._drive(self.begin_answer(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                                             ignore_eos, pin))
 
     def unpin(self) -> None:
         """Let every pinned exchange be evicted again."""
@@ -431,12 +502,18 @@ class StreamSession:
         The ``stream`` layout's proactive answer (after ``respond_probability()`` said so); same
         contract as :meth:`ask`.
         """
-        if self._stream_ids is None:
-            raise RuntimeError("respond() needs layout='stream'; with 'video-turn' ask the instruction as a question")
-        return self._answer(None, max_new_tokens, do_sample, temperature, top_k, top_p, seed, False)
+        return self._drive(self.begin_answer(None, max_new_tokens, do_sample, temperature, top_k, top_p, seed))
 
-    def _answer(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                top_p: float, seed: int | None, ignore_eos: bool, pin: bool = False) -> Iterator[TokenDelta]:
+    def begin_answer(self, question: str | None, max_new_tokens: int = 128, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     ignore_eos: bool = False, pin: bool = False) -> Op:
+        """The operation of :meth:`ask` (``question`` None: of :meth:`respond`); checked now, like them."""
+        if question is None:
+            if self._stream_ids is None:
+                raise RuntimeError("respond() needs layout='stream'; with 'video-turn' ask the instruction as a "
+                                   "question")
+        elif not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         check_sampling(do_sample, temperature, top_k, top_p, seed)
@@ -454,7 +531,7 @@ class StreamSession:
             self._restore(state)
         return self._plan_room(self._count(parts) + max_new_tokens + self._close_len, "question and answer")
 
-    def _recall(self, question: str | None, max_new_tokens: int) -> tuple[list, Eviction]:
+    def _recall(self, question: str | None, max_new_tokens: int) -> Op:
         """The stored frames to bring back for ``question`` (fewer if they do not fit) and the units to evict.
 
         Room for the question and its answer is made first, so that reading the question's queries
@@ -462,9 +539,9 @@ class StreamSession:
         """
         picks = []
         if question is not None and self._store is not None and len(self._store):
-            with torch.inference_mode():
-                self._evict(self._plan_question(question, [], max_new_tokens))
-                picks = self._store.top(self._question_queries(question), self.config.budget.recall_top_k)
+            self._evict(self._plan_question(question, [], max_new_tokens))
+            queries = yield from self._question_queries(question)
+            picks = self._store.top(queries, self.config.budget.recall_top_k)
         while True:
             try:
                 return picks, self._plan_question(question, picks, max_new_tokens)
@@ -475,23 +552,23 @@ class StreamSession:
 
     def _generate(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                   top_p: float, seed: int | None, ignore_eos: bool, pin: bool,
-                  forced: list[int] | None = None) -> Iterator[TokenDelta]:
-        # Nothing changes until the caller starts iterating; then the question is committed.
+                  forced: list[int] | None = None) -> Op:
+        # Nothing changes until the operation is first advanced; then the question is committed.
         if self._answering:
             raise RuntimeError("an answer is already being generated in this session")
-        picks, evict = self._recall(question, max_new_tokens)
+        picks, evict = yield from self._recall(question, max_new_tokens)
         gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
         state = self._snapshot()
         parts, exchange, recalled = self._question_parts(question, picks)
         exchange.pinned = pin
         try:
-            with torch.inference_mode():
-                self._evict(evict)
-                logits = self._forward(self._embed_parts(parts))
+            self._evict(evict)
+            item = yield self._fwd(lambda _: self._embed_parts(parts), self._count(parts))
         except BaseException:
             self._restore(state)
             self._rollback()
             raise
+        logits, greedy = item.out_logits, item.greedy
         self._append_parts(parts)
         self._answering = True
         unforwarded: list[int] = []
@@ -499,27 +576,32 @@ class StreamSession:
             self.recalled_frames += len(picks)
             self.last_recall = [f.t for f in picks]
             self._pending_ids, self._pending_text, self._pending_owner = [], "", None
-            self._last_logits, self._last_event = logits, "question"
+            self._last_logits, self._last_hidden, self._last_event = logits, None, "question"
             detok = IncrementalDetokenizer(self.tokenizer)
             for step in range(max_new_tokens):
-                token = forced[step] if forced is not None else sample_next(logits, do_sample, temperature, top_k,
-                                                                            top_p, gen)
+                if forced is not None:
+                    token = forced[step]
+                elif not do_sample and greedy is not None:
+                    token = greedy  # the executor's argmax over the step's rows
+                else:
+                    token = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
+                if self.logit_log is not None:
+                    self.logit_log.append(logits.detach().float().cpu().clone())
                 if token in self.eos_ids and not ignore_eos:
                     break
                 unforwarded = [token]
                 yield TokenDelta(token_id=token, text=detok.push(token))
                 if step == max_new_tokens - 1:
                     break
-                with torch.inference_mode():
-                    logits = self._forward(self._embed([token]))
+                item = yield self._fwd(lambda _, ids=[token]: self._embed(ids), 1, kind="decode")
+                logits, greedy = item.out_logits, item.greedy
                 self._ledger.append([token], exchange)
                 self._last_logits = logits
                 unforwarded = []
         finally:
             try:
                 self._rollback()
-                with torch.inference_mode():
-                    self._evict(Eviction({u.uid for u in recalled}), to_store=False)
+                self._evict(Eviction({u.uid for u in recalled}), to_store=False)
             finally:
                 exchange.complete = True
                 self._pending_ids, self._pending_owner = unforwarded, exchange
@@ -540,7 +622,7 @@ class StreamSession:
             raise ValueError("question must be a non-empty string")
         ids = self._encode_ids(answer)
         self._plan_question(question, [], len(ids))  # checks only
-        for _ in self._generate(question, len(ids), False, 1.0, 0, 1.0, None, True, False, forced=ids):
+        for _ in self._drive(self._generate(question, len(ids), False, 1.0, 0, 1.0, None, True, False, forced=ids)):
             pass
 
     def answer(self, question: str, **kwargs: object) -> str:

@@ -119,7 +119,11 @@ def _dispatch(args) -> int:
 
         cfg = dataclass_from_args(BenchConfig, args)
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the JSON)
-        if cfg.stream_hours is not None:
+        if cfg.sessions is not None:
+            from .bench_sessions import run_sessions_bench
+
+            result = run_sessions_bench(cfg, load_config(args.config, args.overrides), progress)
+        elif cfg.stream_hours is not None:
             from model.bench_stream import run_stream_bench
 
             result = run_stream_bench(cfg, load_config(args.config, args.overrides).session, progress)

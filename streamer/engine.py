@@ -11,12 +11,18 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from model import LoadedModel, StreamSession
 from model.config import Config, EngineConfig, SessionConfig
+from model.executor import Executor
+from model.kvpool import KVPool, PoolFullError, bytes_per_token
 from model.sampling import check_sampling
 
 from .bus import Event, EventBus
@@ -50,8 +56,22 @@ class EngineError(ValueError):
         self.code = code
 
 
+def pool_tokens(lm: LoadedModel, config: Config) -> int:
+    """The KV pool's size in tokens: ``engine.kv_pool_tokens``, else ``engine.kv_pool_memory`` of the free
+    GPU memory (CUDA), else room for ``server.max_sessions`` sessions at the session's budget (CPU)."""
+    ec = config.engine
+    if ec.kv_pool_tokens is not None:
+        return ec.kv_pool_tokens
+    per_token = bytes_per_token(lm.model.config.text_config, lm.dtype)
+    if lm.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(lm.device)
+        return max(ec.kv_page_tokens, int(free * ec.kv_pool_memory) // per_token)
+    budget = config.session.budget.max_tokens or lm.model.config.text_config.max_position_embeddings
+    return max(ec.kv_page_tokens, config.server.max_sessions * (budget + ec.kv_page_tokens))
+
+
 class Engine:
-    """Sessions over one model. Use ``async with Engine(lm, config) as engine:``."""
+    """Sessions over one model and one KV pool. Use ``async with Engine(lm, config) as engine:``."""
 
     def __init__(self, lm: LoadedModel, config: Config | None = None, bus: EventBus | None = None):
         self.lm = lm
@@ -62,7 +82,12 @@ class Engine:
         self._ids = itertools.count(1)
         self._responses = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker = ModelWorker(self._emit_threadsafe)
+        ec = self.config.engine
+        self.pool: KVPool | None = None  # made at start
+        self.executor = Executor(lm)
+        self._worker = ModelWorker(self._emit_threadsafe, self.executor, ec.batching, ec.max_step_tokens,
+                                   ec.min_chunk_tokens, on_take=self._feed)
+        self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep")
         self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
         self._closing: dict[str, LiveSession] = {}  # sessions being closed (no longer in self.sessions)
 
@@ -75,6 +100,15 @@ class Engine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.pool is None:
+            ec = self.config.engine
+            tokens = pool_tokens(self.lm, self.config)
+            self.pool = await asyncio.to_thread(KVPool, self.lm.model.config.text_config, tokens, self.lm.device,
+                                                self.lm.dtype, ec.kv_page_tokens)
+            print(f"vl3live: KV pool of {self.pool.tokens} tokens x {self.pool.bytes_per_token} bytes "
+                  f"= {self.pool.nbytes / 2**30:.2f} GiB on {self.lm.device} (pages of {ec.kv_page_tokens}); "
+                  f"batching {'on' if ec.batching else 'off'}, {ec.max_step_tokens} tokens per step",
+                  file=sys.stderr, flush=True)
         self._worker.start()
 
     async def close(self) -> None:
@@ -82,13 +116,30 @@ class Engine:
         for sid in list(self.sessions):
             await self.close_session(sid)
         await asyncio.to_thread(self._worker.stop)
+        await asyncio.to_thread(self._prep.shutdown, True, cancel_futures=True)
         self.bus.close()
 
+    def recent_steps(self) -> list[tuple[int, dict[str, int], float]]:
+        """The last steps the worker ran (at most 512): (step number, rows per session id, ms)."""
+        with self._worker.lock:
+            return list(self._worker.history)
+
+    def pool_stats(self) -> dict[str, int]:
+        """The KV pool's size and use (``/metrics``), and the steps the worker ran."""
+        stats = self.pool.stats() if self.pool is not None else {}
+        stats.update(steps=self._worker.steps, step_items=self._worker.step_items)
+        return stats
+
     # -- events -----------------------------------------------------------------------------------
-    def _emit_threadsafe(self, ev: Event) -> None:
+    def _emit_threadsafe(self, events: list[Event]) -> None:
+        """Hand a step's events to the event loop in one wake-up (they are published in order)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.bus.publish, ev)
+            loop.call_soon_threadsafe(self._publish_all, events)
+
+    def _publish_all(self, events: list[Event]) -> None:
+        for ev in events:
+            self.bus.publish(ev)
 
     # -- sessions ---------------------------------------------------------------------------------
     async def _on_worker(self, fn):
@@ -102,7 +153,10 @@ class Engine:
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} exists")
         cfg = session_config or self.config.session
-        session = await self._on_worker(lambda: StreamSession(self.lm, cfg))
+        try:
+            session = await self._on_worker(lambda: StreamSession(self.lm, cfg, self.pool, self.executor))
+        except PoolFullError as exc:
+            raise EngineError(str(exc), "too_many_sessions") from None
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} exists")
         ls = LiveSession(sid, session, dataclasses.replace(engine_config or self.config.engine),
@@ -125,7 +179,16 @@ class Engine:
             if ls.processed or ls.session.cache_len != ls.fresh_len or self._worker.answering(ls):
                 raise EngineError("layout, budget and frame size can only change before the first frame "
                                   "or question; open a new session to change them", "session_started")
-            return StreamSession(self.lm, session_config)
+            old = ls.session
+            old.close()  # its pages make room for the new budget
+            try:
+                return StreamSession(self.lm, session_config, self.pool, self.executor)
+            except PoolFullError as exc:
+                ls.session = StreamSession(self.lm, old.config, self.pool, self.executor)  # as it was
+                raise EngineError(str(exc), "too_many_sessions") from None
+            except BaseException:
+                ls.session = StreamSession(self.lm, old.config, self.pool, self.executor)
+                raise
 
         session = await self._on_worker(rebuild)
         with self._worker.lock:
@@ -210,11 +273,43 @@ class Engine:
             if not ls.sampler.accept(frame.pts_seconds):
                 ls.count("sampled_out")
                 return False
-            if ls.frame is not None:
+            if ls.incoming is not None:
                 ls.count("dropped")
-            ls.frame = PendingFrame(frame, time.monotonic(), event_id)
+            ls.incoming = PendingFrame(frame, time.monotonic(), event_id, prepared_by=ls.session)
+            self._feed(ls)
             self._worker.lock.notify_all()
         return True
+
+    def _feed(self, ls: LiveSession) -> None:
+        """Under the lock: start preprocessing the newest frame unless one of the session's frames is being
+        preprocessed now (resize/normalize/patchify run on a preprocessing thread, never in front of other
+        sessions' steps; one at a time per session, so a flood costs at most one thread's work)."""
+        if ls.closed or ls.incoming is None or ls.preparing is not None:
+            return
+        pending, ls.incoming = ls.incoming, None
+        try:
+            fut = self._prep.submit(pending.prepared_by.prepare, pending.frame.rgb)
+        except RuntimeError:  # shutting down: the model thread preprocesses it
+            ls.frame = pending
+            return
+        ls.preparing = pending
+        fut.add_done_callback(lambda f: self._prepared(ls, f))
+
+    def _prepared(self, ls: LiveSession, fut) -> None:
+        """A frame's preprocessing ended (on its thread): it becomes the session's latest frame."""
+        with self._worker.lock:
+            pending, ls.preparing = ls.preparing, None
+            if pending is None:
+                return
+            pending.prepared = fut
+            if ls.closed:
+                ls.count("dropped")
+            else:
+                if ls.frame is not None:  # the newest wins
+                    ls.count("dropped")
+                ls.frame = pending
+                self._feed(ls)  # a newer one came meanwhile
+            self._worker.lock.notify_all()
 
     def attach(self, ls: LiveSession, source: AsyncIterator[Frame], continue_clock: bool = False) -> asyncio.Task:
         """Feed ``source`` into ``ls`` until it ends, it fails, or the session closes.
@@ -307,6 +402,10 @@ class Engine:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # events handed over with call_soon_threadsafe run before this returns
         await asyncio.sleep(0)
+
+    def answering(self, ls: LiveSession) -> bool:
+        """Whether an answer is being generated in ``ls`` now."""
+        return self._worker.answering(ls)
 
     def cancel(self, ls: LiveSession) -> bool:
         """End the answer being generated now (it stays in the cache as far as it got)."""

@@ -1,7 +1,10 @@
 """A live session: a ``StreamSession`` plus what the engine keeps around it.
 
 Between a source and the model there is one slot per session: the latest sampled frame (latest
-wins; every overwritten frame is counted as dropped). Questions wait in a bounded queue. All
+wins; every overwritten frame is counted as dropped). Frames are preprocessed on a preprocessing
+thread on their way into the slot, one at a time per session: the newest frame waits
+(``incoming``, replaced by newer ones) while another is preprocessed (``preparing``), then
+replaces the one in the slot (``frame``), which the model takes when the session's turn comes. Questions wait in a bounded queue. All
 fields shared with the model worker are guarded by the worker's lock.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from model import StreamSession
@@ -46,6 +50,15 @@ class PendingFrame:
     frame: Frame
     arrived: float  # monotonic time the frame reached the engine
     event_id: str | None = None  # the client's id for it (websocket), carried on its error
+    prepared: Future | None = None  # its PixelFrame, made on a preprocessing thread
+    prepared_by: object = None  # the StreamSession whose settings it was made with
+
+    def pixels_for(self, session: object) -> object:
+        """What ``session.begin_frame`` takes: the PixelFrame made for it (its ``ValueError`` if the frame
+        is bad), or the RGB frame when it was made for other settings or not at all."""
+        if self.prepared is not None and self.prepared_by is session and not self.prepared.cancelled():
+            return self.prepared.result()
+        return self.frame.rgb
 
 
 # What becomes of a frame the engine accepted: exactly one of these, counted once it is known.
@@ -60,6 +73,7 @@ class Question:
     proactive: bool = False
     pin: bool = False
     max_new_tokens: int = 256
+    asked: float = field(default_factory=time.monotonic)  # when it was asked: TTFT counts from here
 
 
 @dataclass
@@ -67,7 +81,9 @@ class LiveSession:
     id: str
     session: StreamSession
     cfg: EngineConfig
-    frame: PendingFrame | None = None
+    frame: PendingFrame | None = None  # preprocessed: the frame the model takes next
+    incoming: PendingFrame | None = None  # the newest frame, waiting for the slot to be preprocessed
+    preparing: PendingFrame | None = None  # the frame being preprocessed now
     questions: deque = field(default_factory=deque)
     instruction: str | None = None
     instruction_queued: bool = False  # stream layout: the instruction is not in the cache yet
@@ -104,9 +120,17 @@ class LiveSession:
 
     @property
     def pending(self) -> int:
-        """Accepted frames without an outcome yet: in the latest-frame slot, or inside a model step (0-2).
-        At all times ``accepted == sampled_out + dropped + processed + refused + pending``."""
-        return int(self.frame is not None) + int(self.in_step)
+        """Accepted frames without an outcome yet: being preprocessed, in the latest-frame slot, or inside a
+        model step (0-4). At all times ``accepted == sampled_out + dropped + processed + refused + pending``."""
+        return sum(f is not None for f in (self.incoming, self.preparing, self.frame)) + int(self.in_step)
+
+    def question_ready(self) -> bool:
+        """A question waits, and can start now: no frame that arrived before it is still being
+        preprocessed (frames go before the questions asked after them)."""
+        if not self.questions:
+            return False
+        asked = self.questions[0].asked
+        return not any(f is not None and f.arrived <= asked for f in (self.preparing, self.incoming))
 
     def counters(self) -> dict[str, float | int]:
         """A snapshot of the counters (take it under the model worker's lock to have them add up)."""

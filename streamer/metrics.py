@@ -63,9 +63,36 @@ class _FrameCounts(Collector):
         return [frames, pending]
 
 
+class _PoolGauges(Collector):
+    """The engine's KV pool (sizes and use) and its steps, read at scrape time."""
+
+    def __init__(self, pool_stats: Callable[[], dict[str, int]]):
+        self._stats = pool_stats
+
+    def collect(self):
+        st = self._stats()
+        docs = {"pool_tokens": "KV pool size in tokens (all sessions share it)",
+                "bytes_per_token": "KV bytes per cached token (keys and values, all layers)",
+                "pool_bytes": "KV pool size in bytes", "page_tokens": "tokens per KV page",
+                "pages_total": "KV pages in the pool", "tokens_used": "KV slots holding tokens now",
+                "pages_reserved": "KV pages reserved by admitted sessions' budgets",
+                "sessions": "sessions holding a reservation in the KV pool"}
+        out = []
+        for key, doc in docs.items():
+            if key in st:
+                g = GaugeMetricFamily(f"vl3live_kv_{key}", doc)
+                g.add_metric([], st[key])
+                out.append(g)
+        for key, doc in (("steps", "packed model steps run"), ("step_items", "session forwards run in steps")):
+            c = CounterMetricFamily(f"vl3live_engine_{key}", doc)
+            c.add_metric([], st.get(key, 0))
+            out.append(c)
+        return out
+
+
 class Metrics:
     def __init__(self, sessions: Callable[[], list[tuple[LiveSession, bool]]],
-                 frame_counts: Callable[[], dict[str, int]]):
+                 frame_counts: Callable[[], dict[str, int]], pool_stats: Callable[[], dict[str, int]] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Counter("vl3live_connections", "websocket connections accepted", registry=r)
@@ -82,6 +109,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         r.register(_SessionGauges(sessions))
         r.register(_FrameCounts(frame_counts, self.frames))
+        if pool_stats is not None:
+            r.register(_PoolGauges(pool_stats))
 
     def observe(self, ev: Event) -> None:
         """Bus observer: runs on the event loop for every published event."""

@@ -53,7 +53,8 @@ ERROR_CODES = {
     "cache_limit": "the KV cache cannot take more (no budget, or a question larger than it)",
     "source": "the attached source cannot be opened or broke off (the server keeps retrying)",
     "subscriber_overflow": "this connection fell too far behind on answer events",
-    "too_many_sessions": "server.max_sessions reached (the connection is closed, code 1013)",
+    "too_many_sessions": "server.max_sessions reached, or the KV pool cannot hold another session's budget "
+                         "(the message says which; the connection is closed, code 1013)",
     "resume_failed": "an empty, malformed, unknown or expired resume token (the connection is closed, code 4001)",
     "internal": "a bug on the server; the session goes on",
 }

@@ -85,6 +85,7 @@ class ApiSession:
     last_event_id: str | None = None
     last_stats: Event | None = None
     ack_dirty: bool = False
+    decoding: int = 0  # frames received and being decoded (not counted anywhere else yet: no ack meanwhile)
     stats_dirty: bool = False
     meta: tuple[float | None, str | None] | None = None  # from input_frame.meta, for the next binary frame
     source_url: str | None = None
@@ -101,7 +102,7 @@ class Server:
         self.token = self.check(self.config)
         self.sessions: dict[str, ApiSession] = {}  # by resume token
         self.metrics = Metrics(lambda: [(s.ls, s.conn is not None) for s in self.sessions.values()],
-                               engine.frame_counts)
+                               engine.frame_counts, engine.pool_stats)
         engine.bus.observe(self.metrics.observe)
         self._ws: WsServer | None = None
         self._opening = 0
@@ -268,6 +269,10 @@ class Server:
             session_config.budget, recall_memory_mb=self.recall_mb))
         try:
             ls = await self.engine.open_session(session_config)
+        except EngineError as exc:  # the KV pool cannot hold another session's budget
+            await self._error(conn, exc.code, str(exc))
+            await conn.close(1013 if exc.code == "too_many_sessions" else 1011, "cannot open a session")
+            return None
         except Exception as exc:  # e.g. the worker stopped during shutdown
             await self._error(conn, "internal", f"cannot open a session: {exc}")
             await conn.close(1011, "cannot open a session")
@@ -383,7 +388,11 @@ class Server:
                                                            f"({cfg.max_pts_jump:g} s) past the session's newest "
                                                            f"frame ({newest:g} s); send stream time in seconds")
             raw = P.decode_base64_image(data, cfg.max_frame_bytes) if isinstance(data, str) else data
-            rgb = await asyncio.to_thread(P.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
+            s.decoding += 1
+            try:
+                rgb = await asyncio.to_thread(P.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
+            finally:
+                s.decoding -= 1
             t = pts if pts is not None else time.monotonic() - s.t0
             # from here every frame has exactly one outcome in the engine's counters
             self.engine.push_frame(s.ls, Frame(t, rgb), event_id=eid)
@@ -493,7 +502,7 @@ class Server:
                 now = loop.time()
                 if now >= next_ack:
                     next_ack = now + cfg.ack_interval
-                    if s.ack_dirty:
+                    if s.ack_dirty and not s.decoding:  # an ack always adds up: none mid-decode
                         s.ack_dirty = False
                         await conn.send(P.dump(self._ack(s)))
                 if now >= next_stats:

@@ -102,11 +102,11 @@ def test_cache_stays_within_budget_and_text_stays_well_formed(lm, layout):
     for i, f in enumerate(frames):
         r = s.add_frame(f, float(i))
         peak = max(peak, r.cache_len)
-        assert r.cache_len == s._cache.get_seq_length()
+        assert r.cache_len == s.kv_len
         if i % 15 == 14:
             for _ in s.ask(f"What happened before second {i}?", max_new_tokens=6):
                 peak = max(peak, s.cache_len)
-    assert peak <= 330 and s.cache_len == s._cache.get_seq_length()
+    assert peak <= 330 and s.cache_len == s.kv_len
     st = s.stats()
     assert st["evicted_frames"] > 20 and st["evicted_exchanges"] >= 1 and st["recalled_frames"] == 0
     assert st["frames_in_cache"] + st["evicted_frames"] == 60
@@ -179,7 +179,7 @@ def test_rerotated_keys_equal_keys_built_at_the_new_positions(lm):
         k = torch.cat([pad] + keys[i])[origin].view(1, n, -1, head_dim).transpose(1, 2)
         v = torch.cat([pad] + values[i])[origin].view(1, n, -1, head_dim).transpose(1, 2)
         expected, _ = apply_rotary_pos_emb(k, k, cos, sin)  # built from scratch at the new positions
-        got_k, got_v = s._cache.layers[i].keys, s._cache.layers[i].values
+        got_k, got_v = s.cached_kv(i)
         diff = (got_k[..., sink_len:, :] - expected[..., sink_len:, :]).abs().max().item()
         assert diff <= 1e-4, f"layer {i}: max abs diff {diff}"
         assert torch.equal(got_v[..., sink_len:, :], v[..., sink_len:, :])

@@ -91,6 +91,32 @@ def test_bench_prints_the_promised_figures():
     assert out["decode_tok_s"] > 0
 
 
+def test_bench_sessions_compares_the_batched_engine_with_batching_off():
+    r = _run("--set", "session.frame_pixels=12544", "bench", "--model", "tiny", "--sessions", "3", "--seconds", "1.5",
+             "--probe-seconds", "1", "--max-streams-limit", "4", "--fps", "4", "--flood-fps", "20",
+             "--max-new-tokens", "4", "--height", "112", "--width", "112", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "KV pool of" in r.stderr and "probe" in r.stderr  # the pool's size and progress are printed
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for mode in ("batched", "off"):
+        for load in ("frames", "answers"):
+            run = out[mode][load]
+            for key in ("frames_per_s", "answer_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "frame_latency_ms_p50",
+                        "frame_latency_ms_p99", "items_per_step", "kept_up"):
+                assert key in run, (mode, load, key)
+            assert run["sessions"] == 3 and run["frames_processed"] > 0
+        assert out[mode]["answers"]["answer_tokens"] > 0 and out[mode]["answers"]["ttft_ms_p99"] > 0
+    assert out["off"]["answers"]["items_per_step"] == 1.0 and out["batched"]["answers"]["items_per_step"] > 1.0
+    b, o = out["batched"], out["off"]
+    assert out["ratios"]["answer_tokens_per_s"] == pytest.approx(
+        b["answers"]["answer_tokens_per_s"] / o["answers"]["answer_tokens_per_s"], rel=0.01)
+    assert out["ratios"]["frames_per_s"] == pytest.approx(
+        b["frames"]["frames_per_s"] / o["frames"]["frames_per_s"], rel=0.01)
+    assert out["pool_bytes_per_session"] == out["pool_bytes_per_token"] * 16384  # the default budget, whole pages
+    assert 0 <= out["max_streams"] <= 4 and out["max_streams_probes"]
+    assert all(p["kept_up"] is (p["frames_processed"] >= 0.95 * p["frames_offered"]) for p in out["max_streams_probes"])
+
+
 def test_bench_stream_hours_runs_a_long_stream_in_a_bounded_cache():
     budget = ["--set", "session.budget.max_tokens=700", "--set", "session.budget.recent_tokens=150"]
     r = _run(*budget, "bench", "--model", "tiny", "--stream-hours", "0.05", "--fps", "1", "--ask-every", "45",

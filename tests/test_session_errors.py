@@ -24,7 +24,7 @@ def _still_works(s, t):
     r = s.add_frame(np.full((100, 140, 3), 7, np.uint8), t)
     assert r.cache_len > before
     assert s.answer("Still there?", max_new_tokens=2) is not None
-    assert s._cache.get_seq_length() == s.cache_len
+    assert s.kv_len == s.cache_len
 
 
 @pytest.mark.parametrize("frame, t, message", [
@@ -73,7 +73,7 @@ def test_cache_limit_is_refused_naming_the_limit(lm):
     assert n <= 120
     with pytest.raises(CacheLimitError, match="120"):
         s.ask("What happened?", max_new_tokens=200)
-    assert s.cache_len == n and s._cache.get_seq_length() == n
+    assert s.cache_len == n and s.kv_len == n
     assert s.max_tokens == 120
 
 
@@ -127,13 +127,14 @@ def test_sampling_settings_out_of_range_are_refused_at_once(session, kwargs, mes
     _still_works(session, 2.0)
 
 
-@pytest.mark.parametrize("where, fail_at", [("IncrementalDetokenizer", 1), ("sample_next", 2), ("_forward", 2)])
+@pytest.mark.parametrize("where, fail_at", [("IncrementalDetokenizer", 1), ("sample_next", 2), ("_packed", 2)])
 def test_a_failure_inside_an_answer_never_leaves_the_session_answering(session, monkeypatch, where, fail_at):
     """Whatever breaks once the question is committed (right after, or mid-answer), the answer ends and
     the session takes frames and questions again."""
     import model.session as ms
+    from model.executor import Executor
 
-    owner = StreamSession if where == "_forward" else ms
+    owner = Executor if where == "_packed" else ms
     real = getattr(owner, where)
     calls = {"n": 0}
 
@@ -144,8 +145,9 @@ def test_a_failure_inside_an_answer_never_leaves_the_session_answering(session, 
         return real(*args, **kwargs)
     monkeypatch.setattr(owner, where, broken)
     with pytest.raises(RuntimeError, match="injected"):
-        for _ in session.ask("Tell me a story.", max_new_tokens=6, ignore_eos=True):
+        sampled = {"do_sample": True, "seed": 1} if where == "sample_next" else {}  # greedy: the step's argmax
+        for _ in session.ask("Tell me a story.", max_new_tokens=6, ignore_eos=True, **sampled):
             pass
     monkeypatch.undo()
-    assert not session._answering and session._cache.get_seq_length() == session.cache_len
+    assert not session._answering and session.kv_len == session.cache_len
     _still_works(session, 2.0)

@@ -117,7 +117,7 @@ def test_cache_len_tracks_kv_cache(lm, layout):
     s = StreamSession(lm, SessionConfig(frame_pixels=FP, layout=layout))
     for i, f in enumerate(scene_frames(3, seed=4)):
         r = s.add_frame(f, float(i))
-        assert r.cache_len == s.cache_len == s._cache.get_seq_length() == len(s.token_ids())
+        assert r.cache_len == s.cache_len == s.kv_len == len(s.token_ids())
         assert r.tokens_kept == int(np.count_nonzero(r.keep_mask)) and r.tokens_total == r.keep_mask.size
     s.answer("Hi?", max_new_tokens=3)
-    assert s._cache.get_seq_length() == s.cache_len
+    assert s.kv_len == s.cache_len

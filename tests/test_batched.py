@@ -1,0 +1,306 @@
+"""The batched engine: many sessions' work in one packed forward per step equals each session alone.
+
+Every scenario runs real sessions of the tiny model through the ``Engine`` (scheduler, executor,
+shared KV pool, preprocessing threads) and replays the same inputs on lone ``StreamSession``s.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from model import SessionConfig, StreamSession
+from model.config import BudgetConfig, Config
+from model.executor import Executor, Forward
+from model.kvpool import KVPool, PoolFullError
+from streamer.engine import Engine, EngineError
+from streamer.sources import Frame
+from tests.conftest import eventually, scene_frames
+
+SPECS = {  # name: (session config, frame size): different layouts, frame sizes, budgets
+    "evict": (SessionConfig(frame_pixels=28 * 28 * 12, budget=BudgetConfig(
+        max_tokens=150, recent_tokens=30, reserve_tokens=40, recall="on", recall_top_k=2)), (100, 140)),
+    "stream": (SessionConfig(layout="stream", frame_pixels=28 * 28 * 20), (150, 200)),
+    "watch": (SessionConfig(frame_pixels=28 * 28 * 6), (84, 112)),
+    "long": (SessionConfig(frame_pixels=28 * 28 * 16), (120, 160)),
+}
+ROUNDS = 8
+
+
+def _config(**engine) -> Config:
+    cfg = Config()
+    cfg.engine.fps = 1000.0
+    for k, v in engine.items():
+        setattr(cfg.engine, k, v)
+    return cfg
+
+
+class _Driver:
+    """Feeds sessions of an engine and records, per session, exactly what it was given in order."""
+
+    def __init__(self, eng: Engine):
+        self.eng = eng
+        self.ls, self.log, self.sub, self.frames = {}, {}, {}, {}
+
+    async def open(self, name: str, seed: int) -> None:
+        cfg, (h, w) = SPECS[name]
+        ls = await self.eng.open_session(cfg)
+        ls.session.logit_log = []
+        self.ls[name], self.log[name] = ls, []
+        self.sub[name] = self.eng.bus.subscribe(ls.id, maxsize=100000)
+        if name == "evict":  # noise: every token survives DiffFP, so the budget evicts
+            rng = np.random.default_rng(seed)
+            self.frames[name] = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(ROUNDS + 4)]
+        else:
+            self.frames[name] = scene_frames(ROUNDS + 4, h, w, seed=seed)
+
+    def push(self, name: str) -> None:
+        i = sum(what == "frame" for what, _, _ in self.log[name])
+        f, t = self.frames[name][i], 0.5 * i + 0.25
+        self.log[name].append(("frame", f, t))
+        assert self.eng.push_frame(self.ls[name], Frame(t, f))
+
+    def ask(self, name: str, q: str, n: int) -> None:
+        self.log[name].append(("ask", q, n))
+        self.eng.ask(self.ls[name], q, max_new_tokens=n)
+
+    def deltas(self, name: str) -> int:
+        return sum(e.type == "response.delta" for e in list(self.sub[name]._events))
+
+    async def processed(self, name: str) -> None:
+        n = sum(what == "frame" for what, _, _ in self.log[name])
+        assert await eventually(lambda: self.ls[name].processed == n, timeout=120), (name, self.ls[name].counters())
+
+    async def settled(self) -> None:
+        for ls in self.ls.values():
+            await self.eng.settled(ls, timeout=120)
+
+
+async def _scenario(eng: Engine) -> _Driver:
+    d = _Driver(eng)
+    for seed, name in enumerate(SPECS):
+        await d.open(name, seed)
+    for r in range(ROUNDS):
+        for name in SPECS:  # the same step takes every session's frame
+            d.push(name)
+        for name in SPECS:
+            await d.processed(name)
+        if r == 3:  # one answers at length; another asks mid-answer; the others keep streaming
+            d.ask("long", "Describe the whole scene in detail.", 24)
+            assert await eventually(lambda: d.deltas("long") >= 3, timeout=120)
+            d.ask("stream", "What changed?", 8)
+            d.push("watch")
+            d.push("evict")
+            await d.settled()
+            for name in ("watch", "evict"):
+                d.push(name)
+            await d.settled()
+        if r == 6:  # its early frames are evicted by now: recall brings some back
+            assert d.ls["evict"].session.stats()["evicted_frames"] > 0
+            d.ask("evict", "Where was the bright patch?", 6)
+            await d.settled()
+    await d.settled()
+    return d
+
+
+def _alone(lm, name: str, log: list) -> StreamSession:
+    s = StreamSession(lm, SPECS[name][0])
+    s.logit_log = []
+    for what, a, b in log:
+        if what == "frame":
+            s.add_frame(a, b)
+        else:
+            for _ in s.ask(a, max_new_tokens=b):
+                pass
+    return s
+
+
+@pytest.mark.parametrize("engine", [
+    {},  # defaults: everything of a step in one pack
+    {"max_step_tokens": 24, "min_chunk_tokens": 8},  # every frame and question prefill chunked
+    {"batching": False},
+], ids=["packed", "chunked", "off"])
+def test_batched_sessions_equal_each_session_alone(lm, engine):
+    async def main():
+        async with Engine(lm, _config(**engine)) as eng:
+            d = await _scenario(eng)
+            steps = eng.recent_steps()
+            return d, steps, eng.pool_stats()
+
+    d, steps, pool = asyncio.run(main())
+    mean_batch = pool["step_items"] / pool["steps"]
+    if engine.get("batching", True):
+        assert mean_batch > 1.5, f"steps were not packed: {mean_batch:.2f} items per step"
+        assert max(len(rows) for _, rows, _ in steps) >= 3
+    else:
+        assert all(len(rows) == 1 for _, rows, _ in steps)
+    limit = engine.get("max_step_tokens")
+    if limit:
+        assert all(sum(rows.values()) <= limit for _, rows, _ in steps)
+    for name in SPECS:
+        s, alone = d.ls[name].session, _alone(lm, name, d.log[name])
+        assert s.token_ids() == alone.token_ids(), name
+        assert len(s.logit_log) == len(alone.logit_log)
+        assert s.logit_log or name == "watch"  # the others answered
+        for got, want in zip(s.logit_log, alone.logit_log):
+            assert (got - want).abs().max().item() <= 1e-4, name
+        assert s.stats() == alone.stats(), name
+        assert s.frames_in_cache() == alone.frames_in_cache()
+    assert d.ls["evict"].session.stats()["recalled_frames"] > 0
+    assert d.ls["evict"].session.stats()["evicted_frames"] > 0
+
+
+def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
+    """In steps where others answer, one session gets a frame that cannot be read and another one that
+    does not fit its cache: each gets its error, the others' answers are what they are alone."""
+    full = SessionConfig(frame_pixels=28 * 28 * 12, max_cache_tokens=32, budget=BudgetConfig(max_tokens=None))
+    ok = SessionConfig(frame_pixels=28 * 28 * 12)
+
+    async def main():
+        async with Engine(lm, _config()) as eng:
+            a, b = await eng.open_session(ok), await eng.open_session(ok)
+            bad, tight = await eng.open_session(ok), await eng.open_session(full)
+            for ls in (a, b):
+                ls.session.logit_log = []
+            sub = eng.bus.subscribe(maxsize=100000)
+            frames = scene_frames(3, 100, 140, seed=3)
+            for ls in (a, b, bad, tight):
+                eng.push_frame(ls, Frame(0.0, frames[0]))
+            assert await eventually(lambda: all(ls.processed == 1 for ls in (a, b, bad, tight)))
+            eng.ask(a, "What is there?", max_new_tokens=12)
+            eng.ask(b, "And here?", max_new_tokens=12)
+            assert await eventually(lambda: eng.answering(a) and eng.answering(b))
+            eng.push_frame(bad, Frame(1.0, np.zeros((100, 140, 4), np.uint8)))  # 4 channels
+            eng.push_frame(tight, Frame(1.0, frames[1]))  # does not fit 32 tokens
+            for ls in (a, b, bad, tight):
+                await eng.settled(ls)
+            events = []
+            while (e := sub.get_nowait()) is not None:
+                events.append(e)
+            return a, b, bad, tight, events, frames
+
+    a, b, bad, tight, events, frames = asyncio.run(main())
+    errors = {e.session: e.data["code"] for e in events if e.type == "error"}
+    assert errors == {bad.id: "bad_frame", tight.id: "cache_limit"}
+    assert bad.refused == tight.refused == 1 and bad.processed == tight.processed == 1
+    done = {e.session: e.data["text"] for e in events if e.type == "response.done"}
+    for ls, q in ((a, "What is there?"), (b, "And here?")):
+        alone = StreamSession(lm, ok)
+        alone.logit_log = []
+        alone.add_frame(frames[0], 0.0)
+        assert done[ls.id] == alone.answer(q, max_new_tokens=12)
+        assert ls.session.token_ids() == alone.token_ids()
+        assert all((x - y).abs().max() <= 1e-4 for x, y in zip(ls.session.logit_log, alone.logit_log))
+
+
+def test_a_packed_step_that_fails_reruns_its_items_alone(lm):
+    """An item that breaks the packed forward (here: embeddings of the wrong width) fails alone; the
+    others in the step get the results they get alone."""
+    tc = lm.model.config.text_config
+    pool = KVPool(tc, 1024, "cpu", torch.float32)
+    ex = Executor(lm)
+    emb = lm.model.get_input_embeddings()
+    ids = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+
+    def item(seq, i, wrong=False):
+        def build(_):
+            e = emb(torch.tensor(ids[i]))
+            return torch.cat([e, e[:, :1]], dim=1) if wrong else e
+        return Forward(seq, len(ids[i]), build)
+
+    seqs = [pool.open(64) for _ in range(3)]
+    items = [item(seqs[0], 0), item(seqs[1], 1, wrong=True), item(seqs[2], 2)]
+    ex.run(items)
+    assert ex.fallbacks == 1 and items[1].error is not None and seqs[1].length == 0
+    assert items[0].error is None and items[2].error is None
+    for i in (0, 2):
+        lone_pool = KVPool(tc, 64, "cpu", torch.float32)
+        lone = item(lone_pool.open(64), i)
+        ex.run([lone])
+        assert (lone.out_logits - items[i].out_logits).abs().max() <= 1e-5
+        assert seqs[i].length == len(ids[i])
+
+
+def test_the_pool_admits_sessions_by_their_budget_and_takes_them_back(lm):
+    budget = 400
+    cfg = _config(kv_pool_tokens=2 * budget + budget // 2, kv_page_tokens=16)
+    cfg.session = SessionConfig(frame_pixels=28 * 28 * 6, budget=BudgetConfig(max_tokens=budget, recent_tokens=60))
+
+    async def main():
+        async with Engine(lm, cfg) as eng:
+            assert eng.pool.tokens == 992 and eng.pool.bytes_per_token > 0  # whole pages of 16
+            a = await eng.open_session()
+            await eng.open_session()
+            with pytest.raises(EngineError, match="KV pool cannot hold another session") as err:
+                await eng.open_session()
+            assert err.value.code == "too_many_sessions"
+            assert eng.pool_stats()["pages_reserved"] == 2 * 25 and eng.pool_stats()["sessions"] == 2
+            eng.push_frame(a, Frame(0.0, scene_frames(1, 84, 112)[0]))
+            assert await eventually(lambda: a.processed == 1)
+            assert eng.pool_stats()["tokens_used"] > 0
+            await eng.close_session(a.id)
+            c = await eng.open_session()  # a's pages came back
+            assert eng.pool_stats()["sessions"] == 2
+            eng.push_frame(c, Frame(0.0, scene_frames(1, 84, 112)[0]))
+            assert await eventually(lambda: c.processed == 1)
+    asyncio.run(main())
+
+
+def test_a_private_pool_grows_and_a_shared_one_refuses_past_its_reservation(lm):
+    tc = lm.model.config.text_config
+    grow = KVPool(tc, 32, "cpu", torch.float32, page_size=16, growable=True)
+    seq = grow.open(16)
+    seq.slots(0, 100)  # past its reservation: a private pool grows
+    assert grow.tokens >= 112 and seq.reserved == 112
+    fixed = KVPool(tc, 64, "cpu", torch.float32, page_size=16)
+    s1 = fixed.open(32)
+    fixed.open(32)
+    with pytest.raises(PoolFullError):
+        fixed.open(16)
+    with pytest.raises(RuntimeError, match="past its reserved"):
+        s1.slots(0, 48)
+    fixed.release(s1)
+    fixed.release(s1)  # idempotent
+    assert fixed.stats()["pages_reserved"] == 2 and fixed.open(32).base == 0  # its range came back
+
+
+def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
+    """One client streams 4K frames at a large frame_pixels; another's answer still gets a token in every
+    step while it runs, the big frames are preprocessed off the model thread and their prefill is
+    chunked to the step budget."""
+    big = SessionConfig(frame_pixels=1920 * 1080, budget=BudgetConfig(max_tokens=32768, recent_tokens=4096))
+    small = SessionConfig(frame_pixels=28 * 28 * 6)
+    cfg = _config(max_step_tokens=512, min_chunk_tokens=64)
+
+    async def main():
+        async with Engine(lm, cfg) as eng:
+            a, b = await eng.open_session(big), await eng.open_session(small)
+            eng.push_frame(b, Frame(0.0, scene_frames(1, 84, 112)[0]))
+            assert await eventually(lambda: b.processed == 1)
+            uhd = scene_frames(4, 2160, 3840, seed=9)
+            t = 0.0
+
+            async def flood():
+                nonlocal t
+                while True:
+                    t += 0.1
+                    eng.push_frame(a, Frame(t, uhd[int(t * 10) % 4]))
+                    await asyncio.sleep(0.02)
+            feed = asyncio.create_task(flood())
+            assert await eventually(lambda: a.processed >= 1, timeout=120)
+            eng.ask(b, "What is there?", max_new_tokens=30)
+            assert await eventually(lambda: eng.answering(b))
+            await eng.settled(b, timeout=300)
+            feed.cancel()
+            await asyncio.gather(feed, return_exceptions=True)
+            return a, b, eng.recent_steps(), a.session.stats()
+
+    a, b, steps, a_stats = asyncio.run(main())
+    with_b = [i for i, (_, rows, _) in enumerate(steps) if b.id in rows]
+    answer = steps[with_b[1]: with_b[-1] + 1]  # after b's first frame: its question and every answer token
+    assert len(answer) >= 5 and all(b.id in rows for _, rows, _ in answer), "b's answer skipped a step"
+    assert sum(a.id in rows for _, rows, _ in answer) >= 2, "a's frames did not run during b's answer"
+    assert all(sum(rows.values()) <= 512 for _, rows, _ in steps)
+    assert a_stats["cache_len"] > 2 * 512  # a's frames are far bigger than a step: they were chunked
+    assert a.session.frames_prepared_here == 0  # every 4K frame was resized on a preprocessing thread
