@@ -93,7 +93,10 @@ class Forward:
 class Executor:
     """Runs :class:`Forward` items of any sessions sharing one model and one KV pool."""
 
-    def __init__(self, lm: object):
+    def __init__(self, lm: object, attention: str | None = None):
+        """``attention``: "segments" (SDPA per session on slices of the pool), "masked" (one call over
+        the gathered keys with a block-diagonal mask) or "varlen" (flash-attn); None = varlen with
+        flash_attention_2, segments for SDPA on CPU, masked otherwise."""
         self.lm = lm
         model = lm.model
         self.text_model = model.model.language_model
@@ -103,10 +106,17 @@ class Executor:
         self.layer_types = sorted(set(getattr(tc, "layer_types", None) or ["full_attention"]))
         self.heads = tc.num_attention_heads
         attn = getattr(lm, "attn", "sdpa")
-        self.varlen = attn == "flash_attention_2"  # flash-attn: varlen over the gathered keys
-        # CPU SDPA: per-session attention on slices of the pool (no gather, no cross-session scores);
-        # elsewhere one masked call over the gathered keys, which a GPU does at once.
-        self.segmented = attn in ("sdpa", SEGMENTED) and lm.device.type == "cpu"
+        if attention is None:  # CPU SDPA: per-session attention on slices of the pool (no gather, no
+            # cross-session scores); a GPU without flash-attn does one masked call over the gathered keys
+            attention = "varlen" if attn == "flash_attention_2" else \
+                "segments" if attn in ("sdpa", SEGMENTED) and lm.device.type == "cpu" else "masked"
+        if attention not in ("segments", "masked", "varlen"):
+            raise ValueError(f"attention must be segments, masked or varlen, got {attention!r}")
+        if (attention == "varlen") != (attn == "flash_attention_2") or (attention == "segments" and attn == "eager"):
+            raise ValueError(f"attention {attention!r} does not go with the model's {attn!r} attention")
+        self.attention = attention
+        self.varlen = attention == "varlen"  # flash-attn: varlen over the gathered keys
+        self.segmented = attention == "segments"
         if self.segmented and self.text_model.config._attn_implementation != SEGMENTED:
             self.text_model.config._attn_implementation = SEGMENTED  # plain SDPA for every caller that passes no segments
         self.bool_mask = attn != "eager"  # SDPA takes a boolean mask, eager an additive one

@@ -87,7 +87,9 @@ class Engine:
         self.executor = Executor(lm)
         self._worker = ModelWorker(self._emit_threadsafe, self.executor, ec.batching, ec.max_step_tokens,
                                    ec.min_chunk_tokens, on_take=self._feed)
-        self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep")
+        # one intra-op thread each: preprocessing must not compete with the model thread's parallel kernels
+        self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep",
+                                        initializer=torch.set_num_threads, initargs=(1,))
         self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
         self._closing: dict[str, LiveSession] = {}  # sessions being closed (no longer in self.sessions)
 
@@ -280,12 +282,20 @@ class Engine:
             self._worker.lock.notify_all()
         return True
 
-    def _feed(self, ls: LiveSession) -> None:
-        """Under the lock: start preprocessing the newest frame unless one of the session's frames is being
-        preprocessed now (resize/normalize/patchify run on a preprocessing thread, never in front of other
-        sessions' steps; one at a time per session, so a flood costs at most one thread's work)."""
+    def _feed(self, ls: LiveSession, refresh: bool = False) -> None:
+        """Under the lock: preprocess the newest frame when the slot is free (on a preprocessing thread:
+        resize/normalize/patchify never run on the model thread in front of other sessions' steps).
+
+        One at a time per session and only into a free slot, so no frame is preprocessed for nothing
+        while the model keeps up; the frame the model takes was made at most one of its steps ago.
+        ``refresh`` (an answer just ended): a newer frame replaces the one that waited in the slot."""
         if ls.closed or ls.incoming is None or ls.preparing is not None:
             return
+        if ls.frame is not None:
+            if not refresh:
+                return
+            ls.frame = None
+            ls.count("dropped")  # it waited through the answer; the newest goes in instead
         pending, ls.incoming = ls.incoming, None
         try:
             fut = self._prep.submit(pending.prepared_by.prepare, pending.frame.rgb)
@@ -308,7 +318,6 @@ class Engine:
                 if ls.frame is not None:  # the newest wins
                     ls.count("dropped")
                 ls.frame = pending
-                self._feed(ls)  # a newer one came meanwhile
             self._worker.lock.notify_all()
 
     def attach(self, ls: LiveSession, source: AsyncIterator[Frame], continue_clock: bool = False) -> asyncio.Task:

@@ -304,3 +304,33 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
     assert all(sum(rows.values()) <= 512 for _, rows, _ in steps)
     assert a_stats["cache_len"] > 2 * 512  # a's frames are far bigger than a step: they were chunked
     assert a.session.frames_prepared_here == 0  # every 4K frame was resized on a preprocessing thread
+
+
+@pytest.mark.parametrize("attn, attention", [("sdpa", "masked"), ("eager", "masked")])
+def test_every_attention_path_of_a_packed_step_equals_per_session_sdpa(attn, attention):
+    """The gathered-keys paths (a GPU without flash-attn: one SDPA call with a block-diagonal mask;
+    eager: the same with an additive mask) give what per-session SDPA on the pool's slices gives."""
+    from model import load_model
+
+    ref_lm, lm = load_model("tiny", device="cpu", dtype="float32"), load_model("tiny", device="cpu", dtype="float32",
+                                                                             attn=attn)
+    results = []
+    for model, mode in ((ref_lm, "segments"), (lm, attention)):
+        ex = Executor(model, attention=mode)
+        assert ex.attention == mode
+        pool = KVPool(model.model.config.text_config, 4096, "cpu", torch.float32)
+        def rows(ids, m=model):
+            return lambda _: m.model.get_input_embeddings()(torch.tensor(ids))
+        seqs = [pool.open(512) for _ in range(3)]
+        rng = np.random.default_rng(0)
+        history = [rng.integers(100, 5000, n).tolist() for n in (40, 7, 90)]
+        ex.run([Forward(q, len(h), rows(h)) for q, h in zip(seqs, history)])
+        step = [Forward(seqs[0], 1, rows([17])),  # a decode, a chunked prefill, a new one
+                Forward(seqs[1], 30, rows(list(range(200, 230))), chunk=12),
+                Forward(seqs[2], 5, rows([5, 6, 7, 8, 9]))]
+        ex.run(step)
+        step[1].chunk = None
+        ex.run([step[1]])
+        results.append([it.out_logits for it in step])
+    for got, want in zip(results[1], results[0]):
+        assert (got - want).abs().max() <= 1e-4

@@ -53,6 +53,11 @@ def handlers(lm):
     backend.close()
 
 
+def _cache_shown(stats: str) -> int | None:
+    m = re.search(r"cache / budget \| (\d+) / 16384", stats)
+    return int(m.group(1)) if m else None
+
+
 def test_frames_in_give_stats_overlay_and_streamed_answers(handlers):
     h, b = handlers, handlers.b
     shots = ws_rig.frames(6)
@@ -62,10 +67,9 @@ def test_frames_in_give_stats_overlay_and_streamed_answers(handlers):
         time.sleep(0.55)  # arrival-timed frames, sampled at engine.fps = 2
         assert h.frame(shot, sid) == sid
     ls = b.engine.get(sid)
-    _until(lambda: ls.processed >= 4)
-    chat, stats, overlay = h.tick(sid)
-    cache = int(re.search(r"cache / budget \| (\d+) / 16384", stats).group(1))
-    assert cache == ls.session.cache_len and "fps in / processed" in stats and "tokens kept" in stats
+    _until(lambda: ls.processed >= 4 and ls.pending == 0)  # every frame has its outcome
+    chat, stats, overlay = _until(lambda: (t := h.tick(sid)) and _cache_shown(t[1]) == ls.session.cache_len and t)
+    assert "fps in / processed" in stats and "tokens kept" in stats
     assert overlay.shape == shots[0].shape and overlay.dtype == np.uint8
     question = "What is in the picture?"
     _, sid2, chat = h.ask(question, sid)
