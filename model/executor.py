@@ -8,9 +8,11 @@ executor runs a list of them, possibly chunks of them (``Forward.chunk``), as on
    independent attention segments: their grids are passed together);
 2. every item's new tokens are packed into one sequence and run through the stock text model
    once. A :class:`~model.kvpool.PackedCache` writes each token's keys at its session's slots and
-   hands the attention the sessions' keys; each session's queries see only its own keys (a
-   block-diagonal causal mask for SDPA/eager, varlen lengths for flash-attn);
-3. the logits head runs on the rows that need them only.
+   hands the attention the keys; each session's queries see only its own keys: per-session SDPA
+   on slices of the pool (``segments``), flash-attn's varlen over the gathered keys (``varlen``),
+   or one eager call with a block-diagonal causal mask (``masked``);
+3. the logits head runs on the rows that need them only, and their argmax is taken for the whole
+   step at once (greedy decoding needs no more).
 
 If the packed step fails, each item is run again alone, so a failure costs only the item that
 causes it (``Forward.error``); the others' results are committed.
@@ -95,8 +97,8 @@ class Executor:
 
     def __init__(self, lm: object, attention: str | None = None):
         """``attention``: "segments" (SDPA per session on slices of the pool), "masked" (one call over
-        the gathered keys with a block-diagonal mask) or "varlen" (flash-attn); None = varlen with
-        flash_attention_2, segments for SDPA on CPU, masked otherwise."""
+        the gathered keys with a block-diagonal mask) or "varlen" (flash-attn over the gathered keys);
+        None = varlen with flash_attention_2, segments with SDPA, masked with eager."""
         self.lm = lm
         model = lm.model
         self.text_model = model.model.language_model
@@ -106,10 +108,10 @@ class Executor:
         self.layer_types = sorted(set(getattr(tc, "layer_types", None) or ["full_attention"]))
         self.heads = tc.num_attention_heads
         attn = getattr(lm, "attn", "sdpa")
-        if attention is None:  # CPU SDPA: per-session attention on slices of the pool (no gather, no
-            # cross-session scores); a GPU without flash-attn does one masked call over the gathered keys
-            attention = "varlen" if attn == "flash_attention_2" else \
-                "segments" if attn in ("sdpa", SEGMENTED) and lm.device.type == "cpu" else "masked"
+        if attention is None:  # SDPA: per-session attention on slices of the pool (no gather, and no
+            # scores across sessions, which at 100+ sessions would not fit a GPU); eager: one masked call
+            attention = "varlen" if attn == "flash_attention_2" else "segments" if attn in ("sdpa", SEGMENTED) \
+                else "masked"
         if attention not in ("segments", "masked", "varlen"):
             raise ValueError(f"attention must be segments, masked or varlen, got {attention!r}")
         if (attention == "varlen") != (attn == "flash_attention_2") or (attention == "segments" and attn == "eager"):
