@@ -129,6 +129,10 @@ class Executor:
     def run(self, items: list[Forward]) -> None:
         """Run one step of ``items`` (each its ``chunk`` or all that is left); results go on the items."""
         items = [it for it in items if not it.finished]
+        for it in items:
+            if it.seq.released:  # never write into slots that may belong to another session now
+                it.error = RuntimeError("this session's KV slots were released")
+        items = [it for it in items if it.error is None]
         if not items:
             return
         with torch.inference_mode():

@@ -178,7 +178,7 @@ class Engine:
         instruction carry over.
         """
         def rebuild() -> StreamSession:
-            if ls.processed or ls.session.cache_len != ls.fresh_len or self._worker.answering(ls):
+            if ls.processed or ls.session.cache_len != ls.fresh_len or self._worker.busy(ls) or ls.in_step:
                 raise EngineError("layout, budget and frame size can only change before the first frame "
                                   "or question; open a new session to change them", "session_started")
             old = ls.session

@@ -185,6 +185,11 @@ class ModelWorker:
             self._cond.notify_all()
             return True
 
+    def busy(self, ls: LiveSession) -> bool:
+        """An operation of ``ls`` (a frame or an answer) is in progress."""
+        with self._cond:
+            return ls.id in self._tasks
+
     def answering(self, ls: LiveSession) -> bool:
         with self._cond:
             task = self._tasks.get(ls.id)

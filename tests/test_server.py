@@ -24,7 +24,7 @@ from streamer.client import Client, ClientError
 from streamer.server import Server
 from streamer.sources import file_source
 from tests import ws_rig
-from tests.conftest import eventually
+from tests.conftest import eventually, wait_for_line
 from tests.test_sources import _free_port, _start_server, _stop
 
 
@@ -445,14 +445,11 @@ def test_cli_serve_and_cli_client(tmp_path):
     serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0",
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
                               "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
     try:
-        port = None
-        for line in serve.stderr:
-            m = re.search(r"serving ws://127\.0\.0\.1:(\d+)/", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "serve did not start"
+        m, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:(\d+)/")  # and keeps draining stderr
+        assert m, f"serve did not start: {''.join(lines)}"
+        port = int(m.group(1))
         r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/", "--fps", "2", "--ask", "What do you see?", "--ask-at", "1"],
                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -469,9 +466,12 @@ def test_cli_serve_and_cli_client(tmp_path):
         assert r.returncode == 2 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr
     finally:
         serve.send_signal(signal.SIGINT)
-        serve.wait(30)
-        serve.stderr.close()
-    assert serve.returncode == 0
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            raise AssertionError(f"serve did not stop within 30 s of Ctrl-C; it said: {''.join(lines)}") from None
+    assert serve.returncode == 0, "".join(lines)
 
 
 def test_a_server_bug_is_an_internal_error_and_the_session_goes_on(lm):
