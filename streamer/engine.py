@@ -86,7 +86,7 @@ class Engine:
         self.pool: KVPool | None = None  # made at start
         self.executor = Executor(lm)
         self._worker = ModelWorker(self._emit_threadsafe, self.executor, ec.batching, ec.max_step_tokens,
-                                   ec.min_chunk_tokens, on_take=self._feed)
+                                   ec.min_chunk_tokens)
         # one intra-op thread each: preprocessing must not compete with the model thread's parallel kernels
         self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep",
                                         initializer=torch.set_num_threads, initargs=(1,))
@@ -282,24 +282,20 @@ class Engine:
             self._worker.lock.notify_all()
         return True
 
-    def _feed(self, ls: LiveSession, refresh: bool = False) -> None:
-        """Under the lock: preprocess the newest frame when the slot is free (on a preprocessing thread:
-        resize/normalize/patchify never run on the model thread in front of other sessions' steps).
-
-        One at a time per session and only into a free slot, so no frame is preprocessed for nothing
-        while the model keeps up; the frame the model takes was made at most one of its steps ago.
-        ``refresh`` (an answer just ended): a newer frame replaces the one that waited in the slot."""
+    def _feed(self, ls: LiveSession) -> None:
+        """Under the lock: preprocess the newest frame unless one of the session's frames is being
+        preprocessed now. Resize/normalize/patchify run on a preprocessing thread, never on the model
+        thread in front of other sessions' steps; one at a time per session, so a session flooding
+        frames costs at most one preprocessing at a time, and its slot always holds the newest
+        frame made, ready when the session's turn comes."""
         if ls.closed or ls.incoming is None or ls.preparing is not None:
             return
-        if ls.frame is not None:
-            if not refresh:
-                return
-            ls.frame = None
-            ls.count("dropped")  # it waited through the answer; the newest goes in instead
         pending, ls.incoming = ls.incoming, None
         try:
             fut = self._prep.submit(pending.prepared_by.prepare, pending.frame.rgb)
         except RuntimeError:  # shutting down: the model thread preprocesses it
+            if ls.frame is not None:
+                ls.count("dropped")
             ls.frame = pending
             return
         ls.preparing = pending
@@ -318,6 +314,7 @@ class Engine:
                 if ls.frame is not None:  # the newest wins
                     ls.count("dropped")
                 ls.frame = pending
+                self._feed(ls)  # a newer frame came meanwhile
             self._worker.lock.notify_all()
 
     def attach(self, ls: LiveSession, source: AsyncIterator[Frame], continue_clock: bool = False) -> asyncio.Task:

@@ -3,9 +3,8 @@
 Between a source and the model there is one slot per session: the latest sampled frame (latest
 wins; every overwritten frame is counted as dropped). Frames are preprocessed on a preprocessing
 thread on their way into the slot (``frame``, which the model takes at the session's turn), one
-at a time per session and only when the slot is free: the newest frame waits (``incoming``,
-replaced by newer ones) while another is preprocessed (``preparing``) or the slot is full. After
-an answer, the newest frame replaces the one that waited in the slot through it. Questions wait in a bounded queue. All
+at a time per session: the newest frame waits (``incoming``, replaced by newer ones) while
+another is preprocessed (``preparing``), then replaces the one in the slot. Questions wait in a bounded queue. All
 fields shared with the model worker are guarded by the worker's lock.
 """
 

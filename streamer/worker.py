@@ -60,12 +60,9 @@ class ModelWorker:
     each step, in order, as one list."""
 
     def __init__(self, emit: Callable[[list[Event]], None], executor: Executor | None = None,
-                 batching: bool = True, max_step_tokens: int = 2048, min_chunk_tokens: int = 64,
-                 on_take: Callable[[LiveSession, bool], None] | None = None):
+                 batching: bool = True, max_step_tokens: int = 2048, min_chunk_tokens: int = 64):
         self._sink = emit
         self._out: list[Event] = []  # this step's events, handed over at its end
-        # called under the lock when a session's frame slot is emptied (False) or its answer ended (True)
-        self._on_take = on_take
         self.executor = executor
         self.batching, self.max_step_tokens, self.min_chunk_tokens = batching, max_step_tokens, min_chunk_tokens
         self._cond = threading.Condition()
@@ -253,8 +250,6 @@ class ModelWorker:
                 frame, ls.frame = ls.frame, None
                 ls.in_step = True
                 starts.append((ls, frame, None))
-                if self._on_take is not None:
-                    self._on_take(ls, False)
             elif ls.question_ready():
                 starts.append((ls, None, ls.questions.popleft()))
         return starts
@@ -459,9 +454,6 @@ class ModelWorker:
 
     def _answer_done(self, task: _Task) -> None:
         ls, a = task.ls, task.answer
-        if self._on_take is not None:
-            with self._cond:
-                self._on_take(ls, True)  # the frame that waited in the slot during the answer may be stale
         text = "".join(a.parts)
         if self._silent(a):
             if not _normalized(text) or _normalized(text) == _normalized(ls.last_alert_text):

@@ -95,13 +95,15 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
             b_stats = [e for e in window if e.session == b.id]
             assert len(deltas) >= 10 and all(e.data["response_id"] == rid for e in deltas)
             assert all(e.t == 0.0 for e in deltas)  # tagged with the stream time asked about (a's last frame)
-            # b ingested in the same steps as a's tokens (a frame still being preprocessed misses one step)
-            assert len(b_stats) >= 0.9 * len(deltas)
-            run = longest = 0
-            for e in window:  # never two of a's tokens without one of b's frames between them
-                run = run + 1 if e.session == a.id else 0
-                longest = max(longest, run)
-            assert longest <= 2  # a delta may carry "" text and be skipped, so allow one pair
+            # a's answer and b's frames share the steps: a decodes in every one of them, and b (whose next
+            # frame is preprocessed on its own thread meanwhile) ingests in nearly all
+            steps = [rows for _, rows, _ in eng.recent_steps()]
+            first = next(i for i, rows in enumerate(steps) if a.id in rows and b.id in rows)
+            last = max(i for i, rows in enumerate(steps) if a.id in rows)
+            answer = steps[first: last + 1]
+            assert len(answer) >= 10 and all(a.id in rows for rows in answer)
+            assert sum(b.id in rows for rows in answer) >= 0.75 * len(answer)
+            assert len(b_stats) >= 0.75 * len(deltas)
     asyncio.run(main())
 
 
