@@ -7,6 +7,7 @@ subcommand's flags come from its dataclass, so every option is documented once.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack (a stuck process says where)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:  # Ctrl-C outside a long-lived command (model loading, ask, bench, train)

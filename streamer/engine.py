@@ -87,9 +87,8 @@ class Engine:
         self.executor = Executor(lm)
         self._worker = ModelWorker(self._emit_threadsafe, self.executor, ec.batching, ec.max_step_tokens,
                                    ec.min_chunk_tokens)
-        # one intra-op thread each: preprocessing must not compete with the model thread's parallel kernels
-        self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep",
-                                        initializer=torch.set_num_threads, initargs=(1,))
+        # (no torch.set_num_threads in these threads: OpenMP can deadlock in it, pytorch/pytorch#75147)
+        self._prep = ThreadPoolExecutor(ec.prep_threads, thread_name_prefix="vl3live-prep")
         self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
         self._closing: dict[str, LiveSession] = {}  # sessions being closed (no longer in self.sessions)
 

@@ -142,7 +142,11 @@ class ModelWorker:
             if threading.current_thread() is self._thread or not self.alive:
                 self._free_closing()
                 return
-            self._cond.wait_for(lambda: ls not in self._closing and ls.preparing is None, timeout)
+            self._cond.wait_for(lambda: ls not in self._closing, timeout)
+            # a frame still being preprocessed gets its outcome (dropped) when that ends; wait briefly for
+            # it so the final counts add up, but never hold a shutdown on a preprocessing thread
+            if not self._cond.wait_for(lambda: ls.preparing is None, min(timeout, 5.0)):
+                log.warning("session %s: a frame was still being preprocessed when it closed", ls.id)
 
     def _free_closing(self) -> None:
         """Close the operations and free the pages of removed sessions (worker thread, or no thread)."""

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -469,6 +470,8 @@ def test_cli_serve_and_cli_client(tmp_path):
         try:
             serve.wait(30)
         except subprocess.TimeoutExpired:
+            serve.send_signal(signal.SIGUSR1)  # its threads' stacks, to say where it is stuck
+            time.sleep(2)
             serve.kill()
             raise AssertionError(f"serve did not stop within 30 s of Ctrl-C; it said: {''.join(lines)}") from None
     assert serve.returncode == 0, "".join(lines)
