@@ -451,6 +451,11 @@ def test_cli_serve_and_cli_client(tmp_path):
         m, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:(\d+)/")  # and keeps draining stderr
         assert m, f"serve did not start: {''.join(lines)}"
         port = int(m.group(1))
+        serve.send_signal(signal.SIGUSR1)  # prints every thread's stack and goes on serving
+        deadline = time.monotonic() + 10
+        while not any("vl3live-model" in x or "Thread 0x" in x for x in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("Thread 0x" in x for x in lines), "".join(lines)
         r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/", "--fps", "2", "--ask", "What do you see?", "--ask-at", "1"],
                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
