@@ -61,7 +61,7 @@ class KVSeq:
 
 
 class KVPool:
-    """Keys and values of every session, in pages (see the module doc)."""
+    """Keys and values of every session: one contiguous range of pages each (see the module doc)."""
 
     def __init__(self, text_config: object, tokens: int, device: torch.device | str, dtype: torch.dtype,
                  page_size: int = 16, growable: bool = False):
@@ -101,10 +101,6 @@ class KVPool:
 
     def pages_for(self, tokens: int) -> int:
         return max(1, math.ceil(tokens / self.page_size))
-
-    def fits(self, tokens: int) -> bool:
-        """Whether a session with a KV budget of ``tokens`` would be admitted now."""
-        return self.growable or any(n >= self.pages_for(tokens) for _, n in self._free)
 
     def stats(self) -> dict[str, int]:
         return {"pool_tokens": self.tokens, "pool_bytes": self.nbytes, "bytes_per_token": self.bytes_per_token,

@@ -209,11 +209,6 @@ class StreamSession:
                      for t in (self._pool.keys, self._pool.values))
 
     @property
-    def budget_tokens(self) -> int:
-        """KV positions this session reserved in its pool."""
-        return self._seq.reserved_pages * self._pool.page_size
-
-    @property
     def last_t(self) -> float | None:
         return self._last_t
 

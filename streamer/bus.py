@@ -62,13 +62,25 @@ class Subscription:
         self._events.append(ev)
         self._ready.set()
 
-    async def get(self) -> Event | None:
-        """The next event, or None once the subscription is closed and drained."""
+    async def get(self, timeout: float | None = None) -> Event | None:
+        """The next event; None once the subscription is closed and drained, or when ``timeout``
+        seconds pass first. (Not ``asyncio.wait_for``: up to Python 3.11 its timeout can swallow a
+        cancellation, and a cancelled reader then loops for ever, holding its connection open.)"""
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
         while not self._events:
             if self.closed:
                 return None
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                return None
             self._ready.clear()
-            await self._ready.wait()
+            timer = None if left is None else loop.call_later(left, self._ready.set)
+            try:
+                await self._ready.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
         return self._events.popleft()
 
     def get_nowait(self) -> Event | None:

@@ -489,10 +489,7 @@ class Server:
                 await self._forward(conn, s, s.backlog.pop(0))
             while True:
                 timeout = max(0.0, min(next_ack, next_stats) - loop.time())
-                try:
-                    ev = await asyncio.wait_for(s.sub.get(), timeout)
-                except TimeoutError:
-                    ev = None
+                ev = await s.sub.get(timeout)  # None: the timeout, or the subscription closed
                 if ev is not None:
                     await self._forward(conn, s, ev)
                 elif s.sub.closed:

@@ -98,10 +98,7 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
         last_print = loop.time()
         ended = False
         while True:
-            try:
-                ev = await asyncio.wait_for(sub.get(), timeout=0.5)
-            except TimeoutError:
-                ev = None
+            ev = await sub.get(timeout=0.5)  # None: the timeout, or the subscription closed
             if ev is not None:
                 _print_event(ev, out, err, state)
                 ended = ended or ev.type == "source.ended"

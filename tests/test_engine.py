@@ -271,3 +271,29 @@ def test_an_attached_source_continues_the_session_clock(lm):
             eng.update(ls, fps=4.0)  # a new sampler keeps the clock: an old pts is still refused
             assert not eng.push_frame(ls, Frame(11.5, shot)) and eng.push_frame(ls, Frame(11.75, shot))
     asyncio.run(main())
+
+
+def test_a_cancelled_reader_stops_even_when_an_event_arrives_at_the_same_moment():
+    """The server's per-connection writer reads with a timeout; its cancellation must never be lost
+    (asyncio.wait_for can swallow it up to Python 3.11, and the writer then loops for ever)."""
+    async def main():
+        bus = EventBus()
+        sub = bus.subscribe()
+        got = []
+
+        async def reader():
+            while True:
+                got.append(await sub.get(timeout=5.0))
+
+        for _ in range(50):
+            task = asyncio.create_task(reader())
+            await asyncio.sleep(0)  # waiting inside get()
+            bus.publish(Event("stats", "s1", {}))  # wakes it ...
+            task.cancel()  # ... and cancels it in the same turn of the loop
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            assert done and task.cancelled(), "the reader lost its cancellation and went on reading"
+        while sub.get_nowait() is not None:  # (the events the cancelled readers left)
+            pass
+        t0 = asyncio.get_running_loop().time()
+        assert await sub.get(timeout=0.05) is None and asyncio.get_running_loop().time() - t0 >= 0.04
+    asyncio.run(main())
