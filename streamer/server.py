@@ -140,13 +140,18 @@ class Server:
         return self.port
 
     async def serve_forever(self) -> None:
+        """Serve until cancelled (Ctrl-C). Not the listener's own ``serve_forever``: cancelled, that waits
+        for every open connection to end by itself before ``close()`` could close them."""
         assert self._ws is not None
-        await self._ws.serve_forever()
+        await asyncio.get_running_loop().create_future()
 
     async def close(self) -> None:
         if self._ws is not None:
-            self._ws.close()
-            await self._ws.wait_closed()
+            self._ws.close()  # closes every connection (1001) and waits for their handlers
+            try:
+                await asyncio.wait_for(self._ws.wait_closed(), 15.0)
+            except TimeoutError:
+                log.warning("connections still open 15 s after closing; shutting down anyway")
             self._ws = None
         for s in list(self.sessions.values()):
             await self._end(s)
