@@ -445,7 +445,9 @@ def test_cli_serve_and_cli_client(tmp_path):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
     serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0",
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
-                              "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True)
+                              "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True,
+                             # a background job inherits SIGINT ignored: give Ctrl-C back to the server
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     try:
         m, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:(\d+)/")  # and keeps draining stderr
