@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BudgetConfig": "config", "Config": "config", "ModelConfig": "config", "SessionConfig": "config",
-    "load_config": "config", "DiffPruner": "diffp", "FramePreprocessor": "frames", "PixelFrame": "frames",
+    "BudgetConfig": "config", "ModelConfig": "config", "SessionConfig": "config", "DiffPruner": "diffp", "FramePreprocessor": "frames", "PixelFrame": "frames",
     "ChatPieces": "layout", "LayoutRenderer": "layout", "LoadedModel": "loading", "load_configured": "loading",
     "load_model": "loading", "CacheLimitError": "session", "FrameResult": "session", "StreamSession": "session",
-    "TokenDelta": "session",
+    "TokenDelta": "session", "GREEDY": "sampling", "Sampling": "sampling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,8 @@ WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|trans
 
 @dataclass
 class Transcriber:
+    """Speech to text with a Whisper-style checkpoint: 16 kHz mono float audio in, the question's text out."""
+
     model: object
     processor: object
     device: torch.device

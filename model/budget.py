@@ -24,6 +24,9 @@ class CacheLimitError(RuntimeError):
 
 @dataclass
 class Unit:
+    """What owns a run of cache positions: the system prompt (sink), one frame, or one question-and-answer
+    exchange."""
+
     uid: int
     kind: str
     t: float  # stream time: the frame's timestamp, or the last frame's time when a question came

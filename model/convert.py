@@ -44,6 +44,8 @@ SHARD_BYTES = 4 * 2**30
 
 
 class ConvertError(ValueError):
+    """An official checkpoint that does not map one to one onto the transformers-native layout."""
+
     pass
 
 

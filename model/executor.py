@@ -20,18 +20,17 @@ causes it (``Forward.error``); the others' results are committed.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
+from . import upstream
 from .frames import MERGE, PixelFrame
 from .kvpool import KVSeq, PackedCache
+from .upstream import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ def segmented_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return torch.cat(outs, dim=1), None
 
 
-AttentionInterface.register(SEGMENTED, segmented_attention)
-AttentionMaskInterface.register(SEGMENTED, sdpa_mask)  # what a caller without segments gets: SDPA's own
+upstream.register_attention(SEGMENTED, segmented_attention)
 
 
 @dataclass(eq=False)
@@ -101,9 +99,8 @@ class Executor:
         None = varlen with flash_attention_2, segments with SDPA, masked with eager."""
         self.lm = lm
         model = lm.model
-        self.text_model = model.model.language_model
-        self.cache_kw = "cache" if "cache" in inspect.signature(self.text_model.forward).parameters \
-            else "past_key_values"
+        self.text_model = upstream.text_model(model)
+        self.cache_kw = upstream.cache_keyword(self.text_model)
         tc = model.config.text_config
         self.layer_types = sorted(set(getattr(tc, "layer_types", None) or ["full_attention"]))
         self.heads = tc.num_attention_heads
@@ -119,8 +116,8 @@ class Executor:
         self.attention = attention
         self.varlen = attention == "varlen"  # flash-attn: varlen over the gathered keys
         self.segmented = attention == "segments"
-        if self.segmented and self.text_model.config._attn_implementation != SEGMENTED:
-            self.text_model.config._attn_implementation = SEGMENTED  # plain SDPA for every caller that passes no segments
+        if self.segmented:  # (plain SDPA for every other caller: they pass no segments)
+            upstream.use_attention(self.text_model, SEGMENTED)
         self.bool_mask = attn != "eager"  # SDPA takes a boolean mask, eager an additive one
         self.steps = 0  # packed forwards run
         self.fallbacks = 0  # packed steps that failed and were re-run item by item
@@ -232,17 +229,9 @@ class Executor:
                 mask = torch.zeros(mask.shape, dtype=self.lm.dtype, device=dev).masked_fill_(
                     ~mask, torch.finfo(self.lm.dtype).min)
             kwargs["attention_mask"] = dict.fromkeys(self.layer_types, mask[None, None])
-        probes = [(i, it) for i, it in enumerate(items) if it.probe]
-        hooks = []
-        if probes:
-            captured: list[torch.Tensor] = []
-            hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
-                     for layer in self.text_model.layers]
-        try:
+        probing = any(it.probe for it in items)
+        with upstream.capture_queries(self.text_model) if probing else nullcontext([]) as captured:
             hidden = self.text_model(inputs_embeds=torch.cat(rows).unsqueeze(0), **kwargs).last_hidden_state[0]
-        finally:
-            for h in hooks:
-                h.remove()
         self.steps += 1
         # commit: lengths, last rows, logits only where wanted
         want, ends = [], []
@@ -264,6 +253,6 @@ class Executor:
                     want.append(it)
                     ends.append(cu_q[i + 1] - 1)
         if want:
-            logits = self.lm.model.lm_head(hidden[ends])
+            logits = upstream.lm_head(self.lm.model)(hidden[ends])
             for it, row, best in zip(want, logits, logits.argmax(dim=-1).tolist()):
                 it.out_logits, it.greedy = row, best

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as tvF
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
-from transformers.models.video_llama_3.video_processing_video_llama_3 import smart_resize
+
+from .upstream import smart_resize
 
 PATCH = 14
 MERGE = 2

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import Sampling
 
-def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> int:
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
     """Pick the next token from one row of logits ``(V,)``: greedy, or sampled with top-k / top-p."""
-    if not do_sample:
+    if not sampling.do_sample:
         return int(torch.argmax(logits))
-    logits = logits.float() / max(temperature, 1e-5)
+    top_k, top_p = sampling.top_k, sampling.top_p
+    logits = logits.float() / max(sampling.temperature, 1e-5)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

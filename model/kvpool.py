@@ -19,11 +19,12 @@ A *private* pool (one ``StreamSession`` on its own) grows instead of refusing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from transformers import Cache
 
 from .kvcache import RopeMover
+from .upstream import Cache
 
 
 class PoolFullError(RuntimeError):
@@ -58,6 +59,20 @@ class KVSeq:
         if end > self.reserved:
             self.pool.grow_seq(self, end)
         return self.table[start:end]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The pool's size and use (``/metrics`` exports each as ``vl3live_kv_<name>``)."""
+
+    pool_tokens: int  # size in tokens (all sessions share it)
+    pool_bytes: int
+    bytes_per_token: int  # keys and values, all layers
+    page_tokens: int  # the rounding unit of a reservation
+    pages_total: int
+    pages_reserved: int  # by admitted sessions' budgets
+    tokens_used: int  # slots holding tokens now
+    sessions: int  # sessions holding a reservation
 
 
 class KVPool:
@@ -102,11 +117,10 @@ class KVPool:
     def pages_for(self, tokens: int) -> int:
         return max(1, math.ceil(tokens / self.page_size))
 
-    def stats(self) -> dict[str, int]:
-        return {"pool_tokens": self.tokens, "pool_bytes": self.nbytes, "bytes_per_token": self.bytes_per_token,
-                "page_tokens": self.page_size, "pages_total": self.total_pages,
-                "pages_reserved": self.reserved_pages, "tokens_used": sum(q.length for q in self.seqs),
-                "sessions": self.sessions}
+    def stats(self) -> PoolStats:
+        return PoolStats(pool_tokens=self.tokens, pool_bytes=self.nbytes, bytes_per_token=self.bytes_per_token,
+                         page_tokens=self.page_size, pages_total=self.total_pages, pages_reserved=self.reserved_pages,
+                         tokens_used=sum(q.length for q in self.seqs), sessions=self.sessions)
 
     # -- admission --------------------------------------------------------------------------------
     def open(self, budget_tokens: int) -> KVSeq:
@@ -234,3 +248,13 @@ class PackedCache(Cache):
 
     def __len__(self) -> int:
         return self.pool.layers
+
+
+def pool_size(lm: object, budget: int | None, sessions: int, page_tokens: int, memory_fraction: float) -> int:
+    """A pool's size in tokens when none is set: ``memory_fraction`` of the free GPU memory (CUDA), else
+    room for ``sessions`` sessions at ``budget`` tokens each (None: the model's positions)."""
+    tc = lm.model.config.text_config
+    if lm.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(lm.device)
+        return max(page_tokens, int(free * memory_fraction) // bytes_per_token(tc, lm.dtype))
+    return max(page_tokens, sessions * ((budget or tc.max_position_embeddings) + page_tokens))

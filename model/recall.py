@@ -27,6 +27,8 @@ FRAME_OVERHEAD_BYTES = 2048
 
 @dataclass
 class StoredFrame:
+    """An evicted frame kept in CPU memory: its stream time and visual embeddings, to bring back into the cache."""
+
     t: float
     emb: torch.Tensor = field(repr=False)  # (tokens, hidden) on CPU
     nbytes: int = 0

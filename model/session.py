@@ -26,29 +26,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import upstream
+from .answering import Answering, Op, TokenDelta
 from .budget import EXCHANGE, FRAME, SINK, CacheLimitError, Eviction, KVBudget, Ledger, Unit
 from .config import SessionConfig
 from .diffp import DiffPruner
 from .executor import Executor, Forward
 from .frames import MERGE, FramePreprocessor, PixelFrame
-from .generation import IncrementalDetokenizer, sample_next
 from .kvcache import RopeMover, mean_prerope_keys
 from .kvpool import KVPool
 from .layout import STREAM_START, ChatPieces, LayoutRenderer, timestamp
 from .loading import LoadedModel
 from .recall import RecallStore
-from .sampling import check_sampling
 
-__all__ = ["CacheLimitError", "FrameResult", "Op", "StreamSession", "TokenDelta"]
-
-Op = Generator  # a session operation: yields Forward (and TokenDelta), receives each Forward back run
-
+__all__ = ["CacheLimitError", "FrameResult", "Op", "SessionStats", "StreamSession", "TokenDelta"]
 
 @dataclass
 class FrameResult:
@@ -63,15 +60,25 @@ class FrameResult:
     evicted_frames: int = 0  # frames the KV budget evicted to make room for this one
 
 
-@dataclass
-class TokenDelta:
-    """One generated token and the text it added (may be "" mid-character)."""
+@dataclass(frozen=True)
+class SessionStats:
+    """A session's cache, budget and recall counters (``StreamSession.stats()``)."""
 
-    token_id: int
-    text: str
+    cache_len: int
+    max_tokens: int
+    frames_added: int
+    frames_in_cache: int
+    evicted_frames: int  # by the KV budget, over the session's life
+    evicted_exchanges: int
+    recalled_frames: int  # brought back for questions
+    recall_stored: int  # evicted frames held for recall now
+    recall_dropped: int  # dropped from the store past its memory cap
+    recall_mb: float
+    recent_seconds_overruns: int  # times budget.recent_seconds had to give way
+    pinned_tokens: int  # tokens of pinned exchanges (a standing instruction)
 
 
-class StreamSession:
+class StreamSession(Answering):
     """A persistent VideoLLaMA3 conversation over one video stream (not thread-safe).
 
     ``pool`` and ``executor``: the live engine's shared KV pool and executor (the session reserves
@@ -85,7 +92,7 @@ class StreamSession:
         self.config = config or SessionConfig()
         self.tokenizer = lm.tokenizer
         model = lm.model
-        self._text_model = model.model.language_model
+        self._text_model = upstream.text_model(model)
         self._text_config = model.config.text_config
         limit = self._text_config.max_position_embeddings
         if self.config.max_cache_tokens is not None:
@@ -216,6 +223,21 @@ class StreamSession:
         """Every token id in the KV cache, in order (visual tokens as the video pad id)."""
         return list(self._ledger.ids)
 
+    @property
+    def answering(self) -> bool:
+        """An answer is being generated (frames and other questions wait until it ends)."""
+        return self._answering
+
+    def token_units(self) -> list[int]:
+        """The id of the unit (the system prompt, a frame or an exchange) each cache position belongs to,
+        in cache order: alongside :meth:`token_ids`, what eviction keeps and drops is visible."""
+        return list(self._ledger.owners)
+
+    @property
+    def min_budget(self) -> int | None:
+        """The smallest ``session.budget.max_tokens`` these settings allow (None without a budget)."""
+        return self._budget.minimum if self._budget is not None else None
+
     def frames_in_cache(self) -> list[float]:
         """Stream times of the frames whose tokens are in the KV cache (recalled ones included)."""
         return sorted(u.t for u in self._ledger.frames())
@@ -225,41 +247,18 @@ class StreamSession:
         self.config = dataclasses.replace(self.config, diffp_threshold=threshold)
         self._pruner.threshold = self.config.threshold
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> SessionStats:
         """Counters of the cache, the budget and recall."""
         store = self._store
-        return {
-            "cache_len": self.cache_len, "max_tokens": self.max_tokens, "frames_added": self.frames_added,
-            "frames_in_cache": len(self._ledger.frames()), "evicted_frames": self.evicted_frames,
-            "evicted_exchanges": self.evicted_exchanges, "recalled_frames": self.recalled_frames,
-            "recall_stored": len(store) if store is not None else 0,
-            "recall_dropped": store.dropped if store is not None else 0,  # (an empty store is falsy)
-            "recall_mb": store.nbytes / 2**20 if store is not None else 0.0,
-            "recent_seconds_overruns": self.recent_seconds_overruns,
-        }
-
-    def next_logits(self) -> torch.Tensor:
-        """Logits (V,) for the token after the last one in the cache (inside an answer: the next token)."""
-        if self._last_logits is None and self._last_hidden is not None:
-            with torch.inference_mode():
-                self._last_logits = self.lm.model.lm_head(self._last_hidden)
-        if self._last_logits is None:
-            raise RuntimeError("no logits yet: add a frame or ask first")
-        return self._last_logits.detach().float().cpu().clone()
-
-    def respond_probability(self) -> float:
-        """P(``<|im_start|>``) against P(``<|stream_start|>``) after the last frame (``stream`` layout)."""
-        if self._stream_ids is None:
-            raise RuntimeError("respond_probability() needs layout='stream'")
-        if self._last_event != "frame" or (self._last_logits is None and self._last_hidden is None):
-            raise RuntimeError("respond_probability() is defined right after add_frame()")
-        ids = list(self._stream_ids)
-        if self._last_logits is not None:
-            pair = self._last_logits[ids].float()
-        else:  # two rows of the logits head, not all of it
-            with torch.inference_mode():
-                pair = (self.lm.model.lm_head.weight[ids] @ self._last_hidden).float()
-        return float(torch.softmax(pair, dim=-1)[0])
+        return SessionStats(
+            cache_len=self.cache_len, max_tokens=self.max_tokens, frames_added=self.frames_added,
+            frames_in_cache=len(self._ledger.frames()), evicted_frames=self.evicted_frames,
+            evicted_exchanges=self.evicted_exchanges, recalled_frames=self.recalled_frames,
+            recall_stored=len(store) if store is not None else 0,
+            recall_dropped=store.dropped if store is not None else 0,  # (an empty store is falsy)
+            recall_mb=store.nbytes / 2**20 if store is not None else 0.0,
+            recent_seconds_overruns=self.recent_seconds_overruns,
+            pinned_tokens=sum(self._ledger.units[o].pinned for o in self._ledger.owners))
 
     # -- model steps ----------------------------------------------------------------------------
     def _special_id(self, token: str) -> int | None:
@@ -339,15 +338,6 @@ class StreamSession:
             self._store.add(u.t, emb, key)
             u.emb = None
 
-    def _question_queries(self, question: str) -> Op:
-        """Pre-RoPE queries of the question's own tokens in context: (tokens, layers, heads, head_dim)."""
-        ids = self._encode_ids(question)
-        try:
-            item = yield self._fwd(lambda _: self._embed(ids), len(ids), logits=False, probe=True)
-        finally:
-            self._rollback()
-        return item.queries
-
     # -- token pieces and their owners ------------------------------------------------------------
     # A part is (token ids, owning unit); ids None stands for the owner's visual tokens.
     def _snapshot(self) -> tuple[object, Unit | None]:
@@ -383,21 +373,6 @@ class StreamSession:
             parts.append((self._encode_ids(ft.sep), owner))
         parts += [(self._encode_ids(ft.stamp), unit), (None, unit), (self._encode_ids(ft.after), unit)]
         return [(ids, owner) for ids, owner in parts if ids is None or ids]
-
-    def _question_parts(self, question: str | None, picks: list) -> tuple[list, Unit, list[Unit]]:
-        """Pending text, recalled frames (``picks``) and the question, or with ``None`` the opening
-        of an answer the model starts by itself (advances the renderer)."""
-        parts = self._pending_part()
-        recalled = []
-        for f in picks:
-            unit = self._ledger.new_unit(FRAME, f.t, recalled=True, emb=f.emb, n_vis=f.emb.shape[0])
-            recalled.append(unit)
-            parts += self._frame_parts(unit, recalled=True)
-        exchange = self._turn or self._ledger.new_unit(EXCHANGE, self._last_t or 0.0, complete=False)
-        self._turn = None
-        text = self._renderer.assistant_open() if question is None else self._renderer.question(question)
-        parts.append((self._encode_ids(text), exchange))
-        return parts, exchange, recalled
 
     @staticmethod
     def _count(parts: list) -> int:
@@ -467,159 +442,3 @@ class StreamSession:
         return FrameResult(t=t, tokens_total=pf.num_tokens, tokens_kept=unit.n_vis, cache_len=self.cache_len,
                            keep_mask=keep_np.reshape(rows, cols), ms=(time.perf_counter() - start) * 1e3,
                            evicted_frames=evicted)
-
-    # -- questions -------------------------------------------------------------------------------
-    def ask(self, question: str, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
-            top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-            ignore_eos: bool = False, pin: bool = False) -> Iterator[TokenDelta]:
-        """Append ``question`` and stream the answer as :class:`TokenDelta`.
-
-        Arguments are checked now (``ValueError``, ``CacheLimitError``); the work happens as the
-        iterator is consumed. Question and answer stay in the cache (recalled frames do not).
-        Closing the iterator early ends the answer there. ``ignore_eos`` generates exactly
-        ``max_new_tokens`` (benchmarks). ``pin`` keeps this exchange out of the KV budget's
-        eviction until :meth:`unpin` (a standing instruction).
-        """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        return self._drive(self.begin_answer(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                                             ignore_eos, pin))
-
-    def unpin(self) -> None:
-        """Let every pinned exchange be evicted again."""
-        for unit in self._ledger.units.values():
-            unit.pinned = False
-
-    def respond(self, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[TokenDelta]:
-        """Let the model speak by itself now: open an assistant turn and stream what it says.
-
-        The ``stream`` layout's proactive answer (after ``respond_probability()`` said so); same
-        contract as :meth:`ask`.
-        """
-        return self._drive(self.begin_answer(None, max_new_tokens, do_sample, temperature, top_k, top_p, seed))
-
-    def begin_answer(self, question: str | None, max_new_tokens: int = 128, do_sample: bool = False,
-                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                     ignore_eos: bool = False, pin: bool = False) -> Op:
-        """The operation of :meth:`ask` (``question`` None: of :meth:`respond`); checked now, like them."""
-        if question is None:
-            if self._stream_ids is None:
-                raise RuntimeError("respond() needs layout='stream'; with 'video-turn' ask the instruction as a "
-                                   "question")
-        elif not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        check_sampling(do_sample, temperature, top_k, top_p, seed)
-        if self._answering:
-            raise RuntimeError("an answer is already being generated in this session")
-        self._plan_question(question, [], max_new_tokens)  # checks only
-        return self._generate(question, max_new_tokens, do_sample, temperature, top_k, top_p, seed, ignore_eos, pin)
-
-    def _plan_question(self, question: str | None, picks: list, max_new_tokens: int) -> Eviction:
-        """Units to evict so the question (after ``picks``) and its answer fit; changes nothing."""
-        state = self._snapshot()
-        try:
-            parts = self._question_parts(question, picks)[0]
-        finally:
-            self._restore(state)
-        return self._plan_room(self._count(parts) + max_new_tokens + self._close_len, "question and answer")
-
-    def _recall(self, question: str | None, max_new_tokens: int) -> Op:
-        """The stored frames to bring back for ``question`` (fewer if they do not fit) and the units to evict.
-
-        Room for the question and its answer is made first, so that reading the question's queries
-        stays within the budget's positions.
-        """
-        picks = []
-        if question is not None and self._store is not None and len(self._store):
-            self._evict(self._plan_question(question, [], max_new_tokens))
-            queries = yield from self._question_queries(question)
-            picks = self._store.top(queries, self.config.budget.recall_top_k)
-        while True:
-            try:
-                return picks, self._plan_question(question, picks, max_new_tokens)
-            except CacheLimitError:
-                if not picks:
-                    raise
-                picks = picks[:-1]
-
-    def _generate(self, question: str | None, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                  top_p: float, seed: int | None, ignore_eos: bool, pin: bool,
-                  forced: list[int] | None = None) -> Op:
-        # Nothing changes until the operation is first advanced; then the question is committed.
-        if self._answering:
-            raise RuntimeError("an answer is already being generated in this session")
-        picks, evict = yield from self._recall(question, max_new_tokens)
-        gen = torch.Generator(device=self.lm.device).manual_seed(seed) if seed is not None else None
-        state = self._snapshot()
-        parts, exchange, recalled = self._question_parts(question, picks)
-        exchange.pinned = pin
-        try:
-            self._evict(evict)
-            item = yield self._fwd(lambda _: self._embed_parts(parts), self._count(parts))
-        except BaseException:
-            self._restore(state)
-            self._rollback()
-            raise
-        logits, greedy = item.out_logits, item.greedy
-        self._append_parts(parts)
-        self._answering = True
-        unforwarded: list[int] = []
-        try:  # from here on, whatever happens, the answer is closed and the session takes frames again
-            self.recalled_frames += len(picks)
-            self.last_recall = [f.t for f in picks]
-            self._pending_ids, self._pending_text, self._pending_owner = [], "", None
-            self._last_logits, self._last_hidden, self._last_event = logits, None, "question"
-            detok = IncrementalDetokenizer(self.tokenizer)
-            for step in range(max_new_tokens):
-                if forced is not None:
-                    token = forced[step]
-                elif not do_sample and greedy is not None:
-                    token = greedy  # the executor's argmax over the step's rows
-                else:
-                    token = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
-                if self.logit_log is not None:
-                    self.logit_log.append(logits.detach().float().cpu().clone())
-                if token in self.eos_ids and not ignore_eos:
-                    break
-                unforwarded = [token]
-                yield TokenDelta(token_id=token, text=detok.push(token))
-                if step == max_new_tokens - 1:
-                    break
-                item = yield self._fwd(lambda _, ids=[token]: self._embed(ids), 1, kind="decode")
-                logits, greedy = item.out_logits, item.greedy
-                self._ledger.append([token], exchange)
-                self._last_logits = logits
-                unforwarded = []
-        finally:
-            try:
-                self._rollback()
-                self._evict(Eviction({u.uid for u in recalled}), to_store=False)
-            finally:
-                exchange.complete = True
-                self._pending_ids, self._pending_owner = unforwarded, exchange
-                self._pending_text = self._renderer.answer_close()
-                self._last_event = "answer"
-                self._last_logits = None
-                self._answering = False
-
-    def add_exchange(self, question: str | None, answer: str) -> None:
-        """Append a question (None: the model speaking by itself, ``stream`` layout) and a given
-        answer as if the model had generated it (teacher forcing): replays a recorded conversation,
-        and is how ``training/`` checks that it renders exactly what the live session holds."""
-        if not isinstance(answer, str) or not answer:
-            raise ValueError("answer must be a non-empty string")
-        if question is None and self._stream_ids is None:
-            raise RuntimeError("an answer without a question needs layout='stream'")
-        if question is not None and (not isinstance(question, str) or not question.strip()):
-            raise ValueError("question must be a non-empty string")
-        ids = self._encode_ids(answer)
-        self._plan_question(question, [], len(ids))  # checks only
-        for _ in self._drive(self._generate(question, len(ids), False, 1.0, 0, 1.0, None, True, False, forced=ids)):
-            pass
-
-    def answer(self, question: str, **kwargs: object) -> str:
-        """Ask and return the whole answer text."""
-        return "".join(d.text for d in self.ask(question, **kwargs))

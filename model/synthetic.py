@@ -11,6 +11,8 @@ import numpy as np
 
 
 class SyntheticCamera:
+    """A deterministic moving scene with sensor noise: frames for tests and benchmarks without a camera."""
+
     def __init__(self, height: int = 336, width: int = 448, seed: int = 0, noise_sigma: float = 2.0,
                  visit_every: float = 20.0, visit_seconds: float = 6.0):
         rng = np.random.default_rng(seed)

@@ -22,6 +22,8 @@ from transformers import (
     VideoLlama3VisionConfig,
 )
 
+from . import upstream
+
 STREAM_TOKENS = ("<|stream_start|>", "<|stream_end|>")
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 VIDEO_TOKEN_ID = 151656  # <|video_pad|>
@@ -113,7 +115,7 @@ def build_random_model(
 ) -> VideoLlama3ForConditionalGeneration:
     """Random-weight model, deterministic for a given seed (initialised on CPU, then moved)."""
     config = build_config(size)
-    config._attn_implementation = attn
+    upstream.config_attention(config, attn)
     torch.manual_seed(seed)
     if size == "tiny":
         model = VideoLlama3ForConditionalGeneration(config)

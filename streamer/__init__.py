@@ -1,1 +1,2 @@
-"""Streaming layer: video sources, orchestration and the ``vl3live`` CLI (imports ``model``, never the reverse)."""
+"""The engine floor: video sources, the live engine and its model worker, the event bus, and the websocket
+API (``streamer/websocket/``). Imports ``model``; never ``ui``, ``training`` or a command."""

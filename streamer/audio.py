@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.asr import SAMPLE_RATE
-from model.config import AudioConfig
+from streamer.config import AudioConfig
 
 from .sources import iterate_in_thread
 
@@ -55,6 +55,9 @@ def check_input_device(device: str | int | None) -> None:
 
 @dataclass
 class Utterance:
+    """One stretch of speech the voice activity detector heard: its audio and its time on the microphone's
+    clock."""
+
     audio: np.ndarray  # float32 mono at SAMPLE_RATE
     start: float  # seconds since the microphone opened
     end: float
@@ -113,6 +116,9 @@ class EnergyVad:
 
 @dataclass
 class MicStats:
+    """What the microphone path did: blocks captured, blocks dropped when the detector fell behind, and
+    PortAudio's own overflows."""
+
     blocks: int = 0
     dropped_blocks: int = 0  # the detector fell behind: oldest audio discarded
     overflows: int = 0  # PortAudio's own input overflows

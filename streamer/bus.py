@@ -1,7 +1,7 @@
 """The in-process event bus: the engine publishes, the servers and the demo subscribe.
 
 Each subscriber has its own bounded buffer. When it is full, the oldest *droppable* event (a
-stats event) is discarded and counted; answers, alerts and errors are never discarded: a
+:class:`FrameStats`) is discarded and counted; answers, alerts and errors are never discarded: a
 subscriber so far behind that its buffer holds nothing but those is closed (it gets one final
 ``error`` event with code ``subscriber_overflow``) instead of being fed silently less. The
 engine never waits for a subscriber.
@@ -12,21 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
-DROPPABLE = frozenset({"stats"})
-
-
-@dataclass
-class Event:
-    """One thing that happened in a session. ``t`` is the stream time it refers to (seconds)."""
-
-    type: str  # stats | response.created | response.delta | response.done | alert | error | ...
-    session: str
-    data: dict[str, Any] = field(default_factory=dict)
-    t: float | None = None
-    seq: int = 0  # bus-wide order
+from .events import Error, Event, FrameStats
 
 
 class Subscription:
@@ -46,15 +33,14 @@ class Subscription:
         if self.closed or (self.session is not None and ev.session != self.session):
             return
         if len(self._events) >= self.maxsize:
-            victim = next((i for i, e in enumerate(self._events) if e.type in DROPPABLE), None)
-            if victim is None and ev.type in DROPPABLE:
+            victim = next((i for i, e in enumerate(self._events) if isinstance(e, FrameStats)), None)
+            if victim is None and isinstance(ev, FrameStats):
                 self.dropped += 1
                 return
             if victim is None:
                 self.overflowed = True
-                self._events.append(Event("error", ev.session, {
-                    "code": "subscriber_overflow",
-                    "message": f"subscriber fell {self.maxsize} answer events behind and was closed"}))
+                self._events.append(Error(session=ev.session, code="subscriber_overflow",
+                                          message=f"subscriber fell {self.maxsize} answer events behind and was closed"))
                 self.close()
                 return
             del self._events[victim]
@@ -85,6 +71,10 @@ class Subscription:
 
     def get_nowait(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    def peek(self) -> list[Event]:
+        """The events buffered now, oldest first, without taking them."""
+        return list(self._events)
 
     def close(self) -> None:
         self.closed = True

@@ -16,7 +16,6 @@ frame's stats, an answer's end). A failure is that operation's alone.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -26,33 +25,21 @@ from concurrent.futures import Future
 from model import CacheLimitError, TokenDelta
 from model.executor import Executor, Forward
 
-from .bus import Event
-from .live import LiveSession, PendingFrame, Question
+from .answers import Answer, proactive_question
+from .engine_session import EngineSession, PendingFrame, PendingQuestion
+from .events import Error, Event, FrameStats
 from .scheduler import Want, plan_step
 
 log = logging.getLogger(__name__)
 
 
-class _Answer:
-    def __init__(self, q: Question, t: float | None):
-        self.q, self.t = q, t
-        self.parts: list[str] = []
-        self.started = q.asked  # TTFT includes the wait in the session's question queue
-        self.ttft_ms: float | None = None
-        self.cancelled = False
-
-
 class _Task:
     """A session's operation in progress and the forward it waits for."""
 
-    def __init__(self, ls: LiveSession, op, frame: PendingFrame | None = None, answer: _Answer | None = None):
-        self.ls, self.op, self.frame, self.answer = ls, op, frame, answer
+    def __init__(self, session: EngineSession, op, frame: PendingFrame | None = None, answer: Answer | None = None):
+        self.session, self.op, self.frame, self.answer = session, op, frame, answer
         self.work: Forward | None = None
         self.waited = 0
-
-
-def _normalized(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
 
 
 class ModelWorker:
@@ -66,9 +53,9 @@ class ModelWorker:
         self.executor = executor
         self.batching, self.max_step_tokens, self.min_chunk_tokens = batching, max_step_tokens, min_chunk_tokens
         self._cond = threading.Condition()
-        self._sessions: list[LiveSession] = []
+        self._sessions: list[EngineSession] = []
         self._tasks: dict[str, _Task] = {}
-        self._closing: list[LiveSession] = []  # removed sessions whose operation and pages the thread frees
+        self._closing: list[EngineSession] = []  # removed sessions whose operation and pages the thread frees
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # model work other than steps
         self._rr = 0
         self._stepping: set[str] = set()  # sessions whose work is in the step running now
@@ -80,7 +67,7 @@ class ModelWorker:
 
     # -- control (any thread) ---------------------------------------------------------------------
     @property
-    def lock(self) -> threading.Condition:
+    def condition(self) -> threading.Condition:
         return self._cond
 
     def start(self) -> None:
@@ -118,50 +105,50 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def add(self, ls: LiveSession) -> None:
+    def add(self, session: EngineSession) -> None:
         with self._cond:
-            self._sessions.append(ls)
+            self._sessions.append(session)
             self._cond.notify_all()
 
-    def remove(self, ls: LiveSession, timeout: float = 60.0) -> None:
-        """Take ``ls`` out: its operation is closed and its KV pages returned on the worker thread, after
+    def remove(self, session: EngineSession, timeout: float = 60.0) -> None:
+        """Take ``session`` out: its operation is closed and its KV pages returned on the worker thread, after
         the step running now; from another thread this waits (up to ``timeout``) until that is done, so
         none of its frames is left without an outcome."""
         with self._cond:
-            ls.closed = True
-            if ls in self._sessions:
-                self._sessions.remove(ls)
-            if ls.frame is not None:  # never reached the model
-                ls.frame = None
-                ls.count("dropped")
-            if ls.incoming is not None:
-                ls.incoming = None
-                ls.count("dropped")
-            self._closing.append(ls)
+            session.closed = True
+            if session in self._sessions:
+                self._sessions.remove(session)
+            if session.frame is not None:  # never reached the model
+                session.frame = None
+                session.count("dropped")
+            if session.incoming is not None:
+                session.incoming = None
+                session.count("dropped")
+            self._closing.append(session)
             self._cond.notify_all()
             if threading.current_thread() is self._thread or not self.alive:
                 self._free_closing()
                 return
-            self._cond.wait_for(lambda: ls not in self._closing, timeout)
+            self._cond.wait_for(lambda: session not in self._closing, timeout)
             # a frame still being preprocessed gets its outcome (dropped) when that ends; wait briefly for
             # it so the final counts add up, but never hold a shutdown on a preprocessing thread
-            if not self._cond.wait_for(lambda: ls.preparing is None, min(timeout, 5.0)):
-                log.warning("session %s: a frame was still being preprocessed when it closed", ls.id)
+            if not self._cond.wait_for(lambda: session.preparing is None, min(timeout, 5.0)):
+                log.warning("session %s: a frame was still being preprocessed when it closed", session.id)
 
     def _free_closing(self) -> None:
         """Close the operations and free the pages of removed sessions (worker thread, or no thread)."""
         closing, self._closing = self._closing, []
-        for ls in closing:
-            task = self._tasks.pop(ls.id, None)
+        for session in closing:
+            task = self._tasks.pop(session.id, None)
             if task is not None:
                 try:
                     task.op.close()
                 except Exception:
-                    log.exception("session %s: closing its operation failed", ls.id)
+                    log.exception("session %s: closing its operation failed", session.id)
                 if task.frame is not None:
-                    ls.in_step = False
-                    ls.count("dropped")
-            ls.session.close()
+                    session.in_step = False
+                    session.count("dropped")
+            session.stream.close()
         self._cond.notify_all()
 
     def _emit(self, ev: Event) -> None:
@@ -172,43 +159,39 @@ class ModelWorker:
             out, self._out = self._out, []
             self._sink(out)
 
-    def notify(self) -> None:
+    def cancel(self, session: EngineSession) -> bool:
+        """Stop the answer being generated for ``session`` after its current token."""
         with self._cond:
-            self._cond.notify_all()
-
-    def cancel(self, ls: LiveSession) -> bool:
-        """Stop the answer being generated for ``ls`` after its current token."""
-        with self._cond:
-            task = self._tasks.get(ls.id)
+            task = self._tasks.get(session.id)
             if task is None or task.answer is None:
                 return False
             task.answer.cancelled = True
             self._cond.notify_all()
             return True
 
-    def busy(self, ls: LiveSession) -> bool:
-        """An operation of ``ls`` (a frame or an answer) is in progress."""
+    def busy(self, session: EngineSession) -> bool:
+        """An operation of ``session`` (a frame or an answer) is in progress."""
         with self._cond:
-            return ls.id in self._tasks
+            return session.id in self._tasks
 
-    def answering(self, ls: LiveSession) -> bool:
+    def answering(self, session: EngineSession) -> bool:
         with self._cond:
-            task = self._tasks.get(ls.id)
+            task = self._tasks.get(session.id)
             return task is not None and task.answer is not None
 
-    def idle(self, ls: LiveSession) -> bool:
-        """Nothing to do for ``ls`` and no step of it running (its events may still be on their way)."""
+    def idle(self, session: EngineSession) -> bool:
+        """Nothing to do for ``session`` and no step of it running (its events may still be on their way)."""
         with self._cond:
-            return ls.id not in self._stepping and ls.id not in self._tasks and not self._startable(ls) \
-                and ls.preparing is None and ls.incoming is None
+            return session.id not in self._stepping and session.id not in self._tasks and not self._startable(session) \
+                and session.preparing is None and session.incoming is None
 
     # -- the thread -------------------------------------------------------------------------------
     @staticmethod
-    def _startable(ls: LiveSession) -> bool:
-        return ls.frame is not None or ls.question_ready()
+    def _startable(session: EngineSession) -> bool:
+        return session.frame is not None or session.question_ready()
 
     def _has_work(self) -> bool:
-        return bool(self._tasks) or any(self._startable(ls) for ls in self._sessions)
+        return bool(self._tasks) or any(self._startable(session) for session in self._sessions)
 
     def _run(self) -> None:
         while True:
@@ -217,22 +200,22 @@ class ModelWorker:
                     self._cond.wait()
                 if not self._running:
                     return
-                if self._closing or self._calls:
-                    self._free_closing()
-                    call = self._calls.popleft() if self._calls else None
-                else:
-                    call = None
+                self._free_closing()
+                call = self._calls.popleft() if self._calls else None
+                if call is None:
                     starts = self._take_starts()
-                    self._stepping = set(self._tasks) | {ls.id for ls, _, _ in starts}
+                    self._stepping = set(self._tasks) | {session.id for session, _, _ in starts}
             if call is not None:
                 self._call(*call)
                 continue
+            if not starts and not self._tasks:  # only closing sessions were freed
+                continue
             try:
-                for ls, frame, question in starts:
+                for session, frame, question in starts:
                     if frame is not None:
-                        self._start_frame(ls, frame)
+                        self._start_frame(session, frame)
                     else:
-                        self._start_answer(ls, question)
+                        self._start_answer(session, question)
                 self._step()
             except Exception as exc:  # a bug in the step itself: fail what it held, keep serving
                 log.exception("a model step failed")
@@ -244,18 +227,18 @@ class ModelWorker:
                     self._stepping = set()
                     self._cond.notify_all()
 
-    def _take_starts(self) -> list[tuple[LiveSession, PendingFrame | None, Question | None]]:
+    def _take_starts(self) -> list[tuple[EngineSession, PendingFrame | None, PendingQuestion | None]]:
         """Under the lock: the next operation of each session that has none (frame before question)."""
         starts = []
-        for ls in self._sessions:
-            if ls.id in self._tasks:
+        for session in self._sessions:
+            if session.id in self._tasks:
                 continue
-            if ls.frame is not None:
-                frame, ls.frame = ls.frame, None
-                ls.in_step = True
-                starts.append((ls, frame, None))
-            elif ls.question_ready():
-                starts.append((ls, None, ls.questions.popleft()))
+            if session.frame is not None:
+                frame, session.frame = session.frame, None
+                session.in_step = True
+                starts.append((session, frame, None))
+            elif session.question_ready():
+                starts.append((session, None, session.questions.popleft()))
         return starts
 
     @staticmethod
@@ -273,14 +256,14 @@ class ModelWorker:
         tasks = [t for t in self._tasks.values() if t.work is not None]
         if not tasks:
             return
-        wants = [Want(t.ls.id, t.work.kind, t.work.left, t.waited) for t in tasks]
+        wants = [Want(t.session.id, t.work.kind, t.work.left, t.waited) for t in tasks]
         plan = plan_step(wants, self.max_step_tokens, None if self.batching else 1, self.min_chunk_tokens, self._rr)
         self._rr += 1
         rows = plan.rows()
         run = []
         for t in tasks:
-            if t.ls.id in rows:
-                t.work.chunk = rows[t.ls.id]
+            if t.session.id in rows:
+                t.work.chunk = rows[t.session.id]
                 t.waited = 0
                 run.append(t)
             else:
@@ -322,132 +305,101 @@ class ModelWorker:
                 return
             send, value = task.op.send, None
 
-    def _start_frame(self, ls: LiveSession, pending: PendingFrame) -> None:
-        s = ls.session
+    def _start_frame(self, session: EngineSession, pending: PendingFrame) -> None:
+        s = session.stream
         try:
             op = s.begin_frame(pending.pixels_for(s), pending.frame.pts_seconds)
         except Exception as exc:
-            self._frame_failed(ls, pending, exc)
+            self._frame_failed(session, pending, exc)
             return
-        task = _Task(ls, op, frame=pending)
+        task = _Task(session, op, frame=pending)
         with self._cond:
-            self._tasks[ls.id] = task
+            self._tasks[session.id] = task
         self._advance(task)
 
-    def _frame_failed(self, ls: LiveSession, pending: PendingFrame, exc: BaseException) -> None:
+    def _frame_failed(self, session: EngineSession, pending: PendingFrame, exc: BaseException) -> None:
         if not isinstance(exc, (ValueError, CacheLimitError)):
-            log.error("session %s: frame at t=%s failed", ls.id, pending.frame.pts_seconds, exc_info=exc)
+            log.error("session %s: frame at t=%s failed", session.id, pending.frame.pts_seconds, exc_info=exc)
         code = "cache_limit" if isinstance(exc, CacheLimitError) else \
             "bad_frame" if isinstance(exc, ValueError) else "internal"
         with self._cond:
-            ls.in_step = False
-            ls.count("refused")
-            ls.errors += 1
-        self._emit(Event("error", ls.id, {"code": code, "message": str(exc), "event_id": pending.event_id},
-                         t=pending.frame.pts_seconds))
+            session.in_step = False
+            session.count("refused")
+            session.errors += 1
+        self._emit(Error(session=session.id, t=pending.frame.pts_seconds, code=code, message=str(exc),
+                         event_id=pending.event_id))
 
     def _finish(self, task: _Task, result: object) -> None:
         with self._cond:
-            self._tasks.pop(task.ls.id, None)
+            self._tasks.pop(task.session.id, None)
         if task.frame is not None:
-            self._ingested(task.ls, task.frame, result)
+            self._ingested(task.session, task.frame, result)
         else:
             self._answer_done(task)
 
     def _fail(self, task: _Task, exc: BaseException) -> None:
         with self._cond:
-            self._tasks.pop(task.ls.id, None)
+            self._tasks.pop(task.session.id, None)
         task.work = None
         try:
             task.op.close()
         except Exception:
-            log.exception("session %s: closing a failed operation", task.ls.id)
-        ls = task.ls
+            log.exception("session %s: closing a failed operation", task.session.id)
+        session = task.session
         if task.frame is not None:
-            self._frame_failed(ls, task.frame, exc)
+            self._frame_failed(session, task.frame, exc)
             return
         a = task.answer
         if isinstance(exc, CacheLimitError):
-            self._emit(Event("error", ls.id, {"code": "cache_limit", "message": str(exc),
-                                              "event_id": a.q.event_id}, t=a.t))
+            self._emit(Error(session=session.id, t=a.t, code="cache_limit", message=str(exc), event_id=a.q.event_id))
         else:  # any other failure ends this answer, never the session
-            log.error("session %s: answer %s failed", ls.id, a.q.response_id, exc_info=exc)
-            ls.errors += 1
-            self._emit(Event("error", ls.id, {"code": "internal", "message": f"the answer failed: {exc}",
-                                              "event_id": a.q.event_id}, t=a.t))
+            log.error("session %s: answer %s failed", session.id, a.q.response_id, exc_info=exc)
+            session.errors += 1
+            self._emit(Error(session=session.id, t=a.t, code="internal", message=f"the answer failed: {exc}",
+                             event_id=a.q.event_id))
         self._answer_done(task)
 
-    def _ingested(self, ls: LiveSession, pending: PendingFrame, r) -> None:
-        s = ls.session
+    def _ingested(self, session: EngineSession, pending: PendingFrame, r) -> None:
+        s = session.stream
         with self._cond:
-            ls.in_step = False
-            ls.count("processed")
-            ls.fps_processed.tick()
-            stats = ls.counters()
-        ls.last_keep = (pending.frame.rgb, r.keep_mask)
-        st = s.stats()
-        stats.update(tokens_kept=r.tokens_kept, tokens_total=r.tokens_total, cache_len=r.cache_len,
-                     max_tokens=st["max_tokens"], evicted_frames=st["evicted_frames"], ingest_ms=round(r.ms, 2),
-                     latency_ms=round((time.monotonic() - pending.arrived) * 1e3, 2))
-        self._emit(Event("stats", ls.id, stats, t=r.t))
-        self._proactive(ls, r.t)
+            session.in_step = False
+            session.count("processed")
+            session.fps_processed.tick()
+            counts = session.counters()
+        session.last_keep = (pending.frame.rgb, r.keep_mask)
+        self._emit(FrameStats(session=session.id, t=r.t, counts=counts, tokens_kept=r.tokens_kept,
+                              tokens_total=r.tokens_total, cache_len=r.cache_len, max_tokens=s.max_tokens,
+                              evicted_frames=s.evicted_frames, ingest_ms=round(r.ms, 2),
+                              latency_ms=round((time.monotonic() - pending.arrived) * 1e3, 2)))
+        q = proactive_question(session, r.t)
+        if q is not None:
+            self._start_answer(session, q)
 
-    def _proactive(self, ls: LiveSession, t: float) -> None:
-        """After a frame: decide whether a standing instruction makes the model speak now."""
-        if not ls.instruction or ls.instruction_queued:
-            return
-        cfg = ls.cfg
-        if ls.session.config.layout == "stream":
-            cooled = ls.last_alert_t is None or t - ls.last_alert_t >= cfg.proactive_cooldown
-            if cooled and ls.session.respond_probability() >= cfg.proactive_threshold:
-                ls.last_alert_t = t
-                self._start_answer(ls, Question(f"alert-{ls.id}-{t:.3f}", None, proactive=True,
-                                                max_new_tokens=cfg.proactive_max_new_tokens))
-        elif ls.last_instruction_t is None or t - ls.last_instruction_t >= cfg.proactive_every:
-            ls.last_instruction_t = t
-            self._start_answer(ls, Question(f"alert-{ls.id}-{t:.3f}", ls.instruction, proactive=True,
-                                            max_new_tokens=cfg.proactive_max_new_tokens))
-
-    def _start_answer(self, ls: LiveSession, q: Question) -> None:
-        s = ls.session
+    def _start_answer(self, session: EngineSession, q: PendingQuestion) -> None:
+        s = session.stream
         try:
-            sampling = ls.sampling if not q.pin else {}
-            op = s.begin_answer(q.text, max_new_tokens=q.max_new_tokens, pin=q.pin, **sampling)
+            op = s.begin_answer(q.text, q.sampling, pin=q.pin)
         except (ValueError, RuntimeError) as exc:
-            ls.errors += 1
+            session.errors += 1
             code = "cache_limit" if isinstance(exc, CacheLimitError) else "bad_question"
-            self._emit(Event("error", ls.id, {"code": code, "message": str(exc), "event_id": q.event_id}))
+            self._emit(Error(session=session.id, code=code, message=str(exc), event_id=q.event_id))
             return
         if q.pin:
-            ls.instruction_queued = False
-        task = _Task(ls, op, answer=_Answer(q, s.last_t))
+            session.instruction_queued = False
+        task = _Task(session, op, answer=Answer(q, s.last_t))
         with self._cond:
-            self._tasks[ls.id] = task
-        if not self._silent(task.answer):
-            self._emit(self._created(ls, task.answer))
+            self._tasks[session.id] = task
+        if not task.answer.silent:
+            self._emit(task.answer.created(session.id))
         self._advance(task)
 
-    def _silent(self, answer: _Answer) -> bool:
-        """video-turn re-asks are only told once their whole text is known to say something new."""
-        return answer.q.proactive and answer.q.text is not None
-
-    def _created(self, ls: LiveSession, a: _Answer) -> Event:
-        return Event("response.created", ls.id, {"response_id": a.q.response_id, "question": a.q.text,
-                                                 "proactive": a.q.proactive, "event_id": a.q.event_id}, t=a.t)
-
     def _delta(self, task: _Task, delta: TokenDelta) -> None:
-        a = task.answer
-        if a.ttft_ms is None:
-            a.ttft_ms = (time.monotonic() - a.started) * 1e3
-        a.parts.append(delta.text)
-        if delta.text and not self._silent(a):
-            self._emit(Event("response.delta", task.ls.id, {"response_id": a.q.response_id, "text": delta.text},
-                             t=a.t))
+        self._out += task.answer.token(task.session.id, delta.text)
 
     def _close_answer(self, task: _Task) -> None:
         """End a cancelled answer where it got to."""
         with self._cond:
-            self._tasks.pop(task.ls.id, None)
+            self._tasks.pop(task.session.id, None)
         task.work = None
         try:
             task.op.close()
@@ -457,18 +409,4 @@ class ModelWorker:
         self._answer_done(task)
 
     def _answer_done(self, task: _Task) -> None:
-        ls, a = task.ls, task.answer
-        text = "".join(a.parts)
-        if self._silent(a):
-            if not _normalized(text) or _normalized(text) == _normalized(ls.last_alert_text):
-                ls.proactive_suppressed += 1
-                return
-            self._emit(self._created(ls, a))
-            self._emit(Event("response.delta", ls.id, {"response_id": a.q.response_id, "text": text}, t=a.t))
-        done_data = {"response_id": a.q.response_id, "text": text, "proactive": a.q.proactive,
-                     "cancelled": a.cancelled, "ttft_ms": a.ttft_ms, "event_id": a.q.event_id}
-        self._emit(Event("response.done", ls.id, done_data, t=a.t))
-        if a.q.proactive and _normalized(text):
-            ls.last_alert_text = text
-            self._emit(Event("alert", ls.id, {"response_id": a.q.response_id, "text": text,
-                                              "instruction": ls.instruction}, t=a.t))
+        self._out += task.answer.done(task.session)

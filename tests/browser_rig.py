@@ -14,9 +14,9 @@ import time
 import aioice.ice
 
 from model import load_model
-from model.config import Config
-from streamer.engine import Engine
 from streamer.sources.webrtc import WebRTCIngest
+from tests.engines import engine_for
+from vl3live.config import Config
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
@@ -33,7 +33,7 @@ async def main(screenshot: str) -> dict:
     cfg = Config()
     cfg.engine.fps = 2.0
     cfg.session.frame_pixels = 28 * 28 * 12
-    async with Engine(load_model("tiny", device="cpu"), cfg) as engine:
+    async with engine_for(load_model("tiny", device="cpu"), cfg) as engine:
         ingest = WebRTCIngest(engine)
         port = await ingest.start("127.0.0.1", 0)
         async with async_playwright() as pw:
@@ -44,16 +44,16 @@ async def main(screenshot: str) -> dict:
                 await page.goto(f"http://127.0.0.1:{port}/")
                 await page.wait_for_function("window.vl3liveSession !== undefined", timeout=30000)
                 sid = await page.evaluate("window.vl3liveSession")
-                ls = engine.get(sid)
+                session = engine.get(sid)
                 end = time.monotonic() + 30
-                while ls.processed < 4 and time.monotonic() < end:
+                while session.processed < 4 and time.monotonic() < end:
                     await asyncio.sleep(0.2)
                 await page.screenshot(path=screenshot)
                 status = await page.inner_text("#status")
                 await browser.close()
         await ingest.close()
-        return {"session": sid, "processed": ls.processed, "cache_len": ls.session.cache_len,
-                "last_t": ls.session.last_t, "errors": ls.errors, "status": status}
+        return {"session": sid, "processed": session.processed, "cache_len": session.stream.cache_len,
+                "last_t": session.stream.last_t, "errors": session.errors, "status": status}
 
 
 if __name__ == "__main__":

@@ -86,3 +86,16 @@ def wait_for_line(proc, pattern: str, timeout: float = 60.0) -> tuple[re.Match |
     threading.Thread(target=read, daemon=True).start()
     ready.wait(timeout)
     return (found[0] if found else None), lines
+
+
+def assert_answers(s, question: str, max_new_tokens: int = 3) -> str:
+    """``s`` answers ``question``: 1..max_new_tokens tokens, whose text is exactly their detokenization, and
+    the question is in its cache (and cache and KV agree). Returns the answer."""
+    from model.sampling import Sampling
+
+    deltas = list(s.ask(question, Sampling(max_new_tokens=max_new_tokens)))
+    ids, text = [d.token_id for d in deltas], "".join(d.text for d in deltas)
+    assert 1 <= len(ids) <= max_new_tokens
+    assert text == s.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # (a cut-off last character)
+    assert question in s.tokenizer.decode(s.token_ids()) and s.kv_len == s.cache_len
+    return text

@@ -11,12 +11,16 @@ import pytest
 import torch
 
 from model import SessionConfig, StreamSession
-from model.config import BudgetConfig, Config
+from model.config import BudgetConfig
 from model.executor import Executor, Forward
 from model.kvpool import KVPool, PoolFullError
+from model.sampling import Sampling
 from streamer.engine import Engine, EngineError
+from streamer.events import Error, ResponseDelta, ResponseDone
 from streamer.sources import Frame
 from tests.conftest import eventually, scene_frames
+from tests.engines import engine_for
+from vl3live.config import Config
 
 SPECS = {  # name: (session config, frame size): different layouts, frame sizes, budgets
     "evict": (SessionConfig(frame_pixels=28 * 28 * 12, budget=BudgetConfig(
@@ -41,14 +45,14 @@ class _Driver:
 
     def __init__(self, eng: Engine):
         self.eng = eng
-        self.ls, self.log, self.sub, self.frames = {}, {}, {}, {}
+        self.sessions, self.log, self.sub, self.frames = {}, {}, {}, {}
 
     async def open(self, name: str, seed: int) -> None:
         cfg, (h, w) = SPECS[name]
-        ls = await self.eng.open_session(cfg)
-        ls.session.logit_log = []
-        self.ls[name], self.log[name] = ls, []
-        self.sub[name] = self.eng.bus.subscribe(ls.id, maxsize=100000)
+        session = await self.eng.open_session(cfg)
+        session.stream.logit_log = []
+        self.sessions[name], self.log[name] = session, []
+        self.sub[name] = self.eng.bus.subscribe(session.id, maxsize=100000)
         if name == "evict":  # noise: every token survives DiffFP, so the budget evicts
             rng = np.random.default_rng(seed)
             self.frames[name] = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(ROUNDS + 4)]
@@ -59,22 +63,22 @@ class _Driver:
         i = sum(what == "frame" for what, _, _ in self.log[name])
         f, t = self.frames[name][i], 0.5 * i + 0.25
         self.log[name].append(("frame", f, t))
-        assert self.eng.push_frame(self.ls[name], Frame(t, f))
+        assert self.eng.push_frame(self.sessions[name], Frame(t, f))
 
     def ask(self, name: str, q: str, n: int) -> None:
         self.log[name].append(("ask", q, n))
-        self.eng.ask(self.ls[name], q, max_new_tokens=n)
+        self.eng.ask(self.sessions[name], q, Sampling(max_new_tokens=n))
 
     def deltas(self, name: str) -> int:
-        return sum(e.type == "response.delta" for e in list(self.sub[name]._events))
+        return sum(isinstance(e, ResponseDelta) for e in self.sub[name].peek())
 
     async def processed(self, name: str) -> None:
         n = sum(what == "frame" for what, _, _ in self.log[name])
-        assert await eventually(lambda: self.ls[name].processed == n, timeout=120), (name, self.ls[name].counters())
+        assert await eventually(lambda: self.sessions[name].processed == n, timeout=120), (name, self.sessions[name].counters())
 
     async def settled(self) -> None:
-        for ls in self.ls.values():
-            await self.eng.settled(ls, timeout=120)
+        for session in self.sessions.values():
+            await self.eng.settled(session, timeout=120)
 
 
 async def _scenario(eng: Engine) -> _Driver:
@@ -97,7 +101,7 @@ async def _scenario(eng: Engine) -> _Driver:
                 d.push(name)
             await d.settled()
         if r == 6:  # its early frames are evicted by now: recall brings some back
-            assert d.ls["evict"].session.stats()["evicted_frames"] > 0
+            assert d.sessions["evict"].stream.stats().evicted_frames > 0
             d.ask("evict", "Where was the bright patch?", 6)
             await d.settled()
     await d.settled()
@@ -111,7 +115,7 @@ def _alone(lm, name: str, log: list) -> StreamSession:
         if what == "frame":
             s.add_frame(a, b)
         else:
-            for _ in s.ask(a, max_new_tokens=b):
+            for _ in s.ask(a, Sampling(max_new_tokens=b)):
                 pass
     return s
 
@@ -123,13 +127,13 @@ def _alone(lm, name: str, log: list) -> StreamSession:
 ], ids=["packed", "chunked", "off"])
 def test_batched_sessions_equal_each_session_alone(lm, engine):
     async def main():
-        async with Engine(lm, _config(**engine)) as eng:
+        async with engine_for(lm, _config(**engine)) as eng:
             d = await _scenario(eng)
             steps = eng.recent_steps()
-            return d, steps, eng.pool_stats()
+            return d, steps, eng.stats()
 
     d, steps, pool = asyncio.run(main())
-    mean_batch = pool["step_items"] / pool["steps"]
+    mean_batch = pool.step_items / pool.steps
     if engine.get("batching", True):
         assert mean_batch > 1.5, f"steps were not packed: {mean_batch:.2f} items per step"
         assert max(len(rows) for _, rows, _ in steps) >= 3
@@ -139,7 +143,7 @@ def test_batched_sessions_equal_each_session_alone(lm, engine):
     if limit:
         assert all(sum(rows.values()) <= limit for _, rows, _ in steps)
     for name in SPECS:
-        s, alone = d.ls[name].session, _alone(lm, name, d.log[name])
+        s, alone = d.sessions[name].stream, _alone(lm, name, d.log[name])
         assert s.token_ids() == alone.token_ids(), name
         assert len(s.logit_log) == len(alone.logit_log)
         assert s.logit_log or name == "watch"  # the others answered
@@ -147,8 +151,8 @@ def test_batched_sessions_equal_each_session_alone(lm, engine):
             assert (got - want).abs().max().item() <= 1e-4, name
         assert s.stats() == alone.stats(), name
         assert s.frames_in_cache() == alone.frames_in_cache()
-    assert d.ls["evict"].session.stats()["recalled_frames"] > 0
-    assert d.ls["evict"].session.stats()["evicted_frames"] > 0
+    assert d.sessions["evict"].stream.stats().recalled_frames > 0
+    assert d.sessions["evict"].stream.stats().evicted_frames > 0
 
 
 def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
@@ -158,40 +162,40 @@ def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
     ok = SessionConfig(frame_pixels=28 * 28 * 12)
 
     async def main():
-        async with Engine(lm, _config()) as eng:
+        async with engine_for(lm, _config()) as eng:
             a, b = await eng.open_session(ok), await eng.open_session(ok)
             bad, tight = await eng.open_session(ok), await eng.open_session(full)
-            for ls in (a, b):
-                ls.session.logit_log = []
+            for session in (a, b):
+                session.stream.logit_log = []
             sub = eng.bus.subscribe(maxsize=100000)
             frames = scene_frames(3, 100, 140, seed=3)
-            for ls in (a, b, bad, tight):
-                eng.push_frame(ls, Frame(0.0, frames[0]))
-            assert await eventually(lambda: all(ls.processed == 1 for ls in (a, b, bad, tight)))
-            eng.ask(a, "What is there?", max_new_tokens=12)
-            eng.ask(b, "And here?", max_new_tokens=12)
+            for session in (a, b, bad, tight):
+                eng.push_frame(session, Frame(0.0, frames[0]))
+            assert await eventually(lambda: all(session.processed == 1 for session in (a, b, bad, tight)))
+            eng.ask(a, "What is there?", Sampling(max_new_tokens=12))
+            eng.ask(b, "And here?", Sampling(max_new_tokens=12))
             assert await eventually(lambda: eng.answering(a) and eng.answering(b))
             eng.push_frame(bad, Frame(1.0, np.zeros((100, 140, 4), np.uint8)))  # 4 channels
             eng.push_frame(tight, Frame(1.0, frames[1]))  # does not fit 32 tokens
-            for ls in (a, b, bad, tight):
-                await eng.settled(ls)
+            for session in (a, b, bad, tight):
+                await eng.settled(session)
             events = []
             while (e := sub.get_nowait()) is not None:
                 events.append(e)
             return a, b, bad, tight, events, frames
 
     a, b, bad, tight, events, frames = asyncio.run(main())
-    errors = {e.session: e.data["code"] for e in events if e.type == "error"}
+    errors = {e.session: e.code for e in events if isinstance(e, Error)}
     assert errors == {bad.id: "bad_frame", tight.id: "cache_limit"}
     assert bad.refused == tight.refused == 1 and bad.processed == tight.processed == 1
-    done = {e.session: e.data["text"] for e in events if e.type == "response.done"}
-    for ls, q in ((a, "What is there?"), (b, "And here?")):
+    done = {e.session: e.text for e in events if isinstance(e, ResponseDone)}
+    for session, q in ((a, "What is there?"), (b, "And here?")):
         alone = StreamSession(lm, ok)
         alone.logit_log = []
         alone.add_frame(frames[0], 0.0)
-        assert done[ls.id] == alone.answer(q, max_new_tokens=12)
-        assert ls.session.token_ids() == alone.token_ids()
-        assert all((x - y).abs().max() <= 1e-4 for x, y in zip(ls.session.logit_log, alone.logit_log))
+        assert done[session.id] == alone.answer(q, Sampling(max_new_tokens=12))
+        assert session.stream.token_ids() == alone.token_ids()
+        assert all((x - y).abs().max() <= 1e-4 for x, y in zip(session.stream.logit_log, alone.logit_log))
 
 
 def test_a_packed_step_that_fails_reruns_its_items_alone(lm):
@@ -228,20 +232,20 @@ def test_the_pool_admits_sessions_by_their_budget_and_takes_them_back(lm):
     cfg.session = SessionConfig(frame_pixels=28 * 28 * 6, budget=BudgetConfig(max_tokens=budget, recent_tokens=60))
 
     async def main():
-        async with Engine(lm, cfg) as eng:
+        async with engine_for(lm, cfg) as eng:
             assert eng.pool.tokens == 992 and eng.pool.bytes_per_token > 0  # whole pages of 16
             a = await eng.open_session()
             await eng.open_session()
             with pytest.raises(EngineError, match="KV pool cannot hold another session") as err:
                 await eng.open_session()
             assert err.value.code == "too_many_sessions"
-            assert eng.pool_stats()["pages_reserved"] == 2 * 25 and eng.pool_stats()["sessions"] == 2
+            assert eng.stats().pool.pages_reserved == 2 * 25 and eng.stats().pool.sessions == 2
             eng.push_frame(a, Frame(0.0, scene_frames(1, 84, 112)[0]))
             assert await eventually(lambda: a.processed == 1)
-            assert eng.pool_stats()["tokens_used"] > 0
+            assert eng.stats().pool.tokens_used > 0
             await eng.close_session(a.id)
             c = await eng.open_session()  # a's pages came back
-            assert eng.pool_stats()["sessions"] == 2
+            assert eng.stats().pool.sessions == 2
             eng.push_frame(c, Frame(0.0, scene_frames(1, 84, 112)[0]))
             assert await eventually(lambda: c.processed == 1)
     asyncio.run(main())
@@ -262,7 +266,7 @@ def test_a_private_pool_grows_and_a_shared_one_refuses_past_its_reservation(lm):
         s1.slots(0, 48)
     fixed.release(s1)
     fixed.release(s1)  # idempotent
-    assert fixed.stats()["pages_reserved"] == 2 and fixed.open(32).base == 0  # its range came back
+    assert fixed.stats().pages_reserved == 2 and fixed.open(32).base == 0  # its range came back
 
 
 def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
@@ -274,7 +278,7 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
     cfg = _config(max_step_tokens=512, min_chunk_tokens=64)
 
     async def main():
-        async with Engine(lm, cfg) as eng:
+        async with engine_for(lm, cfg) as eng:
             a, b = await eng.open_session(big), await eng.open_session(small)
             eng.push_frame(b, Frame(0.0, scene_frames(1, 84, 112)[0]))
             assert await eventually(lambda: b.processed == 1)
@@ -289,12 +293,12 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
                     await asyncio.sleep(0.02)
             feed = asyncio.create_task(flood())
             assert await eventually(lambda: a.processed >= 1, timeout=120)
-            eng.ask(b, "What is there?", max_new_tokens=30)
+            eng.ask(b, "What is there?", Sampling(max_new_tokens=30))
             assert await eventually(lambda: eng.answering(b))
             await eng.settled(b, timeout=300)
             feed.cancel()
             await asyncio.gather(feed, return_exceptions=True)
-            return a, b, eng.recent_steps(), a.session.stats()
+            return a, b, eng.recent_steps(), a.stream.stats()
 
     a, b, steps, a_stats = asyncio.run(main())
     with_b = [i for i, (_, rows, _) in enumerate(steps) if b.id in rows]
@@ -302,8 +306,8 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
     assert len(answer) >= 5 and all(b.id in rows for _, rows, _ in answer), "b's answer skipped a step"
     assert sum(a.id in rows for _, rows, _ in answer) >= 2, "a's frames did not run during b's answer"
     assert all(sum(rows.values()) <= 512 for _, rows, _ in steps)
-    assert a_stats["cache_len"] > 2 * 512  # a's frames are far bigger than a step: they were chunked
-    assert a.session.frames_prepared_here == 0  # every 4K frame was resized on a preprocessing thread
+    assert a_stats.cache_len > 2 * 512  # a's frames are far bigger than a step: they were chunked
+    assert a.stream.frames_prepared_here == 0  # every 4K frame was resized on a preprocessing thread
 
 
 @pytest.mark.parametrize("attn, attention", [("sdpa", "masked"), ("eager", "masked")])

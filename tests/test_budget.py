@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from model import SessionConfig, StreamSession
+from model import SessionConfig, StreamSession, upstream
 from model.budget import EXCHANGE, FRAME, SINK, CacheLimitError, KVBudget, Ledger
 from model.config import BudgetConfig
+from model.sampling import Sampling
+from tests.conftest import assert_answers
 
 FP = 28 * 28 * 12  # 84x112 frames -> 12 visual tokens
 
@@ -84,7 +86,7 @@ def test_impossible_budgets_are_refused_at_session_creation(lm):
         BudgetConfig(recall="sometimes")
     assert BudgetConfig(recall=False).recall == "off"  # YAML reads `off` as false
     assert _session(lm, max_tokens=None).max_tokens == 32768
-    minimum = _session(lm, max_tokens=1000, recent_tokens=10, reserve_tokens=40)._budget.minimum
+    minimum = _session(lm, max_tokens=1000, recent_tokens=10, reserve_tokens=40).min_budget
     assert 12 + 10 + 40 < minimum < 120
     assert _session(lm, max_tokens=minimum, recent_tokens=10, reserve_tokens=40).max_tokens == minimum
     with pytest.raises(ValueError, match=f"minimum is {minimum} "):
@@ -104,12 +106,12 @@ def test_cache_stays_within_budget_and_text_stays_well_formed(lm, layout):
         peak = max(peak, r.cache_len)
         assert r.cache_len == s.kv_len
         if i % 15 == 14:
-            for _ in s.ask(f"What happened before second {i}?", max_new_tokens=6):
+            for _ in s.ask(f"What happened before second {i}?", Sampling(max_new_tokens=6)):
                 peak = max(peak, s.cache_len)
     assert peak <= 330 and s.cache_len == s.kv_len
     st = s.stats()
-    assert st["evicted_frames"] > 20 and st["evicted_exchanges"] >= 1 and st["recalled_frames"] == 0
-    assert st["frames_in_cache"] + st["evicted_frames"] == 60
+    assert st.evicted_frames > 20 and st.evicted_exchanges >= 1 and st.recalled_frames == 0
+    assert st.frames_in_cache + st.evicted_frames == 60
     kept = s.frames_in_cache()
     assert kept == [float(i) for i in range(60 - len(kept), 60)]  # oldest first, never a newer one
     ids = s.token_ids()
@@ -123,7 +125,7 @@ def test_cache_stays_within_budget_and_text_stays_well_formed(lm, layout):
     else:
         assert text.count("<|stream_start|>") == text.count("<|stream_end|>") == len(kept)
         assert text.count("<|stream_start|>stream\nTime") == len(kept)
-    assert s.answer("Still with me?", max_new_tokens=3) is not None
+    assert_answers(s, "Still with me?", 3)
 
 
 def test_a_budget_that_is_never_reached_changes_nothing(lm):
@@ -136,8 +138,8 @@ def test_a_budget_that_is_never_reached_changes_nothing(lm):
             s.add_frame(f, i * 0.5)
             logits.append(s.next_logits())
             if i in (3, 7):
-                answer = s.answer("What do you see?", max_new_tokens=8)
-        runs.append((s.token_ids(), answer, torch.stack(logits), s.stats()["evicted_frames"]))
+                answer = s.answer("What do you see?", Sampling(max_new_tokens=8))
+        runs.append((s.token_ids(), answer, torch.stack(logits), s.stats().evicted_frames))
     (ids_a, ans_a, log_a, ev_a), (ids_b, ans_b, log_b, ev_b) = runs
     assert ev_a == ev_b == 0
     assert ids_a == ids_b and ans_a == ans_b
@@ -147,8 +149,9 @@ def test_a_budget_that_is_never_reached_changes_nothing(lm):
 def test_rerotated_keys_equal_keys_built_at_the_new_positions(lm):
     """Evict + re-rotate vs. the model's own k_proj output rotated by transformers' RoPE at the new positions."""
     s = _session(lm, max_tokens=260, recent_tokens=40, reserve_tokens=20, recall="off", evict_margin_tokens=0)
-    layers = s._text_model.layers
-    head_dim = s._text_config.hidden_size // s._text_config.num_attention_heads
+    decoder, tc = upstream.text_model(lm.model), lm.model.config.text_config
+    layers = decoder.layers
+    head_dim = tc.hidden_size // tc.num_attention_heads
     sink_len = s.cache_len  # forwarded at creation, before the hooks; it never moves
     keys, values = [[] for _ in layers], [[] for _ in layers]
     hooks = []
@@ -159,11 +162,11 @@ def test_rerotated_keys_equal_keys_built_at_the_new_positions(lm):
     total, evictions = sink_len, 0
     try:
         for i, f in enumerate(_noise(40, seed=5)):
-            owners = list(s._ledger.owners)
+            owners = s.token_units()
             r = s.add_frame(f, float(i))
             if r.evicted_frames:
                 evictions += 1
-                remaining = set(s._ledger.owners)
+                remaining = set(s.token_units())
                 origin = [o for o, u in zip(origin, owners) if u in remaining]
             added = r.cache_len - len(origin)
             origin += list(range(total, total + added))
@@ -173,7 +176,7 @@ def test_rerotated_keys_equal_keys_built_at_the_new_positions(lm):
             h.remove()
     assert evictions >= 3 and max(origin) > 2 * len(origin)  # tokens moved far, several times
     n = len(origin)
-    cos, sin = s._text_model.rotary_emb(torch.zeros(1), torch.arange(n).view(1, -1))
+    cos, sin = decoder.rotary_emb(torch.zeros(1), torch.arange(n).view(1, -1))
     for i in range(len(layers)):
         pad = torch.zeros(sink_len, keys[i][0].shape[-1])
         k = torch.cat([pad] + keys[i])[origin].view(1, n, -1, head_dim).transpose(1, 2)
@@ -189,11 +192,12 @@ def test_a_question_too_big_for_the_budget_is_refused_and_costs_nothing(lm):
     s = _session(lm, max_tokens=330, recent_tokens=60, reserve_tokens=40, recall="on")
     for i, f in enumerate(_noise(30)):
         s.add_frame(f, float(i))
-    ids, evicted = s.token_ids(), s.stats()["evicted_frames"]
+    ids, evicted = s.token_ids(), s.stats().evicted_frames
     with pytest.raises(CacheLimitError, match="KV budget of 330"):
-        s.ask("Tell me everything.", max_new_tokens=400)
-    assert s.token_ids() == ids and s.stats()["evicted_frames"] == evicted
-    assert s.answer("Briefly?", max_new_tokens=3) is not None and s.cache_len <= 330
+        s.ask("Tell me everything.", Sampling(max_new_tokens=400))
+    assert s.token_ids() == ids and s.stats().evicted_frames == evicted
+    assert_answers(s, "Briefly?", 3)
+    assert s.cache_len <= 330
 
 
 def test_policy_keeps_exchanges_in_the_recent_window_and_pinned_ones():

@@ -5,16 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import (
-    CONFIG_DIR,
-    DIFFP_LAST_KEPT_THRESHOLD,
-    Config,
-    SessionConfig,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    from_dict,
-    load_config,
-)
+from model.config import DIFFP_LAST_KEPT_THRESHOLD, SessionConfig
+from model.configtree import from_dict
+from vl3live.config import CONFIG_DIR, Config, add_dataclass_arguments, dataclass_from_args, load_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -93,7 +86,7 @@ def test_missing_config_file():
 
 
 def test_cli_flags_come_from_dataclass_fields():
-    from model.bench import BenchConfig
+    from vl3live.bench import BenchConfig
 
     p = argparse.ArgumentParser()
     add_dataclass_arguments(p, BenchConfig)

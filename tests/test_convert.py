@@ -14,6 +14,7 @@ from model import StreamSession, load_model
 from model.config import SessionConfig
 from model.convert import PREFIXES, ConvertError, convert, is_official
 from model.frames import FramePreprocessor
+from tests.conftest import assert_answers
 
 NATIVE_TO_OFFICIAL = [(new, old) for old, new in PREFIXES]
 
@@ -137,7 +138,7 @@ def test_quantization_on_cpu_is_a_clear_error(lm, tmp_path):
     for quant in ("8bit", "4bit"):
         with pytest.raises(ValueError, match="needs CUDA"):
             load_model(str(tmp_path / "ckpt"), device="cpu", quant=quant)
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "model.quant=4bit", "ask", "x.mp4", "q",
+    r = subprocess.run([sys.executable, "-m", "vl3live", "--set", "model.quant=4bit", "ask", "x.mp4", "q",
                         "--model", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs CUDA" in r.stderr
 
@@ -150,12 +151,12 @@ def test_quantized_loading_on_cuda(lm, tmp_path, quant):
     q = load_model(str(tmp_path / "ckpt"), device="cuda", quant=quant)
     s = StreamSession(q, SessionConfig(frame_pixels=28 * 28 * 12))
     s.add_frame(np.zeros((84, 112, 3), np.uint8), 0.0)
-    assert isinstance(s.answer("?", max_new_tokens=3), str)
+    assert_answers(s, "What is it?", 3)
 
 
 def test_cli_convert(lm, tmp_path):
     src = write_official(lm, tmp_path / "official")
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "convert", str(src), str(tmp_path / "out")],
+    r = subprocess.run([sys.executable, "-m", "vl3live", "convert", str(src), str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "config.json").is_file() and "load it with --model" in r.stderr

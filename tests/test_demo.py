@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.config import Config
 from tests import ws_rig
 from tests.browser_rig import CHROMIUM_FLAGS
 from ui.app import Handlers, responsive
-from ui.backend import LiveBackend
+from ui.backend import DemoBackend
 from ui.overlay import keep_overlay
+from vl3live.config import Config
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -47,7 +47,7 @@ def handlers(lm):
     cfg = ws_rig.config()
     cfg.model.spec = "tiny"
     cfg.engine.proactive_every = 1.0
-    backend = LiveBackend(cfg, lm)
+    backend = DemoBackend(cfg, lm)
     backend.start()
     yield Handlers(backend)
     backend.close()
@@ -66,9 +66,9 @@ def test_frames_in_give_stats_overlay_and_streamed_answers(handlers):
     for shot in shots[1:]:
         time.sleep(0.55)  # arrival-timed frames, sampled at engine.fps = 2
         assert h.frame(shot, sid) == sid
-    ls = b.engine.get(sid)
-    _until(lambda: ls.processed >= 4 and ls.pending == 0)  # every frame has its outcome
-    chat, stats, overlay = _until(lambda: (t := h.tick(sid)) and _cache_shown(t[1]) == ls.session.cache_len and t)
+    session = b.engine.get(sid)
+    _until(lambda: session.processed >= 4 and session.pending == 0)  # every frame has its outcome
+    chat, stats, overlay = _until(lambda: (t := h.tick(sid)) and _cache_shown(t[1]) == session.stream.cache_len and t)
     assert "fps in / processed" in stats and "tokens kept" in stats
     assert overlay.shape == shots[0].shape and overlay.dtype == np.uint8
     question = "What is in the picture?"
@@ -91,10 +91,10 @@ def test_settings_file_source_and_bad_input(handlers, tmp_path):
     h, b = handlers, handlers.b
     sid = h.frame(ws_rig.frames(1)[0], None)
     sid2, _ = h.settings("video-turn", 3.0, 16384, 4.0, sid)  # live settings: same session
-    assert sid2 == sid and b.engine.get(sid).session.config.threshold == 3.0 and b.engine.get(sid).cfg.fps == 4.0
+    assert sid2 == sid and b.engine.get(sid).stream.config.threshold == 3.0 and b.engine.get(sid).cfg.fps == 4.0
     sid3, chat = h.settings("stream", 3.0, 8192, 2.0, sid)  # a new layout: a new session
     assert sid3 != sid and not b.alive(sid) and chat == []
-    cfg = b.engine.get(sid3).session.config
+    cfg = b.engine.get(sid3).stream.config
     assert (cfg.layout, cfg.budget.max_tokens, cfg.threshold) == ("stream", 8192, 3.0)
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=2.0)
     assert h.source(str(clip), "", sid3) == sid3
@@ -134,7 +134,7 @@ def test_the_demo_page_in_a_real_browser(tmp_path):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    demo = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", f"session.frame_pixels={28 * 28 * 12}",
+    demo = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", f"session.frame_pixels={28 * 28 * 12}",
                              "--set", "engine.fps=2", "--set", "engine.max_new_tokens=8", "demo", "--model", "tiny",
                              "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
@@ -188,7 +188,7 @@ def test_rtsp_source_and_model_reload(handlers, tmp_path):
         sid = h.frame(ws_rig.frames(1)[0], None)
         assert h.source(None, f"rtsp://127.0.0.1:{port}/cam", sid) == sid
         _until(lambda: b.engine.get(sid).processed >= 4, timeout=60)  # the camera's frames reach the session
-        times = b.engine.get(sid).session.frames_in_cache()
+        times = b.engine.get(sid).stream.frames_in_cache()
         assert all(later > earlier for earlier, later in zip(times, times[1:]))
     finally:
         _stop(camera)
@@ -233,15 +233,15 @@ def test_closing_the_tab_ends_its_session_and_its_rtsp_source(tmp_path):
             page.get_by_text("or stream a video file / RTSP camera").click()
             page.locator("#rtsp_url textarea, #rtsp_url input").first.fill(f"rtsp://127.0.0.1:{port}/cam")
             page.click("#stream_source")
-            ls = _until(lambda: next(iter(backend.engine.sessions.values()), None), timeout=60)
-            _until(lambda: ls.processed >= 2, timeout=60)  # the camera's frames reach the tab's session
-            assert backend.engine.has_source(ls)
+            session = _until(lambda: next(iter(backend.engine.sessions.values()), None), timeout=60)
+            _until(lambda: session.processed >= 2, timeout=60)  # the camera's frames reach the tab's session
+            assert backend.engine.has_source(session)
             closed_at = time.monotonic()
             page.close()
             _until(lambda: not backend.engine.sessions and not backend.views, timeout=30)
             took = time.monotonic() - closed_at
             browser.close()
-        assert ls.closed and not backend.engine.has_source(ls) and took < 30
+        assert session.closed and not backend.engine.has_source(session) and took < 30
     finally:
         demo.close()
         backend.close()

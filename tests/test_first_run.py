@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(*args: str, env: dict | None = None, timeout: float = 120, cwd: Path = ROOT, **kw):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "vl3live", *args], capture_output=True, text=True,
                        timeout=timeout, cwd=cwd, env=env, stdin=subprocess.DEVNULL, **kw)
     return r, time.monotonic() - t0
 
@@ -51,13 +51,13 @@ def test_offline_without_a_checkpoint_every_command_fails_fast_with_one_clear_li
         "data check": _run("data", "check", str(data), env=env),
         "train 2B": _run("train", "--config", "configs/train/stage4_2b.yaml", f"data=[{data}]",
                          f"output_dir={tmp_path / 'run'}", env=env),
-        "live --mic": _run("live", "--camera", "/dev/video9", "--mic", "--model", "tiny", env=env),
+        "camera --mic": _run("camera", "/dev/video9", "--mic", "--model", "tiny", env=env),
         "ask": _run("ask", str(data), "q?", "--model", "someone/VideoLLaMA3-Custom", env=env),
     }
     hints = {"demo": "--model tiny", "data check": "--model tiny", "train 2B": "--model tiny",
-             "live --mic": "--asr tiny", "ask": "--model tiny"}
+             "camera --mic": "--asr tiny", "ask": "--model tiny"}
     specs = {"demo": "DAMO-NLP-SG/VideoLLaMA3-2B", "data check": "DAMO-NLP-SG/VideoLLaMA3-2B",
-             "train 2B": "lkhl/VideoLLaMA3-2B-Image-HF", "live --mic": "openai/whisper-small",
+             "train 2B": "lkhl/VideoLLaMA3-2B-Image-HF", "camera --mic": "openai/whisper-small",
              "ask": "someone/VideoLLaMA3-Custom"}
     for name, (r, took) in runs.items():
         line = _one_line_error(r, specs[name], hints[name])
@@ -78,7 +78,7 @@ def test_a_hub_that_accepts_but_never_answers_costs_seconds_not_minutes(tmp_path
 
 
 def test_help_and_argument_errors_load_no_model_libraries():
-    code = ("import sys\nfrom streamer.cli import main\n"
+    code = ("import sys\nfrom vl3live.__main__ import main\n"
             "for argv in (['--help'], ['ask', '--help'], ['bench', '--help'], ['demo', '--help'], ['serve', '--x'],"
             " ['ask', 'v.mp4']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
@@ -109,16 +109,16 @@ def test_watch_ends_with_an_error_on_a_corrupt_file_and_on_a_dead_camera(tmp_pat
     r, took = _run("watch", "/dev/video97", "--model", "tiny", timeout=60)
     assert r.returncode == 2 and "cannot open camera '/dev/video97'" in r.stderr and "gave up after" in r.stderr
     assert "ls /dev/video*" in r.stderr and took < 30
-    r, _ = _run("live", "--camera", "/dev/video97", "--model", "tiny", timeout=60)
+    r, _ = _run("camera", "/dev/video97", "--model", "tiny", timeout=60)
     assert r.returncode == 2 and "the camera failed" in r.stderr and "gave up after" in r.stderr
 
 
 def test_live_mic_without_a_microphone_says_so_and_lists_the_devices(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}  # no .asoundrc: no capture device at all
-    r, took = _run("live", "--camera", "/dev/video97", "--mic", "--model", "tiny", "--asr", "tiny", env=env)
+    r, took = _run("camera", "/dev/video97", "--mic", "--model", "tiny", "--asr", "tiny", env=env)
     assert r.returncode == 2 and "no default microphone" in r.stderr and "Input devices: none found" in r.stderr
     assert "loading" not in r.stderr  # before any model is loaded
-    r, _ = _run("--set", "audio.device=no-such-mic", "live", "--camera", "/dev/video97", "--mic", "--model",
+    r, _ = _run("--set", "audio.device=no-such-mic", "camera", "/dev/video97", "--mic", "--model",
                 "tiny", "--asr", "tiny", env=env)
     assert r.returncode == 2 and "no microphone 'no-such-mic'" in r.stderr
 
@@ -133,7 +133,7 @@ def test_bench_reports_progress_on_stderr_and_json_on_stdout():
 
 
 def test_sigterm_stops_serve_cleanly(tmp_path):
-    serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0", "serve", "--model",
+    serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0", "serve", "--model",
                               "tiny"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         ready, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:\d+/")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer import protocol as P
+from streamer.websocket import protocol as P
 from tests import ws_rig
 
 NODE_DIR = Path(__file__).with_name("node")

@@ -10,8 +10,9 @@ import string
 import websockets
 
 from model import StreamSession
-from streamer import protocol as P
-from streamer.client import Client
+from model.sampling import Sampling
+from streamer.websocket import images
+from streamer.websocket.client import Client
 from tests import ws_rig
 from tests.test_protocol import png_header
 
@@ -57,7 +58,7 @@ class Hostile:
         if kind == 0:
             return b"\x00" + self._bytes(r.randint(1, 3000)), "bad_image", None, False
         if kind == 1:
-            return P.JPEG_MAGIC + self._bytes(r.randint(1, 3000)), "bad_image", None, False
+            return images.JPEG_MAGIC + self._bytes(r.randint(1, 3000)), "bad_image", None, False
         if kind == 2:
             return self.jpeg[: r.randint(3, len(self.jpeg) // 2)], "bad_image", None, False
         if kind == 3:
@@ -67,7 +68,7 @@ class Hostile:
         if kind == 5:
             return b"", "bad_image", None, False
         if kind == 6:
-            return P.PNG_MAGIC + bytes(r.randint(100_001, 110_000)), "frame_too_large", None, False
+            return images.PNG_MAGIC + bytes(r.randint(100_001, 110_000)), "frame_too_large", None, False
         if kind == 7:
             text = "".join(r.choices(string.printable, k=r.randint(1, 200)))
             return "{" + text, "invalid_json", None, True
@@ -185,8 +186,8 @@ def _reference(lm, cfg, rounds: int) -> list[str]:
     for r in range(rounds):
         for i in range(FRAMES_PER_ROUND):
             k = r * FRAMES_PER_ROUND + i
-            s.add_frame(P.decode_image(ws_rig.png(shots[k]), 10**7, 10**7), float(k))
-        out.append("".join(d.text for d in s.ask(QUESTIONS[r], max_new_tokens=cfg.engine.max_new_tokens)))
+            s.add_frame(images.decode_image(ws_rig.png(shots[k]), 10**7, 10**7), float(k))
+        out.append("".join(d.text for d in s.ask(QUESTIONS[r], Sampling(max_new_tokens=cfg.engine.max_new_tokens))))
     return out
 
 
@@ -223,8 +224,8 @@ def test_fuzz_thousands_of_hostile_messages_while_a_good_session_gets_correct_an
             done.set()
             answers = await good_task
             for sid in sids:  # no hostile message put anything into a fuzzed session's cache
-                ls = engine.get(sid)
-                assert ls.session.cache_len == ls.fresh_len and ls.processed == 0
+                session = engine.get(sid)
+                assert session.stream.cache_len == session.fresh_len and session.processed == 0
             return answers, server.metrics.render().decode()
 
     answers, metrics = asyncio.run(main())

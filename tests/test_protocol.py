@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from streamer import protocol as P
+from streamer.websocket import images
+from streamer.websocket import protocol as P
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -27,7 +28,7 @@ def png_header(w: int, h: int) -> bytes:
     """A PNG that claims ``w`` x ``h`` with a one-row body: only its header is plausible."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return P.PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+    return images.PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
         chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
@@ -74,7 +75,6 @@ BAD = [
     ('{"type": 5, "event_id": "e"}', "unknown_type"),
     ('{"type": "question", "text": "\\ud800 hi", "event_id": "e"}', "invalid_text"),
     ('{"type": "question", "text": 5, "event_id": "e"}', "invalid_field"),
-    ('{"type": "question", "text": "", "event_id": "e"}', "invalid_field"),
     ('{"type": "question", "event_id": "e"}', "invalid_field"),
     ('{"type": "question", "text": "hi", "colour": "red", "event_id": "e"}', "invalid_field"),
     ('{"type": "question", "text": "hi", "max_new_tokens": "5", "event_id": "e"}', "invalid_field"),
@@ -124,34 +124,34 @@ def test_bad_messages_get_their_stable_code_and_event_id(text, code):
 
 def test_frames_decode_and_every_image_error_code():
     limit_bytes, limit_px = 1 << 20, 4096 * 4096
-    png = P.decode_image(encode(RGB, "PNG"), limit_bytes, limit_px)
+    png = images.decode_image(encode(RGB, "PNG"), limit_bytes, limit_px)
     assert png.shape == RGB.shape and np.array_equal(png, RGB) and png.flags.writeable
-    jpg = P.decode_image(encode(RGB), limit_bytes, limit_px)
+    jpg = images.decode_image(encode(RGB), limit_bytes, limit_px)
     assert jpg.shape == RGB.shape and np.abs(jpg.astype(int) - RGB).mean() < 4
-    gray = P.decode_image(encode(RGB[..., 0], "PNG"), limit_bytes, limit_px)
+    gray = images.decode_image(encode(RGB[..., 0], "PNG"), limit_bytes, limit_px)
     assert gray.shape == RGB.shape  # converted to RGB
     b64 = base64.b64encode(encode(RGB)).decode()
-    assert P.decode_base64_image(b64, limit_bytes) == encode(RGB)
+    assert images.decode_base64_image(b64, limit_bytes) == encode(RGB)
 
     def code(data, max_bytes=limit_bytes, max_px=limit_px):
         with pytest.raises(P.ProtocolError) as info:
-            P.decode_image(data, max_bytes, max_px)
+            images.decode_image(data, max_bytes, max_px)
         return info.value.code
 
     jpeg = encode(RGB)
     assert code(b"") == "bad_image"  # zero size
     assert code(b"GIF89a" + jpeg[6:]) == "bad_image"  # wrong magic
     assert code(jpeg[: len(jpeg) // 2]) == "bad_image"  # truncated
-    assert code(P.JPEG_MAGIC + bytes(200)) == "bad_image"  # right magic, garbage
+    assert code(images.JPEG_MAGIC + bytes(200)) == "bad_image"  # right magic, garbage
     assert code(encode(RGB, "PNG")[:60]) == "bad_image"  # truncated PNG
     assert code(png_header(20000, 20000)) == "frame_too_many_pixels"
     assert code(png_header(5000, 5000), max_px=5000 * 4999) == "frame_too_many_pixels"
     assert code(jpeg, max_bytes=len(jpeg) - 1) == "frame_too_large"
     with pytest.raises(P.ProtocolError, match="base64") as info:
-        P.decode_base64_image("not base64!!", limit_bytes)
+        images.decode_base64_image("not base64!!", limit_bytes)
     assert info.value.code == "bad_image"
     with pytest.raises(P.ProtocolError) as info:
-        P.decode_base64_image("A" * 2000, 1000)
+        images.decode_base64_image("A" * 2000, 1000)
     assert info.value.code == "frame_too_large"
 
 
@@ -207,3 +207,55 @@ def test_the_docs_example_conversation_is_valid_and_every_code_is_documented():
         assert f"`{code}`" in text, code
     for close in P.CLOSE_CODES:
         assert f"`{close}`" in text, close
+
+
+# -- engine events -> messages (streamer/websocket/translate.py), on raw events --------------------------
+def _counts(**kw):
+    from streamer.events import FrameCounts
+
+    return FrameCounts(**kw)
+
+
+def test_every_answer_event_becomes_its_message_field_for_field():
+    from streamer import events as E
+    from streamer.websocket import translate
+
+    cases = [
+        (E.ResponseCreated(session="s", t=1.5, response_id="r1", question="What?", event_id="q1"),
+         P.ResponseCreated(response_id="r1", event_id="q1", question="What?", proactive=False, t=1.5)),
+        (E.ResponseDelta(session="s", t=1.5, response_id="r1", text="A ca"),
+         P.ResponseDelta(response_id="r1", text="A ca", t=1.5)),
+        (E.ResponseDone(session="s", t=1.5, response_id="r1", text="A cat.", cancelled=True, ttft_ms=12.5),
+         P.ResponseDone(response_id="r1", text="A cat.", proactive=False, cancelled=True, ttft_ms=12.5, t=1.5)),
+        (E.Alert(session="s", t=9.0, response_id="a1", text="Red!", instruction="Say red."),
+         P.Alert(response_id="a1", text="Red!", instruction="Say red.", t=9.0)),
+        (E.Error(session="s", code="bad_frame", message="uint8", event_id="f3"),
+         P.Error(code="bad_frame", message="uint8", event_id="f3")),
+        (E.Error(session="s", code="not_a_protocol_code", message="x"), P.Error(code="internal", message="x")),
+        (E.SourceEnded(session="s", counts=_counts()), P.SourceEnded(url="rtsp://cam/")),
+    ]
+    for ev, expected in cases:
+        assert translate.message(ev, source_url="rtsp://cam/") == expected, ev
+        P.parse_server_event(P.dump(expected))  # and each is a valid server message
+    for ev in (E.SessionCreated(session="s", layout="stream", max_tokens=10),
+               E.SessionClosed(session="s", counts=_counts())):
+        assert translate.message(ev) is None  # the server says these itself
+
+
+def test_frame_stats_become_stats_and_acks_that_add_up():
+    from streamer import events as E
+    from streamer.websocket import translate
+
+    counts = _counts(accepted=10, source_frames=2, sampled_out=3, dropped=2, processed=4, refused=0, pending=1,
+                     fps_in=2.5)
+    ev = E.FrameStats(session="s", t=4.0, counts=counts, tokens_kept=30, tokens_total=192, cache_len=900,
+                      max_tokens=16384, evicted_frames=0, ingest_ms=5.25, latency_ms=40.0)
+    stats = translate.stats(ev)
+    assert stats.t == 4.0 and stats.stats["processed"] == 4 and stats.stats["fps_in"] == 2.5
+    assert stats.stats["tokens_kept"] == 30 and stats.stats["ingest_ms"] == 5.25 and stats.stats["max_tokens"] == 16384
+    ack = translate.frame_ack(counts, ev, received=9, rate_dropped=1, rejected=0, last_event_id="f8")
+    assert ack.accepted == counts.sampled_out + counts.dropped + counts.processed + counts.refused + counts.pending
+    assert ack.received == ack.accepted - ack.source_frames + ack.rate_dropped + ack.rejected
+    assert (ack.last_pts, ack.tokens_kept, ack.cache_len, ack.last_event_id) == (4.0, 30, 900, "f8")
+    empty = translate.frame_ack(_counts(), None, 0, 0, 0, None)
+    assert empty.last_pts is None and empty.tokens_kept is None

@@ -10,7 +10,9 @@ from model import SessionConfig, StreamSession, load_model
 from model.config import BudgetConfig
 from model.executor import Executor
 from model.recall import FRAME_OVERHEAD_BYTES, RecallStore
+from model.sampling import Sampling
 from model.synthetic import SyntheticCamera
+from tests.conftest import assert_answers
 
 H, W = 168, 224  # 48 visual tokens per frame
 PLANTED_T = 4.0
@@ -70,7 +72,7 @@ def _stream_with_planted_frame(lm, red, layout, recall):
     cam = SyntheticCamera(H, W, seed=0)
     for i in range(60):
         s.add_frame(red if i == PLANTED_T else cam.frame(float(i)), float(i))
-    assert PLANTED_T not in s.frames_in_cache() and s.stats()["evicted_frames"] > 20
+    assert PLANTED_T not in s.frames_in_cache() and s.stats().evicted_frames > 20
     return s
 
 
@@ -80,7 +82,7 @@ def test_recall_on_brings_the_planted_frame_back_for_the_answer_only(crimson, la
     s = _stream_with_planted_frame(lm, red, layout, "on")
     before = s.frames_in_cache()
     question = "Where was the crimson?"
-    gen = s.ask(question, max_new_tokens=4, ignore_eos=True)
+    gen = s.ask(question, Sampling(max_new_tokens=4, ignore_eos=True))
     next(gen)  # the question and the recalled frames are in the cache now
     assert PLANTED_T in s.last_recall and len(s.last_recall) == 4
     during = s.frames_in_cache()
@@ -94,15 +96,15 @@ def test_recall_on_brings_the_planted_frame_back_for_the_answer_only(crimson, la
     for _ in gen:
         pass
     assert s.frames_in_cache() == live  # removed again after the answer
-    assert s.stats()["recalled_frames"] == 4 and s.cache_len <= s.max_tokens
+    assert s.stats().recalled_frames == 4 and s.cache_len <= s.max_tokens
     assert s.cache_len == s.kv_len
     s.add_frame(red, 60.0)  # the stream goes on
-    assert s.answer("And now?", max_new_tokens=2) is not None
+    assert_answers(s, "And now?", 2)
 
 
 def test_recall_off_leaves_the_planted_frame_out(crimson):
     lm, red = crimson
     s = _stream_with_planted_frame(lm, red, "video-turn", "off")
-    s.answer("Where was the crimson?", max_new_tokens=4)
+    s.answer("Where was the crimson?", Sampling(max_new_tokens=4))
     assert s.last_recall == [] and PLANTED_T not in s.frames_in_cache()
-    assert s.stats()["recall_stored"] == 0 and s.stats()["recalled_frames"] == 0
+    assert s.stats().recall_stored == 0 and s.stats().recalled_frames == 0

@@ -18,12 +18,13 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from model.config import ServerConfig
-from streamer import protocol as P
-from streamer.access import parse_pattern, source_allowed
-from streamer.client import Client, ClientError
-from streamer.server import Server
+from model.sampling import Sampling
 from streamer.sources import file_source
+from streamer.sources.spec import parse_pattern, source_allowed
+from streamer.websocket import protocol as P
+from streamer.websocket.client import Client, ClientError
+from streamer.websocket.config import ServerConfig
+from streamer.websocket.server import Server
 from tests import ws_rig
 from tests.conftest import eventually, wait_for_line
 from tests.test_sources import _free_port, _start_server, _stop
@@ -84,9 +85,9 @@ def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_p
                 if sent in (4, 8):
                     asks.append(asyncio.create_task(ask("What is in the picture?" if sent == 4 else "Where is the ball?")))
             await asyncio.gather(*asks)
-            assert await eventually(lambda: any(ev.type == "alert" for ev in c.seen + list(c._events)), timeout=60)
+            assert await eventually(lambda: any(ev.type == "alert" for ev in c.seen + c.peek()), timeout=60)
             final = await _ack(c, lambda a: a.received == sent)
-            events = c.seen + list(c._events)
+            events = c.seen + c.peek()
             status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
             status_h, health = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "health")
         assert sent == 12 and final.rejected == 0 and final.rate_dropped == 0
@@ -280,8 +281,10 @@ def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
             async with Client(url, resume=created["resume_token"]) as c:  # nothing sent earlier is lost
                 ack = await _ack(c, lambda a: True)
                 assert ack.cache_len >= cache_len and ack.processed >= 2
-                done = [ev async for ev in c.ask("Still there?")][-1]
+                events = [ev async for ev in c.ask("Still there?")]
+                done = events[-1]
                 assert isinstance(done, P.ResponseDone) and done.text
+                assert done.text == "".join(e.text for e in events if isinstance(e, P.ResponseDelta))
             status, metrics = await asyncio.to_thread(_get, url.replace("ws://", "http://") + "metrics")
             assert _metric(metrics, 'vl3live_errors_total{code="rate_limited"}') == len(limited)
             assert _metric(metrics, 'vl3live_frames_total{outcome="rate_dropped"}') == ack.rate_dropped
@@ -291,28 +294,28 @@ def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
 def test_session_update_reshapes_a_fresh_session_and_tunes_a_live_one(lm):
     async def main():
         async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
-            ls = engine.get(c.session.session_id)
+            session = engine.get(c.session.session_id)
             up = await c.update(layout="stream", memory_budget=4096, frame_pixels=28 * 28 * 6, diffp_threshold=3.0,
                                 proactive_threshold=0.8, generation={"do_sample": True, "temperature": 0.5, "seed": 3,
                                                                      "max_new_tokens": 5})
             assert up.settings["layout"] == "stream" and up.settings["memory_budget"] == 4096
-            cfg = ls.session.config
+            cfg = session.stream.config
             assert (cfg.layout, cfg.budget.max_tokens, cfg.frame_pixels, cfg.threshold) == ("stream", 4096, 4704, 3.0)
-            assert ls.cfg.proactive_threshold == 0.8 and ls.cfg.max_new_tokens == 5
-            assert ls.sampling == {"do_sample": True, "temperature": 0.5, "seed": 3}
+            assert session.cfg.proactive_threshold == 0.8 and session.sampling.max_new_tokens == 5
+            assert session.sampling == Sampling(max_new_tokens=5, do_sample=True, temperature=0.5, seed=3)
             with pytest.raises(ClientError, match="budget") as info:
                 await c.update(memory_budget=10)  # below the minimum: refused, nothing changed
-            assert info.value.code == "invalid_field" and ls.session.config.budget.max_tokens == 4096
+            assert info.value.code == "invalid_field" and session.stream.config.budget.max_tokens == 4096
             with pytest.raises(ClientError) as info:
                 await c.update(generation={"max_new_tokens": 10_000})  # over the server's limit
             assert info.value.code == "invalid_field"
             await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
             await c.next_event("frame.ack")
             await c.update(diffp_threshold=9.0, fps=4)  # live settings change on a started session
-            assert ls.session.config.threshold == 9.0 and ls.cfg.fps == 4
+            assert session.stream.config.threshold == 9.0 and session.cfg.fps == 4
             with pytest.raises(ClientError) as info:
                 await c.update(layout="video-turn")
-            assert info.value.code == "session_started" and ls.session.config.layout == "stream"
+            assert info.value.code == "session_started" and session.stream.config.layout == "stream"
             done = [ev async for ev in c.ask("What now?")][-1]
             assert isinstance(done, P.ResponseDone)
     asyncio.run(main())
@@ -367,10 +370,10 @@ def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
                     await c.send_json({"type": "source.detach"})
                     await asyncio.sleep(0.3)
             assert messages[0] == messages[1]  # refused or silent: the client cannot tell (no port scanning)
-            ls = next(iter(engine.sessions.values()))
-            times = ls.session.frames_in_cache()
+            session = next(iter(engine.sessions.values()))
+            times = session.stream.frames_in_cache()
             assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))  # camera continues the clock
-            n = ls.processed
+            n = session.processed
             await c.send_frame(shot, pts=times[-1] + 1.0)
             ack = await _ack(c, lambda a: a.processed == n + 1)
             assert ack.last_pts == times[-1] + 1.0
@@ -412,7 +415,7 @@ def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, 
     with pytest.raises(ValueError, match="needs a token"):
         Server.check(ServerConfig(host="0.0.0.0"))
     env = {k: v for k, v in os.environ.items() if k != "VL3LIVE_TOKEN"}
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "serve", "--host", "0.0.0.0", "--model", "tiny"],
+    r = subprocess.run([sys.executable, "-m", "vl3live", "serve", "--host", "0.0.0.0", "--model", "tiny"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "needs a token" in r.stderr and "loading" not in r.stderr
     cfg = ws_rig.config(host="0.0.0.0", token="s3cret", allowed_origins=["http://good.example"])
@@ -443,7 +446,7 @@ def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, 
 
 def test_cli_serve_and_cli_client(tmp_path):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
-    serve = subprocess.Popen([sys.executable, "-m", "streamer.cli", "--set", "server.port=0",
+    serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0",
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
                               "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True,
                              # a background job inherits SIGINT ignored: give Ctrl-C back to the server
@@ -458,17 +461,17 @@ def test_cli_serve_and_cli_client(tmp_path):
         while not any("vl3live-model" in x or "Thread 0x" in x for x in lines) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert any("Thread 0x" in x for x in lines), "".join(lines)
-        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+        r = subprocess.run([sys.executable, "-m", "vl3live", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/", "--fps", "2", "--ask", "What do you see?", "--ask-at", "1"],
                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
         assert re.search(r"@1\.\d+s \S", r.stdout), r.stdout  # the answer, tagged with its stream time
         assert "session s1" in r.stderr and re.search(r"\[ack\] sent [1-6] processed [1-6]", r.stderr)
-        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+        r = subprocess.run([sys.executable, "-m", "vl3live", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/", "--token", "x"], capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 0  # no token configured on loopback: any is ignored
-        r = subprocess.run([sys.executable, "-m", "streamer.cli", "client", str(clip), "--url",
+        r = subprocess.run([sys.executable, "-m", "vl3live", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/nowhere"], capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 2 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr
@@ -497,8 +500,10 @@ def test_a_server_bug_is_an_internal_error_and_the_session_goes_on(lm):
                 async for _ in c.ask("First?"):
                     pass
             assert info.value.code == "internal"
-            done = [ev async for ev in c.ask("Second?")][-1]
+            events = [ev async for ev in c.ask("Second?")]
+            done = events[-1]
             assert isinstance(done, P.ResponseDone) and done.text
+            assert done.text == "".join(e.text for e in events if isinstance(e, P.ResponseDelta))
     asyncio.run(main())
 
 
@@ -515,8 +520,8 @@ def test_events_lost_while_disconnected_are_announced_on_resume(lm):
             await c.next_event("frame.ack")
             await c.send_json({"type": "question", "text": "Tell me everything.", "event_id": "q"})
             await c.disconnect()  # gone while the answer is generated: its 40 deltas overflow the 8-event buffer
-            ls = engine.get(c.session.session_id)
-            assert await eventually(lambda: engine._worker.idle(ls) and ls.processed == 1, timeout=60)
+            session = engine.get(c.session.session_id)
+            assert await eventually(lambda: engine.idle(session) and session.processed == 1, timeout=60)
             await asyncio.sleep(0.1)
             async with Client(url, resume=c.session.resume_token) as c2:
                 err = await c2.next_event("error")

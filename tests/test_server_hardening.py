@@ -11,8 +11,8 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from streamer import protocol as P
-from streamer.client import Client, ClientError
+from streamer.websocket import protocol as P
+from streamer.websocket.client import Client, ClientError
 from tests import ws_rig
 from tests.conftest import eventually
 from tests.test_server import _ack, _get, _metric
@@ -26,22 +26,23 @@ def _adds_up(a: P.FrameAck) -> bool:
 def test_a_setting_out_of_range_is_refused_and_a_failed_answer_never_bricks_the_session(lm, monkeypatch):
     async def main():
         async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
-            ls = engine.get(c.session.session_id)
+            session = engine.get(c.session.session_id)
+            before = session.sampling
             for bad in ({"seed": 2**64}, {"seed": -3}, {"temperature": 1e300}, {"top_k": 2**40}):
                 with pytest.raises(ClientError) as info:
                     await c.update(generation={"do_sample": True, **bad})
                 assert info.value.code == "invalid_field"
-            assert ls.sampling == {}  # nothing of those was applied
+            assert session.sampling == before and not before.do_sample  # nothing of those was applied
             with pytest.raises(ClientError) as info:  # all or nothing: a good fps with a bad seed changes neither
                 await c.update(fps=4, generation={"seed": 2**64})
-            assert info.value.code == "invalid_field" and ls.cfg.fps == 2.0
+            assert info.value.code == "invalid_field" and session.cfg.fps == 2.0
             await c.update(generation={"do_sample": True, "seed": 2**63 - 1})  # the largest seed works
             await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
             await _ack(c, lambda a: a.processed == 1)
             done = [ev async for ev in c.ask("First?")][-1]
             assert isinstance(done, P.ResponseDone)
 
-            import model.session as ms
+            import model.answering as ms
             real = ms.IncrementalDetokenizer
 
             def broken(*args, **kwargs):  # a failure of any kind once an answer has started
@@ -56,8 +57,10 @@ def test_a_setting_out_of_range_is_refused_and_a_failed_answer_never_bricks_the_
             await c.send_frame(ws_rig.png(ws_rig.frames(2)[1]), pts=1.0)  # frames and questions go on
             ack = await _ack(c, lambda a: a.processed == 2)
             assert ack.refused == 0
-            done = [ev async for ev in c.ask("Third?")][-1]
+            events = [ev async for ev in c.ask("Third?")]
+            done = events[-1]
             assert isinstance(done, P.ResponseDone) and done.text
+            assert done.text == "".join(e.text for e in events if isinstance(e, P.ResponseDelta))
     asyncio.run(main())
 
 
@@ -106,7 +109,7 @@ def test_a_session_cannot_ask_for_frames_larger_than_the_server_allows(lm):
             with pytest.raises(ClientError, match="max_session_frame_pixels") as info:
                 await c.update(frame_pixels=cap + 1)
             assert info.value.code == "invalid_field"
-            assert engine.get(c.session.session_id).session.config.frame_pixels == cfg.session.frame_pixels
+            assert engine.get(c.session.session_id).stream.config.frame_pixels == cfg.session.frame_pixels
             up = await c.update(frame_pixels=cap)
             assert up.settings["frame_pixels"] == cap
     asyncio.run(main())
@@ -214,7 +217,7 @@ def test_pts_jumps_blank_instructions_and_the_server_wide_recall_bound(lm):
 
     async def main():
         async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
-            ls = engine.get(c.session.session_id)
+            session = engine.get(c.session.session_id)
             await c.send_frame(ws_rig.png(shots[0]), pts=1.0)
             await _ack(c, lambda a: a.processed == 1)
             await c.send_frame(ws_rig.png(shots[1]), pts=1e8, event_id="far")  # finite but absurd
@@ -227,16 +230,16 @@ def test_pts_jumps_blank_instructions_and_the_server_wide_recall_bound(lm):
                 with pytest.raises(ClientError) as info:
                     await c.update(instruction=text)
                 assert info.value.code == code, text
-            assert ls.instruction is None
+            assert session.instruction is None
             # each session's recall store gets server.recall_memory_mb / max_sessions at most
-            assert ls.session.config.budget.recall_memory_mb == pytest.approx(0.02)
+            assert session.stream.config.budget.recall_memory_mb == pytest.approx(0.02)
             rng = np.random.default_rng(0)
             for i in range(40):  # enough to evict frames into the (tiny) store and past its cap
                 await c.send_frame(ws_rig.png(rng.integers(0, 256, (84, 112, 3), dtype=np.uint8)), pts=51.0 + i)
                 await _ack(c, lambda a, n=3 + i: a.processed + a.refused + a.dropped + a.sampled_out >= n)
-            st = ls.session.stats()
-            assert st["evicted_frames"] > 0 and st["recall_stored"] > 0 and st["recall_dropped"] > 0
-            assert st["recall_mb"] <= 0.02
+            st = session.stream.stats()
+            assert st.evicted_frames > 0 and st.recall_stored > 0 and st.recall_dropped > 0
+            assert st.recall_mb <= 0.02
     asyncio.run(main())
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import SessionConfig, StreamSession
+from model.sampling import Sampling
 from tests.conftest import clip_pixels, processor_inputs, scene_frames
 
 FP = 28 * 28 * 30  # per-frame budget: 333x501 -> 12x20 patches... (small, fast on CPU)
@@ -28,7 +29,7 @@ def test_video_turn_ids_and_greedy_answer_equal_processor_and_generate(lm):
     ts = [0.0, 0.5, 1.0, 1.5, 2.0]
     s, masks = _stream(lm, frames, ts, diffp_reference="previous")
     q = "What changed in the video?"
-    gen = s.ask(q, max_new_tokens=12)
+    gen = s.ask(q, Sampling(max_new_tokens=12))
     first = next(gen)
     first_logits = s.next_logits()
     answer = [first.token_id] + [d.token_id for d in gen]
@@ -47,7 +48,7 @@ def test_video_turn_ids_and_greedy_answer_equal_processor_and_generate(lm):
 
 def _ask_recorded(s, q, n):
     """Answer tokens, the cache position of the first one, and the logits that chose it."""
-    gen = s.ask(q, max_new_tokens=n)
+    gen = s.ask(q, Sampling(max_new_tokens=n))
     d = next(gen)
     start, logits = s.cache_len, s.next_logits()
     return [d.token_id] + [x.token_id for x in gen], start, logits
@@ -79,7 +80,7 @@ def test_stream_layout_prefill_equals_offline_forward(lm):
         masks.append(torch.from_numpy(s.add_frame(f, float(i)).keep_mask.reshape(-1)))
         probs.append(s.respond_probability())
         ends.append(s.cache_len)
-    gen = s.ask("Is anyone there?", max_new_tokens=4)
+    gen = s.ask("Is anyone there?", Sampling(max_new_tokens=4))
     next(gen)
     q_logits = s.next_logits()
     q_end = len(s.token_ids())
@@ -100,7 +101,7 @@ def test_stream_layout_prefill_equals_offline_forward(lm):
 def test_session_continues_after_an_answer_closed_early(lm):
     frames = scene_frames(4, seed=3)
     s, masks = _stream(lm, frames[:2], [0.0, 1.0])
-    gen = s.ask("Describe.", max_new_tokens=20)
+    gen = s.ask("Describe.", Sampling(max_new_tokens=20))
     first = next(gen)
     gen.close()  # the listener went away mid-answer
     masks.append(torch.from_numpy(s.add_frame(frames[2], 2.0).keep_mask.reshape(-1)))
@@ -119,5 +120,5 @@ def test_cache_len_tracks_kv_cache(lm, layout):
         r = s.add_frame(f, float(i))
         assert r.cache_len == s.cache_len == s.kv_len == len(s.token_ids())
         assert r.tokens_kept == int(np.count_nonzero(r.keep_mask)) and r.tokens_total == r.keep_mask.size
-    s.answer("Hi?", max_new_tokens=3)
+    s.answer("Hi?", Sampling(max_new_tokens=3))
     assert s.kv_len == s.cache_len

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.config import Config
-from streamer.engine import Engine
+from streamer.events import Error, FrameStats
 from streamer.sources import Frame, ReaderStats, file_source, rtsp_source
 from tests.conftest import eventually
+from tests.engines import engine_for
+from vl3live.config import Config
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 
@@ -54,25 +55,25 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
     async def main():
         nonlocal server
         stats = ReaderStats()
-        async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = await eng.open_session()
-            sub = eng.bus.subscribe(ls.id, maxsize=10000)
-            eng.attach(ls, rtsp_source(f"rtsp://127.0.0.1:{port}/cam", fps=2.0, stats=stats))
-            assert await eventually(lambda: ls.processed >= 6, 30), "no frames from the RTSP camera"
-            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+        async with engine_for(lm, _config(fps=2.0)) as eng:
+            session = await eng.open_session()
+            sub = eng.bus.subscribe(session.id, maxsize=10000)
+            eng.attach(session, rtsp_source(f"rtsp://127.0.0.1:{port}/cam", fps=2.0, stats=stats))
+            assert await eventually(lambda: session.processed >= 6, 30), "no frames from the RTSP camera"
+            ts = [e.t for e in sub.peek() if isinstance(e, FrameStats)]
             steps = np.diff(ts)
             assert np.allclose(steps, 0.5, atol=0.051), ts  # 2 fps of the camera's own 10 fps pts
-            cache_before, processed_before = ls.session.cache_len, ls.processed
+            cache_before, processed_before = session.stream.cache_len, session.processed
 
             _stop(server)  # the camera disappears ...
             down = time.monotonic()
             await asyncio.sleep(2.0)
             server = _start_server(port)  # ... and comes back
             back = time.monotonic()
-            assert await eventually(lambda: ls.processed >= processed_before + 3, 15), "no frames after the restart"
+            assert await eventually(lambda: session.processed >= processed_before + 3, 15), "no frames after the restart"
             reconnect_s = time.monotonic() - back
-            assert stats.reconnects >= 1 and ls.session.cache_len > cache_before  # same session, same cache
-            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+            assert stats.reconnects >= 1 and session.stream.cache_len > cache_before  # same session, same cache
+            ts = [e.t for e in sub.peek() if isinstance(e, FrameStats)]
             assert all(b > a for a, b in zip(ts, ts[1:]))  # monotonic across the reconnect
             gap = max(np.diff(ts))
             assert 2.0 <= gap <= (time.monotonic() - down) + 1.0  # stream time counted the outage
@@ -118,18 +119,18 @@ def test_file_source_as_fast_as_possible_and_paced(tmp_path, lm):
 def test_camera_source_reads_a_capture_device_by_pts(lm):
     """FFmpeg's lavfi test source stands in for a capture device (same PyAV device path, other format)."""
     from streamer.sources import camera_source
-    from streamer.sources.live import camera_format
+    from streamer.sources.capture import camera_format
 
     assert camera_format() == "v4l2"  # Linux
     stats = ReaderStats()
 
     async def main():
-        async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = await eng.open_session()
-            sub = eng.bus.subscribe(ls.id, maxsize=1000)
-            eng.attach(ls, camera_source("testsrc=size=160x120:rate=10,realtime", fps=2.0, fmt="lavfi", stats=stats))
-            assert await eventually(lambda: ls.processed >= 4, 30)
-            ts = [e.t for e in list(sub._events) if e.type == "stats"]
+        async with engine_for(lm, _config(fps=2.0)) as eng:
+            session = await eng.open_session()
+            sub = eng.bus.subscribe(session.id, maxsize=1000)
+            eng.attach(session, camera_source("testsrc=size=160x120:rate=10,realtime", fps=2.0, fmt="lavfi", stats=stats))
+            assert await eventually(lambda: session.processed >= 4, 30)
+            ts = [e.t for e in sub.peek() if isinstance(e, FrameStats)]
             assert np.allclose(np.diff(ts), 0.5, atol=0.01) and stats.connects == 1
     asyncio.run(main())
 
@@ -139,13 +140,13 @@ def test_a_broken_source_is_an_error_event_and_the_session_goes_on(lm, tmp_path)
     bad.write_bytes(b"not a video at all")
 
     async def main():
-        async with Engine(lm, _config(fps=2.0)) as eng:
-            ls = await eng.open_session()
-            sub = eng.bus.subscribe(ls.id)
-            await eng.attach(ls, file_source(bad, fps=2.0, realtime=False))
-            err = next(e for e in list(sub._events) if e.type == "error")
-            assert err.data["code"] == "source" and "cannot read" in err.data["message"]
-            eng.push_frame(ls, Frame(0.0, np.zeros((84, 112, 3), np.uint8)))
-            await eng.settled(ls)
-            assert ls.processed == 1
+        async with engine_for(lm, _config(fps=2.0)) as eng:
+            session = await eng.open_session()
+            sub = eng.bus.subscribe(session.id)
+            await eng.attach(session, file_source(bad, fps=2.0, realtime=False))
+            err = next(e for e in sub.peek() if isinstance(e, Error))
+            assert err.code == "source" and "cannot read" in err.message
+            eng.push_frame(session, Frame(0.0, np.zeros((84, 112, 3), np.uint8)))
+            await eng.settled(session)
+            assert session.processed == 1
     asyncio.run(main())

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from model import StreamSession, load_model
-from model.config import CONFIG_DIR, SessionConfig, load_config
+from model.config import SessionConfig
 from tests import ws_rig
+from tests.conftest import assert_answers
 from training.data.convert import stream_from_captions
 from training.trainer import module_of, run_train
+from vl3live.config import CONFIG_DIR, load_config
 
 STAGES = sorted((CONFIG_DIR / "train").glob("*.yaml"))
 
@@ -44,6 +46,10 @@ def data(tmp_path_factory):
     ]
     (d / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return d
+
+
+def _train(cfg, **kwargs):
+    return run_train(cfg.model, cfg.session, cfg.train, **kwargs)
 
 
 def _config(spec, data_dir, out, stage_yaml=None, **train):
@@ -84,7 +90,7 @@ def test_each_stage_trains_its_modules_at_their_learning_rates(tiny_ckpt, data, 
     cfg = _config(tiny_ckpt, data, tmp_path / "out", yaml, max_steps=3, save_steps=100,
                   lr_vision=1e-3, lr_projector=2e-3, lr_llm=3e-3 if stage > 1 else 0.0)
     before = {n: p.detach().clone() for n, p in load_model(str(tiny_ckpt), device="cpu").model.named_parameters()}
-    result = run_train(cfg, say=lambda m: None)
+    result = _train(cfg, say=lambda m: None)
     trainer = result["trainer"]
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     expected = {"vision": 1e-3, "projector": 2e-3, "llm": 3e-3}
@@ -99,7 +105,7 @@ def test_each_stage_trains_its_modules_at_their_learning_rates(tiny_ckpt, data, 
 def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_ckpt, data, tmp_path):
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=80, save_steps=1000, lr_llm=1e-2, lr_projector=3e-3,
                   lr_vision=1e-3, gradient_checkpointing=False)
-    losses = run_train(cfg, say=lambda m: None)["losses"]
+    losses = _train(cfg, say=lambda m: None)["losses"]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first / 5, (first, last)
 
@@ -113,11 +119,11 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
                 control.should_training_stop = True
 
     common = dict(max_steps=6, save_steps=3, lr_llm=1e-3, lr_projector=1e-3, lr_vision=1e-4)
-    full = run_train(_config(tiny_ckpt, data, tmp_path / "a", **common), say=lambda m: None)["losses"]
+    full = _train(_config(tiny_ckpt, data, tmp_path / "a", **common), say=lambda m: None)["losses"]
     cfg = _config(tiny_ckpt, data, tmp_path / "b", **common)
-    first = run_train(cfg, say=lambda m: None, callbacks=[Crash()])["losses"]
+    first = _train(cfg, say=lambda m: None, callbacks=[Crash()])["losses"]
     assert (tmp_path / "b" / "checkpoint-3").is_dir() and not list((tmp_path / "b").glob(".staging-*"))
-    resumed = run_train(cfg, resume=True, say=lambda m: None)["losses"]
+    resumed = _train(cfg, resume=True, say=lambda m: None)["losses"]
     assert first == pytest.approx(full[:3], rel=1e-6)
     assert resumed[-3:] == pytest.approx(full[3:], rel=1e-5)  # step 4 onwards: as if never interrupted
 
@@ -125,11 +131,11 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
 def test_lora_train_merge_load_and_run_a_session(tiny_ckpt, data, tmp_path):
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=3, save_steps=100, lora=True, lora_r=4, lora_alpha=8,
                   lr_llm=1e-2)
-    result = run_train(cfg, say=lambda m: None)
+    result = _train(cfg, say=lambda m: None)
     adapter = Path(result["output"])
     assert (adapter / "adapter_config.json").is_file()
     merged = tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "train", "merge-lora", str(adapter), str(merged)],
+    r = subprocess.run([sys.executable, "-m", "vl3live", "train", "merge-lora", str(adapter), str(merged)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lm2 = load_model(str(merged), device="cpu")
@@ -138,21 +144,21 @@ def test_lora_train_merge_load_and_run_a_session(tiny_ckpt, data, tmp_path):
     assert not torch.equal(dict(lm2.model.named_parameters())[name], dict(base.model.named_parameters())[name])
     s = StreamSession(lm2, SessionConfig(frame_pixels=28 * 28 * 12))
     s.add_frame(ws_rig.frames(1)[0], 0.0)
-    assert isinstance(s.answer("What is it?", max_new_tokens=4), str)
+    assert_answers(s, "What is it?", 4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
 def test_qlora_trains_on_cuda(tiny_ckpt, data, tmp_path):
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=2, save_steps=100, lora=True, quant="4bit", bf16=True)
-    assert run_train(cfg, say=lambda m: None)["steps"] == 2
+    assert _train(cfg, say=lambda m: None)["steps"] == 2
 
 
 def test_qlora_without_cuda_is_a_clear_error(tiny_ckpt, data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="needs CUDA"):
-        run_train(_config(tiny_ckpt, data, tmp_path / "out", lora=True, quant="4bit"), say=lambda m: None)
+        _train(_config(tiny_ckpt, data, tmp_path / "out", lora=True, quant="4bit"), say=lambda m: None)
 
 
 def test_bad_samples_are_skipped_and_counted_or_stop_the_run(tiny_ckpt, data, tmp_path):
@@ -163,11 +169,11 @@ def test_bad_samples_are_skipped_and_counted_or_stop_the_run(tiny_ckpt, data, tm
     (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=4, save_steps=100, batch_size=2)
     cfg.train.data = [str(tmp_path / "mixed.jsonl")]
-    result = run_train(cfg, say=lambda m: None)
+    result = _train(cfg, say=lambda m: None)
     assert result["steps"] == 4 and result["skipped_samples"] >= 3  # missing, corrupt, bad JSON (each epoch)
     cfg.train.skip_bad_samples = False
     with pytest.raises(ValueError, match="mixed.jsonl:4"):
-        run_train(cfg, say=lambda m: None)
+        _train(cfg, say=lambda m: None)
 
 
 def test_data_tools_convert_captions_and_check_a_dataset(data, tmp_path):
@@ -180,14 +186,14 @@ def test_data_tools_convert_captions_and_check_a_dataset(data, tmp_path):
     assert [m["content"] for m in samples[1]["conversation"]] == ["What colour is it?", "Red.", "It rolls.",
                                                                   "It stops."]
     out = tmp_path / "stream.jsonl"
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "train.clip_seconds=3", "data",
+    r = subprocess.run([sys.executable, "-m", "vl3live", "--set", "train.clip_seconds=3", "data",
                         "stream-from-captions", str(data / "clip.mp4"), str(tmp_path / "caps.json"), str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     with out.open("a") as f:
         f.write(json.dumps({"video": "nope.mp4", "start_time": 0, "end_time": 2, "conversation": [
             {"role": "user", "content": "?", "time": 1}, {"role": "assistant", "content": "!", "time": 1}]}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "--set", "session.frame_pixels=9408", "--set",
+    r = subprocess.run([sys.executable, "-m", "vl3live", "--set", "session.frame_pixels=9408", "--set",
                         "session.layout=stream", "--set", "train.fps=2", "data", "check", str(out), "--model", "tiny"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "2 good samples, 1 bad" in r.stderr
@@ -200,9 +206,9 @@ def test_a_dataset_where_every_sample_is_bad_stops_with_an_error_and_no_model(ti
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=2, save_steps=100)
     cfg.train.data = [str(tmp_path / "bad.jsonl")]
     with pytest.raises(ValueError, match="none of the first 3 samples can be used.*missing0.mp4"):
-        run_train(cfg, say=lambda m: None)
+        _train(cfg, say=lambda m: None)
     assert not (tmp_path / "out" / "final").exists()
-    r = subprocess.run([sys.executable, "-m", "streamer.cli", "train", f"data=[{tmp_path / 'bad.jsonl'}]",
+    r = subprocess.run([sys.executable, "-m", "vl3live", "train", f"data=[{tmp_path / 'bad.jsonl'}]",
                         "model.spec=tiny", f"output_dir={tmp_path / 'cli'}", "max_steps=2", "num_workers=0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "nothing would be trained" in r.stderr and "Traceback" not in r.stderr
@@ -218,7 +224,7 @@ def test_the_logged_loss_is_per_token_under_accumulation_and_the_rates_are_the_o
         cfg = _config(tiny_ckpt, data, tmp_path / name, max_steps=2, save_steps=100, batch_size=batch,
                       grad_accum=accum, lr_llm=1e-3, lr_projector=2e-3, lr_vision=4e-4)
         cfg.train.data = [str(three)]
-        result = run_train(cfg, say=lambda m: None)
+        result = _train(cfg, say=lambda m: None)
         losses[name] = result["losses"]
         logged = [h for h in result["trainer"].state.log_history if "loss" in h]
         # cosine without warmup over 2 steps: step 1 trains at the base rates, step 2 at half of them
@@ -234,7 +240,7 @@ def test_the_readme_training_example_checks_and_the_cpu_recipe_trains(tmp_path):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"\*\*Training data\*\*.*?```jsonl?\n(.*?)```", readme, re.S).group(1)
     assert [json.loads(line) for line in block.splitlines() if line.strip()] == SAMPLES  # the README as written
-    cli = [sys.executable, "-m", "streamer.cli"]
+    cli = [sys.executable, "-m", "vl3live"]
     r = subprocess.run([*cli, "data", "example", "data/example"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr

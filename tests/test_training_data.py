@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from model import StreamSession
-from model.config import SessionConfig, TrainConfig
+from model.config import SessionConfig
 from model.video import read_video_file
 from tests import ws_rig
+from training.config import TrainConfig
 from training.data.render import IGNORE, SampleRenderer
 from training.data.samples import SampleError, parse_sample, read_samples
 

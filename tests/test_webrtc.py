@@ -9,9 +9,10 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from av import VideoFrame
 
-from model.config import Config
-from streamer.engine import Engine
+from streamer.events import FrameStats
 from streamer.sources.webrtc import WebRTCIngest
+from tests.engines import engine_for
+from vl3live.config import Config
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice):
         cfg = Config()
         cfg.engine.fps = 4.0
         cfg.session.frame_pixels = 28 * 28 * 12
-        async with Engine(lm, cfg) as engine:
+        async with engine_for(lm, cfg) as engine:
             ingest = WebRTCIngest(engine)
             port = await ingest.start("127.0.0.1", 0)
             sub = engine.bus.subscribe(maxsize=10000)
@@ -63,18 +64,18 @@ def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice):
                         "sdp": client.localDescription.sdp, "type": client.localDescription.type}) as r:
                     answer = await r.json()
             await client.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-            ls = engine.get(answer["session"])
+            session = engine.get(answer["session"])
             end = time.monotonic() + 30
-            while ls.processed < 6:
+            while session.processed < 6:
                 assert time.monotonic() < end, "no frames arrived over WebRTC"
                 await asyncio.sleep(0.1)
-            ts = [e.t for e in list(sub._events) if e.type == "stats" and e.session == ls.id]
+            ts = [e.t for e in sub.peek() if isinstance(e, FrameStats) and e.session == session.id]
             assert all(b > a for a, b in zip(ts, ts[1:])) and ts[0] < 1.0
             assert np.allclose(np.diff(ts), 0.25, atol=0.04)  # sampled at 4 fps by the track's pts
-            assert ls.session.cache_len > 0 and ls.errors == 0
+            assert session.stream.cache_len > 0 and session.errors == 0
             await client.close()
             end = time.monotonic() + 30
-            while ls.id in engine.sessions:  # the peer left: its session (and KV cache) is freed
+            while session.id in engine.sessions:  # the peer left: its session (and KV cache) is freed
                 assert time.monotonic() < end, "session not closed after the peer left"
                 await asyncio.sleep(0.1)
             assert ingest.peers == {}

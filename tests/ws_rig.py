@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.config import Config
 from model.synthetic import SyntheticCamera
 from model.video import write_video_file
-from streamer.engine import Engine
-from streamer.server import Server
+from streamer.websocket.server import Server
+from tests.engines import engine_for
+from vl3live.config import Config
 
 H, W = 84, 112
 
@@ -39,7 +39,7 @@ def config(**server) -> Config:
 @asynccontextmanager
 async def serving(lm, cfg: Config | None = None):
     cfg = cfg or config()
-    async with Engine(lm, cfg) as engine, Server(engine, cfg.server) as server:
+    async with engine_for(lm, cfg) as engine, Server(engine, cfg.server) as server:
         yield engine, server, f"ws://127.0.0.1:{server.port}/"
 
 

@@ -20,8 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from model import load_model
-from model.config import Config, TrainConfig
+from model.config import ModelConfig, SessionConfig
 from model.frames import MERGE
+from training.config import TrainConfig
 
 from .data.dataset import Collator, StreamDataset
 
@@ -82,6 +83,9 @@ def stream_loss(model, batch: dict, video_token_id: int, num_items_in_batch=None
 
 
 class StreamTrainer(Trainer):
+    """transformers' ``Trainer`` with one parameter group per module at its stage's learning rate, and the
+    bookkeeping of the stream format: tokens/s, DiffFP's kept share, skipped samples."""
+
     def __init__(self, *args, train_config: TrainConfig, video_token_id: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_config = train_config
@@ -184,18 +188,18 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(done, key=_step)) if done else None
 
 
-def run_train(config: Config, resume: bool | str = False, say=print, callbacks: list | None = None) -> dict:
-    """Train as ``config.train`` says; returns a summary (final loss, steps, skipped samples, output).
+def run_train(model_config: ModelConfig, session_config: SessionConfig, cfg: TrainConfig, resume: bool | str = False,
+              say=print, callbacks: list | None = None) -> dict:
+    """Train as ``cfg`` (``train.*``) says, on ``model_config``'s checkpoint rendered with ``session_config``; returns a summary (final loss, steps, skipped samples, output).
 
     ``callbacks`` are extra ``transformers.TrainerCallback``s (e.g. to stop early)."""
-    cfg = config.train
     if not cfg.data:
         raise ValueError("train.data is empty: give JSON / JSONL files (train.data=[...])")
     if cfg.quant and not torch.cuda.is_available():
         raise ValueError("train.quant=4bit (QLoRA) needs CUDA: bitsandbytes 4-bit runs on NVIDIA GPUs")
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
-    m = config.model
+    m = model_config
     say(f"loading {m.spec} ...")
     if cfg.quant:
         lm = _load_4bit(m.spec)
@@ -208,7 +212,7 @@ def run_train(config: Config, resume: bool | str = False, say=print, callbacks: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = prepare_model(model, cfg)
-    dataset = StreamDataset(lm.processor, config.session, cfg)
+    dataset = StreamDataset(lm.processor, session_config, cfg)
     say(f"{len(dataset)} samples ({len(dataset.parse_errors)} unreadable lines skipped)")
     _first_usable(dataset, say)
     args = TrainingArguments(

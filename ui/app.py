@@ -14,16 +14,17 @@ import gradio as gr
 import torch
 from gradio.components.image import WebcamOptions
 
-from model.config import LAYOUTS, LOOPBACK_HOSTS, Config
+from model.config import LAYOUTS
+from streamer.websocket.config import LOOPBACK_HOSTS
 
-from .backend import LiveBackend
-from .config import DemoConfig
+from .backend import DemoBackend
+from .config import DemoConfig, Settings
 
 CPU_FRAME_PIXELS = 336 * 252  # 108 tokens a frame: keeps a 2B model responsive on a CPU
 CPU_FPS = 0.5
 
 
-def responsive(config: Config) -> tuple[Config, str | None]:
+def responsive(config: Settings) -> tuple[Settings, str | None]:
     """On a CPU with a real checkpoint, smaller frames and a lower fps (and a note saying so)."""
     if config.model.spec == "tiny" or torch.cuda.is_available() or (config.model.device or "").startswith("cuda"):
         return config, None
@@ -37,7 +38,7 @@ def responsive(config: Config) -> tuple[Config, str | None]:
 class Handlers:
     """The page's event handlers (plain methods: tested directly, without a browser)."""
 
-    def __init__(self, backend: LiveBackend, allow_sources: list[str] | None = None):
+    def __init__(self, backend: DemoBackend, allow_sources: list[str] | None = None):
         self.b = backend
         self.allow_sources = allow_sources  # None: any rtsp:// URL (loopback demo)
         # gradio's page session -> our session: gradio keeps a closed tab's state for an hour, so the
@@ -84,7 +85,7 @@ class Handlers:
             gr.Warning("upload a video or enter an rtsp:// URL first")
             return sid
         if isinstance(spec, str) and spec.startswith("rtsp"):
-            from streamer.access import source_allowed
+            from streamer.sources.spec import source_allowed
 
             if self.allow_sources is not None and not source_allowed(spec, self.allow_sources):
                 gr.Warning("this RTSP URL is not on server.source_allow")
@@ -98,7 +99,7 @@ class Handlers:
     def settings(self, layout: str, threshold: float, budget: float, fps: float, sid, request: gr.Request = None):
         """Live settings apply at once; a new layout or budget starts a new session."""
         view = self.b.views.get(sid) if sid else None
-        cfg = self.b.engine.get(sid).session.config if view else self.b.config.session
+        cfg = self.b.engine.get(sid).stream.config if view else self.b.config.session
         if view is None or layout != cfg.layout or int(budget) != cfg.budget.max_tokens:
             self.b.close_session(sid)
             sid = self._session(self.b.open_session(layout, int(budget)), request)
@@ -132,7 +133,7 @@ class Handlers:
             self.b.close_session(sid)
 
 
-def build(backend: LiveBackend, cfg: DemoConfig, note: str | None = None,
+def build(backend: DemoBackend, cfg: DemoConfig, note: str | None = None,
           allow_sources: list[str] | None = None) -> gr.Blocks:
     h = Handlers(backend, allow_sources)
     sc = backend.config.session
@@ -186,7 +187,7 @@ def build(backend: LiveBackend, cfg: DemoConfig, note: str | None = None,
     return demo
 
 
-def run_demo(cfg: DemoConfig, config: Config, err=sys.stderr, block: bool = True):
+def run_demo(cfg: DemoConfig, config: Settings, err=sys.stderr, block: bool = True):
     if cfg.model:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, spec=cfg.model))
     if cfg.host not in LOOPBACK_HOSTS:
@@ -194,7 +195,7 @@ def run_demo(cfg: DemoConfig, config: Config, err=sys.stderr, block: bool = True
     config, note = responsive(config)
     if note:
         print(f"note: {note}", file=err, flush=True)
-    backend = LiveBackend(config)
+    backend = DemoBackend(config)
     backend.start(lambda msg: print(msg, file=err, flush=True))
     allow = None if cfg.host in LOOPBACK_HOSTS else list(config.server.source_allow)
     demo = build(backend, cfg, note, allow)

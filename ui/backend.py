@@ -1,4 +1,4 @@
-"""The live engine behind the demo: its own event loop in a thread, driven by gradio's handlers.
+"""The engine behind the demo: its own event loop in a thread, driven by gradio's handlers.
 
 Gradio calls handlers from its worker threads; every engine call is marshalled onto the engine's
 loop, so the engine keeps its one-loop rule. Each browser tab gets a session and a
@@ -10,17 +10,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from model import load_configured
-from model.config import Config
-from streamer.bus import Event, Subscription
+from streamer.bus import Subscription
 from streamer.engine import Engine
-from streamer.sources import Frame, file_source, rtsp_source
+from streamer.events import (
+    Error,
+    Event,
+    FrameStats,
+    ResponseCreated,
+    ResponseDelta,
+    ResponseDone,
+    SourceEnded,
+)
+from streamer.sources import Frame
+from streamer.sources.spec import open_source, source_kind
 
+from .config import Settings
 from .overlay import keep_overlay
 
 
@@ -30,10 +39,9 @@ class SessionView:
 
     sid: str
     sub: Subscription
-    t0: float = field(default_factory=time.monotonic)
     chat: list[dict] = field(default_factory=list)  # gradio "messages": {"role", "content"}
     answers: dict[str, int] = field(default_factory=dict)  # response id -> index in chat
-    stats: dict = field(default_factory=dict)
+    stats: FrameStats | None = None  # the last frame's
     last_t: float | None = None
     ttft_ms: float | None = None
     errors: int = 0
@@ -41,37 +49,42 @@ class SessionView:
     _repeat: tuple[str, int, int] | None = None  # (error code, chat index, times) of the last error line
 
     def apply(self, ev: Event) -> None:
-        d = ev.data
-        if ev.type == "response.created":
-            head = f"🔔 **Alert** @{ev.t or 0:.1f}s: " if d.get("proactive") else ""
-            self.answers[d["response_id"]] = len(self.chat)
-            self.chat.append({"role": "assistant", "content": head})
-        elif ev.type == "response.delta" and d["response_id"] in self.answers:
-            self.chat[self.answers[d["response_id"]]]["content"] += d["text"]
-        elif ev.type == "response.done":
-            if d.get("ttft_ms") is not None and not d.get("proactive"):
-                self.ttft_ms = d["ttft_ms"]
-            if d.get("cancelled") and d["response_id"] in self.answers:
-                self.chat[self.answers[d["response_id"]]]["content"] += " *(cancelled)*"
-        elif ev.type == "stats":
-            self.stats, self.last_t = d, ev.t
-        elif ev.type == "error":
-            self.errors += 1
-            code = str(d.get("code"))
-            text = f"⚠️ error `{code}`: {d.get('message')}"
-            if self._repeat is not None and self._repeat[0] == code and self._repeat[1] == len(self.chat) - 1:
-                n = self._repeat[2] + 1  # the same kind of error again (a source retrying): one line, counted
-                self.chat[-1]["content"] = f"{text} (x{n})"
-                self._repeat = (code, len(self.chat) - 1, n)
-            else:
-                self.chat.append({"role": "assistant", "content": text})
-                self._repeat = (code, len(self.chat) - 1, 1)
-        elif ev.type == "source.ended":
-            self.chat.append({"role": "assistant", "content": f"*(the {self.source} ended)*"})
+        match ev:
+            case ResponseCreated():
+                head = f"🔔 **Alert** @{ev.t or 0:.1f}s: " if ev.proactive else ""
+                self.answers[ev.response_id] = len(self.chat)
+                self.chat.append({"role": "assistant", "content": head})
+            case ResponseDelta() if ev.response_id in self.answers:
+                self.chat[self.answers[ev.response_id]]["content"] += ev.text
+            case ResponseDone():
+                if ev.ttft_ms is not None and not ev.proactive:
+                    self.ttft_ms = ev.ttft_ms
+                if ev.cancelled and ev.response_id in self.answers:
+                    self.chat[self.answers[ev.response_id]]["content"] += " *(cancelled)*"
+            case FrameStats():
+                self.stats, self.last_t = ev, ev.t
+            case Error():
+                self._error(ev)
+            case SourceEnded():
+                self.chat.append({"role": "assistant", "content": f"*(the {self.source} ended)*"})
+
+    def _error(self, ev: Error) -> None:
+        self.errors += 1
+        text = f"⚠️ error `{ev.code}`: {ev.message}"
+        if self._repeat is not None and self._repeat[0] == ev.code and self._repeat[1] == len(self.chat) - 1:
+            n = self._repeat[2] + 1  # the same kind of error again (a source retrying): one line, counted
+            self.chat[-1]["content"] = f"{text} (x{n})"
+            self._repeat = (ev.code, len(self.chat) - 1, n)
+        else:
+            self.chat.append({"role": "assistant", "content": text})
+            self._repeat = (ev.code, len(self.chat) - 1, 1)
 
 
-class LiveBackend:
-    def __init__(self, config: Config, lm=None):
+class DemoBackend:
+    """The engine behind the demo page, on its own event loop; every call from gradio's threads is
+    marshalled onto that loop."""
+
+    def __init__(self, config: Settings, lm=None):
         self.config = config
         self.lm = lm
         self.views: dict[str, SessionView] = {}
@@ -94,7 +107,8 @@ class LiveBackend:
         """Load the model (unless given) and start the engine."""
         if self.lm is None:
             self.lm = load_configured(self.config.model, say=progress)
-        self.engine = Engine(self.lm, self.config)
+        c = self.config
+        self.engine = Engine(self.lm, c.engine, c.session, c.server.max_sessions)
         self._run(self.engine.start())
 
     def reload(self, spec: str, progress=print) -> None:
@@ -119,8 +133,8 @@ class LiveBackend:
                                  budget=dataclasses.replace(sc.budget, max_tokens=memory_budget or sc.budget.max_tokens))
 
         async def open_():
-            ls = await self.engine.open_session(sc)
-            return ls.id, self.engine.bus.subscribe(ls.id)
+            session = await self.engine.open_session(sc)
+            return session.id, self.engine.bus.subscribe(session.id)
         sid, sub = self._run(open_())
         self.views[sid] = SessionView(sid, sub)
         return sid
@@ -137,36 +151,28 @@ class LiveBackend:
     # -- input ------------------------------------------------------------------------------------
     def push(self, sid: str, rgb: np.ndarray) -> None:
         """A webcam frame, timed by its arrival."""
-        view = self.views[sid]
         rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
 
         def push() -> None:
-            ls = self.engine.get(sid)
-            t = time.monotonic() - view.t0
-            last, period = ls.session.last_t, 1.0 / ls.cfg.fps
-            if last is not None and t <= last:  # a file or RTSP source ran the clock ahead: continue from it
-                view.t0 -= last + period - t
-                t = last + period
-            self.engine.push_frame(ls, Frame(t, rgb))
+            session = self.engine.get(sid)
+            self.engine.push_frame(session, Frame(self.engine.arrival_time(session), rgb))
         self._call(push)
 
     def attach(self, sid: str, spec: str, realtime: bool = True) -> None:
         """Feed a video file or an rtsp:// URL into the session instead of the webcam. A camera that
         cannot be reached says so in the chat (each retry counted on one line); the reader retries."""
-        ls = self._call(self.engine.get, sid)
-        fps = ls.cfg.fps
+        session = self._call(self.engine.get, sid)
+        fps = session.cfg.fps
         loop, bus = self._loop, self.engine.bus
 
         def failed(message: str) -> None:  # from the reader thread
-            loop.call_soon_threadsafe(bus.publish, Event("error", sid, {"code": "source", "message": message}))
+            loop.call_soon_threadsafe(bus.publish, Error(session=sid, code="source", message=message))
 
         async def go():
-            await self.engine.detach(ls)
-            source = rtsp_source(spec, fps=fps, on_failure=failed) if spec.startswith(("rtsp://", "rtsps://")) \
-                else file_source(spec, fps=fps, realtime=realtime)
-            self.engine.attach(ls, source, continue_clock=True)
+            await self.engine.detach(session)
+            self.engine.attach(session, open_source(spec, fps, realtime, on_failure=failed), continue_clock=True)
         self._run(go())
-        self.views[sid].source = "RTSP stream" if spec.startswith("rtsp") else "video file"
+        self.views[sid].source = "RTSP stream" if source_kind(spec) == "rtsp" else "video file"
 
     def ask(self, sid: str, text: str) -> None:
         chat = self.views[sid].chat
@@ -205,17 +211,16 @@ class LiveBackend:
     def stats_markdown(self, sid: str) -> str:
         view = self.views[sid]
         s = view.stats
-        if not s:
+        if s is None:
             return "waiting for the first frame ..."
+        c = s.counts
         ttft = f"{view.ttft_ms:.0f} ms" if view.ttft_ms is not None else "-"
         return "\n".join([  # two stat columns, so the table stays short
             "| stat | value | stat | value |", "|---|---|---|---|",
-            f"| stream time | {view.last_t or 0:.1f} s | fps in / processed | {s['fps_in']:.1f} / "
-            f"{s['fps_processed']:.1f} |",
-            f"| frames dropped (latest wins) | {s['dropped']} | tokens kept, last frame | {s['tokens_kept']} / "
-            f"{s['tokens_total']} |",
-            f"| cache / budget | {s['cache_len']} / {s['max_tokens'] or '∞'} tokens | frames evicted | "
-            f"{s['evicted_frames']} |",
-            f"| per-frame latency | {s['latency_ms']:.0f} ms (model {s['ingest_ms']:.0f} ms) | TTFT, last answer | "
+            f"| stream time | {view.last_t or 0:.1f} s | fps in / processed | {c.fps_in:.1f} / {c.fps_processed:.1f} |",
+            f"| frames dropped (latest wins) | {c.dropped} | tokens kept, last frame | {s.tokens_kept} / "
+            f"{s.tokens_total} |",
+            f"| cache / budget | {s.cache_len} / {s.max_tokens or '∞'} tokens | frames evicted | {s.evicted_frames} |",
+            f"| per-frame latency | {s.latency_ms:.0f} ms (model {s.ingest_ms:.0f} ms) | TTFT, last answer | "
             f"{ttft} |",
         ])

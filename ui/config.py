@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from model.config import ModelConfig, SessionConfig
+from streamer.config import EngineConfig
+from streamer.websocket.config import ServerConfig
 
 
 @dataclass
 class DemoConfig:
+    """``vl3live demo`` options: where to serve, and how the browser's webcam is captured and sent."""
+
     model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to serve on"})
     port: int = field(default=7860, metadata={"help": "port to serve on (0 = any free port)"})
@@ -18,3 +25,12 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.refresh <= 0:
             raise ValueError("--rate and --refresh must be > 0")
+
+
+class Settings(Protocol):
+    """The parts of the config tree the demo reads (the commands' ``Config`` has them all)."""
+
+    model: ModelConfig
+    session: SessionConfig
+    engine: EngineConfig
+    server: ServerConfig

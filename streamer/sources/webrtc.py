@@ -114,28 +114,28 @@ class WebRTCIngest:
         if len(self.peers) >= self.max_peers:
             return web.json_response({"error": f"{self.max_peers} peers are connected already"}, status=503)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers]))
-        ls = await self.engine.open_session()
-        self.peers[ls.id] = pc
+        session = await self.engine.open_session()
+        self.peers[session.id] = pc
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
-                self.engine.attach(ls, track_frames(track, ls.cfg.fps))
+                self.engine.attach(session, track_frames(track, session.cfg.fps))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):  # the peer left: free its session too
-                self.peers.pop(ls.id, None)
+                self.peers.pop(session.id, None)
                 await pc.close()
-                await self.engine.close_session(ls.id)
+                await self.engine.close_session(session.id)
 
         try:
             await pc.setRemoteDescription(offer)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # a malformed SDP
-            self.peers.pop(ls.id, None)
+            self.peers.pop(session.id, None)
             await pc.close()
-            await self.engine.close_session(ls.id)
+            await self.engine.close_session(session.id)
             return web.json_response({"error": f"cannot answer this offer: {exc}"}, status=400)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                                  "session": ls.id})
+                                  "session": session.id})

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from model.config import Config
+from model.config import SessionConfig
+from training.config import TrainConfig
 
 from .render import SampleRenderer
 from .samples import SampleError, read_samples
 
 
-def check_dataset(files: list[str], config: Config, processor) -> tuple[Counter, list[str]]:
+def check_dataset(files: list[str], session: SessionConfig, train: TrainConfig, processor) -> tuple[Counter, list[str]]:
     """(good samples by token layout, error lines): parse, files, decodable video, times, turns, length."""
-    renderer = SampleRenderer(processor, config.session, config.train)
+    renderer = SampleRenderer(processor, session, train)
     good: Counter = Counter()
     errors = []
     for path in files:

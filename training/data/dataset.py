@@ -13,7 +13,8 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from model.config import SessionConfig, TrainConfig
+from model.config import SessionConfig
+from training.config import TrainConfig
 
 from .render import IGNORE, Rendered, SampleRenderer
 from .samples import Sample, SampleError, read_samples
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class StreamDataset(Dataset):
+    """Training samples rendered to token ids, visual inputs and labels (bad ones skipped and counted)."""
+
     def __init__(self, processor, session: SessionConfig, train: TrainConfig, files: list[str] | None = None):
         self.renderer = SampleRenderer(processor, session, train)
         self.skip = train.skip_bad_samples
@@ -55,6 +58,8 @@ class StreamDataset(Dataset):
 
 
 class Collator:
+    """Pads a batch of rendered samples and joins their visual inputs."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 

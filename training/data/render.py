@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.config import SessionConfig, TrainConfig
+from model.config import SessionConfig
 from model.diffp import DiffPruner
 from model.frames import FramePreprocessor
 from model.layout import STREAM_START, ChatPieces, LayoutRenderer
 from model.video import read_video_file
+from training.config import TrainConfig
 
 from .samples import Sample, SampleError, check_files, check_turns
 
@@ -33,6 +34,8 @@ IGNORE = -100
 
 @dataclass
 class Rendered:
+    """One sample as the model trains on it: input ids, labels, pixel values and grids."""
+
     input_ids: list[int]
     labels: list[int]
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # per frame (patches, 3*14*14)
@@ -43,6 +46,8 @@ class Rendered:
 
 
 class SampleRenderer:
+    """Renders a sample with the live session's own layout renderer, preprocessing and DiffFP."""
+
     def __init__(self, processor, session: SessionConfig, train: TrainConfig):
         self.tok = processor.tokenizer
         self.session, self.train = session, train

@@ -27,6 +27,8 @@ from model.config import LAYOUTS
 
 
 class SampleError(ValueError):
+    """A training sample that cannot be read, naming its file and line."""
+
     def __init__(self, where: str, message: str):
         super().__init__(f"{where}: {message}")
         self.where, self.reason = where, message
@@ -34,6 +36,8 @@ class SampleError(ValueError):
 
 @dataclass
 class Message:
+    """One turn of a training conversation."""
+
     role: str  # user | assistant
     content: str
     time: float | None = None  # stream samples: seconds from the clip start
@@ -41,6 +45,8 @@ class Message:
 
 @dataclass
 class Sample:
+    """One training sample: its conversation and the images or video it refers to."""
+
     kind: str  # stream | video | image | text
     messages: list[Message]
     where: str  # file:line

@@ -1,10 +1,8 @@
-"""A live session: a ``StreamSession`` plus what the engine keeps around it.
+"""A session as the engine holds it: its model ``StreamSession`` plus the slot, queue and counters around it.
 
 Between a source and the model there is one slot per session: the latest sampled frame (latest
-wins; every overwritten frame is counted as dropped). Frames are preprocessed on a preprocessing
-thread on their way into the slot (``frame``, which the model takes at the session's turn), one
-at a time per session: the newest frame waits (``incoming``, replaced by newer ones) while
-another is preprocessed (``preparing``), then replaces the one in the slot. Questions wait in a bounded queue. All
+wins; every overwritten frame is counted as dropped). Frames are preprocessed on their way into the
+slot (``streamer/prep.py``). Questions wait in a bounded queue. All
 fields shared with the model worker are guarded by the worker's lock.
 """
 
@@ -14,11 +12,17 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from model import StreamSession
-from model.config import EngineConfig
+from model.sampling import Sampling
 
+from .clock import ArrivalClock
+from .config import EngineConfig
+from .events import FrameCounts
 from .sources import FpsSampler, Frame
+
+if TYPE_CHECKING:  # (the session's class; importing it loads torch)
+    from model import StreamSession
 
 
 class RateMeter:
@@ -47,6 +51,8 @@ class RateMeter:
 
 @dataclass
 class PendingFrame:
+    """A frame on its way from the sampler to the model."""
+
     frame: Frame
     arrived: float  # monotonic time the frame reached the engine
     event_id: str | None = None  # the client's id for it (websocket), carried on its error
@@ -66,21 +72,26 @@ FRAME_OUTCOMES = ("sampled_out", "dropped", "processed", "refused")
 
 
 @dataclass
-class Question:
+class PendingQuestion:
+    """A question waiting for its session's turn (checked at the boundary: trusted here)."""
+
     response_id: str
     text: str | None  # None: the model speaks by itself (stream layout proactive answer)
+    sampling: Sampling
     event_id: str | None = None
     proactive: bool = False
     pin: bool = False
-    max_new_tokens: int = 256
     asked: float = field(default_factory=time.monotonic)  # when it was asked: TTFT counts from here
 
 
 @dataclass
-class LiveSession:
+class EngineSession:
+    """One session of the engine: the model session (``stream``) and everything the engine keeps for it."""
+
     id: str
-    session: StreamSession
+    stream: StreamSession
     cfg: EngineConfig
+    sampling: Sampling  # how its answers are generated (``session.generation``)
     frame: PendingFrame | None = None  # preprocessed: the frame the model takes next
     incoming: PendingFrame | None = None  # the newest frame, waiting for the slot to be preprocessed
     preparing: PendingFrame | None = None  # the frame being preprocessed now
@@ -105,7 +116,7 @@ class LiveSession:
     sampler: FpsSampler | None = None
     last_keep: tuple | None = None  # (rgb, keep mask) of the last frame in the cache, for the demo's overlay
     fresh_len: int = 0  # cache length before anything entered it (the system prompt)
-    sampling: dict = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, seed for answers
+    clock: ArrivalClock = field(default_factory=ArrivalClock)
     totals: Counter | None = None  # the engine's frame counts over every session, kept in step with these
 
     def __post_init__(self) -> None:
@@ -132,10 +143,10 @@ class LiveSession:
         asked = self.questions[0].asked
         return not any(f is not None and f.arrived <= asked for f in (self.preparing, self.incoming))
 
-    def counters(self) -> dict[str, float | int]:
+    def counters(self) -> FrameCounts:
         """A snapshot of the counters (take it under the model worker's lock to have them add up)."""
-        return {"accepted": self.accepted, "source_frames": self.source_frames, "sampled_out": self.sampled_out,
-                "dropped": self.dropped, "processed": self.processed, "refused": self.refused,
-                "pending": self.pending, "errors": self.errors, "fps_in": round(self.fps_in.rate(), 2),
-                "fps_processed": round(self.fps_processed.rate(), 2),
-                "proactive_suppressed": self.proactive_suppressed, "questions_waiting": len(self.questions)}
+        return FrameCounts(accepted=self.accepted, source_frames=self.source_frames, sampled_out=self.sampled_out,
+                           dropped=self.dropped, processed=self.processed, refused=self.refused,
+                           pending=self.pending, errors=self.errors, fps_in=round(self.fps_in.rate(), 2),
+                           fps_processed=round(self.fps_processed.rate(), 2),
+                           proactive_suppressed=self.proactive_suppressed, questions_waiting=len(self.questions))

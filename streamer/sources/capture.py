@@ -26,6 +26,8 @@ RTSP_OPTIONS = {"rtsp_transport": "tcp", "timeout": "5000000", "fflags": "nobuff
 
 @dataclass
 class ReaderStats:
+    """What a capture reader did: opens, reopens and failures (a camera that comes and goes)."""
+
     connects: int = 0  # successful opens
     reconnects: int = 0  # opens after the first
     failures: int = 0  # failed opens and broken streams

@@ -8,6 +8,7 @@ the other counters and the histograms are fed by the event bus as events happen.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter as Tally
 from collections.abc import Callable
 
@@ -15,14 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .bus import Event
-from .live import LiveSession
+from streamer.engine import EngineStats
+from streamer.engine_session import EngineSession
+from streamer.events import Error, Event, FrameCounts, FrameStats, ResponseDone
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _SessionGauges(Collector):
-    def __init__(self, sessions: Callable[[], list[tuple[LiveSession, bool]]]):
+    def __init__(self, sessions: Callable[[], list[tuple[EngineSession, bool]]]):
         self._sessions = sessions
 
     def collect(self):
@@ -31,12 +33,12 @@ class _SessionGauges(Collector):
         sessions.add_metric(["connected"], sum(1 for _, connected in pairs if connected))
         sessions.add_metric(["detached"], sum(1 for _, connected in pairs if not connected))
         fps = GaugeMetricFamily("vl3live_fps", "frames per second over all sessions", labels=["stage"])
-        fps.add_metric(["in"], sum(ls.fps_in.rate() for ls, _ in pairs))
-        fps.add_metric(["processed"], sum(ls.fps_processed.rate() for ls, _ in pairs))
+        fps.add_metric(["in"], sum(session.fps_in.rate() for session, _ in pairs))
+        fps.add_metric(["processed"], sum(session.fps_processed.rate() for session, _ in pairs))
         cache = GaugeMetricFamily("vl3live_cache_tokens", "KV cache tokens over all sessions")
-        cache.add_metric([], sum(ls.session.cache_len for ls, _ in pairs))
+        cache.add_metric([], sum(session.stream.cache_len for session, _ in pairs))
         waiting = GaugeMetricFamily("vl3live_questions_waiting", "questions queued over all sessions")
-        waiting.add_metric([], sum(len(ls.questions) for ls, _ in pairs))
+        waiting.add_metric([], sum(len(session.questions) for session, _ in pairs))
         return [sessions, fps, cache, waiting]
 
 
@@ -45,7 +47,7 @@ ENGINE_FRAME_COUNTS = ("accepted", "source_frames", "sampled_out", "dropped", "p
 
 
 class _FrameCounts(Collector):
-    def __init__(self, engine_counts: Callable[[], dict[str, int]], server_counts: Tally):
+    def __init__(self, engine_counts: Callable[[], FrameCounts], server_counts: Tally):
         self._engine, self._server = engine_counts, server_counts
 
     def collect(self):
@@ -56,21 +58,22 @@ class _FrameCounts(Collector):
         for name in SERVER_FRAME_OUTCOMES:
             frames.add_metric([name], self._server[name])
         for name in ENGINE_FRAME_COUNTS:
-            frames.add_metric([name], engine[name])
+            frames.add_metric([name], getattr(engine, name))
         pending = GaugeMetricFamily("vl3live_frames_pending", "accepted frames without an outcome yet (in a "
                                     "session's latest-frame slot or inside a model step)")
-        pending.add_metric([], engine["pending"])
+        pending.add_metric([], engine.pending)
         return [frames, pending]
 
 
 class _PoolGauges(Collector):
     """The engine's KV pool (sizes and use) and its steps, read at scrape time."""
 
-    def __init__(self, pool_stats: Callable[[], dict[str, int]]):
-        self._stats = pool_stats
+    def __init__(self, engine_stats: Callable[[], EngineStats]):
+        self._stats = engine_stats
 
     def collect(self):
-        st = self._stats()
+        stats = self._stats()
+        st = dataclasses.asdict(stats.pool) if stats.pool is not None else {}
         docs = {"pool_tokens": "KV pool size in tokens (all sessions share it)",
                 "bytes_per_token": "KV bytes per cached token (keys and values, all layers)",
                 "pool_bytes": "KV pool size in bytes", "page_tokens": "tokens per KV page",
@@ -85,14 +88,17 @@ class _PoolGauges(Collector):
                 out.append(g)
         for key, doc in (("steps", "packed model steps run"), ("step_items", "session forwards run in steps")):
             c = CounterMetricFamily(f"vl3live_engine_{key}", doc)
-            c.add_metric([], st.get(key, 0))
+            c.add_metric([], getattr(stats, key))
             out.append(c)
         return out
 
 
 class Metrics:
-    def __init__(self, sessions: Callable[[], list[tuple[LiveSession, bool]]],
-                 frame_counts: Callable[[], dict[str, int]], pool_stats: Callable[[], dict[str, int]] | None = None):
+    """The server's Prometheus metrics (``GET /metrics``): sessions, frames by outcome, errors, latencies,
+    the KV pool."""
+
+    def __init__(self, sessions: Callable[[], list[tuple[EngineSession, bool]]],
+                 frame_counts: Callable[[], FrameCounts], engine_stats: Callable[[], EngineStats] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Counter("vl3live_connections", "websocket connections accepted", registry=r)
@@ -109,23 +115,21 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         r.register(_SessionGauges(sessions))
         r.register(_FrameCounts(frame_counts, self.frames))
-        if pool_stats is not None:
-            r.register(_PoolGauges(pool_stats))
+        if engine_stats is not None:
+            r.register(_PoolGauges(engine_stats))
 
     def observe(self, ev: Event) -> None:
         """Bus observer: runs on the event loop for every published event."""
-        d = ev.data
-        if ev.type == "stats":
-            if d.get("latency_ms") is not None:
-                self.frame_latency.observe(d["latency_ms"] / 1e3)
-            if d.get("ingest_ms") is not None:
-                self.ingest.observe(d["ingest_ms"] / 1e3)
-        elif ev.type == "response.done":
-            self.responses.labels("proactive" if d.get("proactive") else "question").inc()
-            if d.get("ttft_ms") is not None:
-                self.ttft.observe(d["ttft_ms"] / 1e3)
-        elif ev.type == "error":
-            self.errors.labels(d.get("code", "internal")).inc()
+        match ev:
+            case FrameStats():
+                self.frame_latency.observe(ev.latency_ms / 1e3)
+                self.ingest.observe(ev.ingest_ms / 1e3)
+            case ResponseDone():
+                self.responses.labels("proactive" if ev.proactive else "question").inc()
+                if ev.ttft_ms is not None:
+                    self.ttft.observe(ev.ttft_ms / 1e3)
+            case Error():
+                self.errors.labels(ev.code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,11 +6,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import Config
+from model.sampling import Sampling
+
+from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
 
 
 @dataclass
 class AskConfig:
+    """``vl3live ask`` options."""
+
     video: str = field(default="", metadata={"help": "video file to stream (any format PyAV/FFmpeg reads)"})
     question: str = field(default="", metadata={"help": "question asked after the video"})
     fps: float = field(default=1.0, metadata={"help": "frames per second sampled from the file"})
@@ -32,8 +36,7 @@ class AskConfig:
 def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
     from model import CacheLimitError, StreamSession, load_configured
     from model.loading import preflight
-
-    from .sources import read_video_file
+    from streamer.sources import read_video_file
 
     preflight(config.model, cfg.model)  # settings and checkpoint, then the input: before minutes of loading
     if not Path(cfg.video).is_file():
@@ -54,8 +57,20 @@ def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> s
     if n == 0:
         raise ValueError(f"no frames could be read from {cfg.video}")
     text = []
-    for delta in session.ask(cfg.question, max_new_tokens=cfg.max_new_tokens):
+    for delta in session.ask(cfg.question, Sampling(max_new_tokens=cfg.max_new_tokens)):
         text.append(delta.text)
         print(delta.text, end="", file=out, flush=True)
     print(file=out)
     return "".join(text)
+
+
+HELP = "stream a video file through a session and answer a question"
+
+
+def add_arguments(p) -> None:
+    add_dataclass_arguments(p, AskConfig, positional=("video", "question"))
+
+
+def run(args) -> int:
+    run_ask(dataclass_from_args(AskConfig, args), load_config(args.config, args.overrides))
+    return 0

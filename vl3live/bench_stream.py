@@ -17,11 +17,12 @@ import time
 import torch
 import transformers
 
-from .bench import device_name, rss_mb, sync
-from .config import SessionConfig
-from .loading import load_model
-from .session import StreamSession
-from .synthetic import SyntheticCamera
+from model.config import SessionConfig
+from model.loading import load_model
+from model.sampling import Sampling
+from model.session import StreamSession
+from model.synthetic import SyntheticCamera
+from vl3live.bench import device_name, rss_mb, sync
 
 
 def _trimmed_rss_mb() -> float | None:
@@ -67,7 +68,7 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
         max_cache = max(max_cache, r.cache_len)
         kept, total = kept + r.tokens_kept, total + r.tokens_total
         if (i + 1) % ask_every == 0:
-            for _ in session.ask(cfg.question, max_new_tokens=cfg.max_new_tokens):
+            for _ in session.ask(cfg.question, Sampling(max_new_tokens=cfg.max_new_tokens)):
                 max_cache = max(max_cache, session.cache_len)
             questions += 1
         if "full" not in rss and session.evicted_frames:
@@ -79,8 +80,8 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
             rss["mid"] = rss_mb()
         if progress and (i + 1) % max(1, n // 20) == 0:
             st = session.stats()
-            progress(f"{i + 1}/{n} frames ({t / 3600:.2f} h): cache {r.cache_len}/{st['max_tokens']}, "
-                     f"evicted {st['evicted_frames']}, stored {st['recall_stored']}, rss {rss_mb():.0f} MB, "
+            progress(f"{i + 1}/{n} frames ({t / 3600:.2f} h): cache {r.cache_len}/{st.max_tokens}, "
+                     f"evicted {st.evicted_frames}, stored {st.recall_stored}, rss {rss_mb():.0f} MB, "
                      f"ingest p50 {statistics.median(ingest_ms[-max(1, n // 20):]):.1f} ms")
     rss["end"] = rss_mb()
     rss["trimmed"] = _trimmed_rss_mb()
@@ -92,10 +93,10 @@ def run_stream_bench(cfg, session_cfg: SessionConfig, progress=None) -> dict:
         "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "layout": scfg.layout,
         "stream_hours": cfg.stream_hours, "fps": cfg.fps, "frames": n, "frame_size": [cfg.height, cfg.width],
         "budget_tokens": session.max_tokens, "max_cache_len": max_cache,
-        "evicted_frames": st["evicted_frames"], "evicted_exchanges": st["evicted_exchanges"],
-        "recall": scfg.budget.recall, "questions": questions, "recalled_frames": st["recalled_frames"],
-        "recall_stored": st["recall_stored"], "recall_dropped": st["recall_dropped"],
-        "recall_mb": round(st["recall_mb"], 2),
+        "evicted_frames": st.evicted_frames, "evicted_exchanges": st.evicted_exchanges,
+        "recall": scfg.budget.recall, "questions": questions, "recalled_frames": st.recalled_frames,
+        "recall_stored": st.recall_stored, "recall_dropped": st.recall_dropped,
+        "recall_mb": round(st.recall_mb, 2),
         "ingest_ms_p50_early": _median(early), "ingest_ms_p50_late": _median(late),
         "ingest_drift": round(statistics.median(late) / statistics.median(early), 3),
         "ingest_cpu_ms_p50_early": _median(early_cpu), "ingest_cpu_ms_p50_late": _median(late_cpu),

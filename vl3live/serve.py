@@ -6,11 +6,14 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from model.config import Config
+from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
+from .terminal import interruptible
 
 
 @dataclass
 class ServeConfig:
+    """``vl3live serve`` options (the rest is ``server.*`` in the config tree)."""
+
     model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
     host: str | None = field(default=None, metadata={"help": "overrides server.host"})
     port: int | None = field(default=None, metadata={"help": "overrides server.port"})
@@ -18,17 +21,32 @@ class ServeConfig:
 
 async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
     from model import load_configured
-
-    from .engine import Engine
-    from .server import Server
+    from streamer.engine import Engine
+    from streamer.websocket.server import Server
 
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
     lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
-    async with Engine(lm, config) as engine, Server(engine, server_cfg) as server:
+    async with Engine(lm, config.engine, config.session, server_cfg.max_sessions) as engine, \
+            Server(engine, server_cfg) as server:
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
               f"{'; token required' if server.token else ''}", file=err, flush=True)
         if ready is not None:
             ready(server.port)
         await server.serve_forever()
+
+
+HELP = "serve the websocket API (docs/protocol.md)"
+
+
+def add_arguments(p) -> None:
+    add_dataclass_arguments(p, ServeConfig)
+
+
+def run(args) -> int:
+    import asyncio
+
+    interruptible(asyncio.run, run_serve(dataclass_from_args(ServeConfig, args),
+                                         load_config(args.config, args.overrides)))
+    return 0

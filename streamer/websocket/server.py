@@ -1,4 +1,4 @@
-"""``vl3live serve``: the websocket API over the live engine (protocol: ``streamer/protocol.py``).
+"""The websocket API's I/O over the live engine (messages: ``protocol.py``; their translation: ``translate.py``).
 
 One session per connection. A client that closes cleanly (close code 1000) or sends
 ``session.close`` ends its session at once; one that drops keeps it for ``server.resume_seconds``
@@ -6,84 +6,61 @@ and gets it back by reconnecting with ``?resume=TOKEN`` (from ``session.created`
 comes with every resume). Besides the websocket on ``/``, plain HTTP ``GET /health`` and
 ``GET /metrics`` (Prometheus) are served. Every bad message costs one ``error`` event; the
 connection closes only on the documented codes. Who may connect and what may be attached:
-``streamer/access.py``.
+``access.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import json
 import logging
-import os
 import re
 import secrets
 import time
-from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
-from model.config import ServerConfig
+from streamer.bus import Subscription
+from streamer.engine import Engine, EngineError
+from streamer.engine_session import EngineSession
+from streamer.events import Error, Event, FrameStats, SourceEnded
+from streamer.sources import Frame
+from streamer.sources.spec import open_source, parse_pattern, source_allowed
+from streamer.websocket.config import ServerConfig
 
+from . import images, translate
 from . import protocol as P
-from .access import FailureThrottle, origin_allowed, parse_pattern, source_allowed
-from .bus import Event, Subscription
-from .engine import Engine, EngineError
-from .live import LiveSession
+from .access import TokenBucket
+from .handshake import Handshake, address, closed_by_client, token_in_force
 from .metrics import Metrics
-from .sources import Frame, rtsp_source
+from .updates import apply_update
 
 log = logging.getLogger(__name__)
 
-FORWARDED = {"response.created": P.ResponseCreated, "response.delta": P.ResponseDelta,
-             "response.done": P.ResponseDone, "alert": P.Alert}
 RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 bits
-SINGLE_HEADERS = ("Origin", "Authorization", "Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Upgrade")
 # The one message every unreachable source gets (details go to the server's log): the text must not
 # tell a port scanner which ports are open.
 SOURCE_UNREACHABLE = ("cannot read from the source (unreachable, refused, or not a video stream); retrying until "
                       "source.detach")
 
 
-class TokenBucket:
-    """``rate`` per second with bursts up to ``capacity``."""
-
-    def __init__(self, rate: float, capacity: float):
-        self.rate, self.capacity = rate, capacity
-        self.tokens = capacity
-        self.at = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 @dataclasses.dataclass
 class ApiSession:
     """A session as the API sees it: its engine session plus what outlives one connection."""
 
-    ls: LiveSession
+    session: EngineSession
     resume_token: str
     sub: Subscription
-    t0: float = dataclasses.field(default_factory=time.monotonic)
     conn: ServerConnection | None = None
     expiry: asyncio.TimerHandle | None = None
     received: int = 0
     rate_dropped: int = 0
     rejected: int = 0
     last_event_id: str | None = None
-    last_stats: Event | None = None
+    last_stats: FrameStats | None = None
     ack_dirty: bool = False
     decoding: int = 0  # frames received and being decoded (not counted anywhere else yet: no ack meanwhile)
     stats_dirty: bool = False
@@ -98,11 +75,11 @@ class Server:
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None):
         self.engine = engine
-        self.config = config or engine.config.server
+        self.config = config or ServerConfig()
         self.token = self.check(self.config)
         self.sessions: dict[str, ApiSession] = {}  # by resume token
-        self.metrics = Metrics(lambda: [(s.ls, s.conn is not None) for s in self.sessions.values()],
-                               engine.frame_counts, engine.pool_stats)
+        self.metrics = Metrics(lambda: [(s.session, s.conn is not None) for s in self.sessions.values()],
+                               engine.frame_counts, engine.stats)
         engine.bus.observe(self.metrics.observe)
         self._ws: WsServer | None = None
         self._opening = 0
@@ -110,20 +87,16 @@ class Server:
         cfg = self.config
         self._transport_max = cfg.max_frame_bytes * 4 // 3 + 64 * 1024
         self._source_allow = [parse_pattern(p) for p in cfg.source_allow]  # a bad pattern fails at start
-        self._resume_failures = FailureThrottle(cfg.resume_failures_per_minute, burst=10)
-        session = engine.config.session
-        self.max_session_frame_pixels = cfg.max_session_frame_pixels or 4 * session.frame_pixels
+        self._handshake = Handshake(cfg, self.token, self.metrics, lambda: engine.alive, lambda: len(self.sessions))
+        defaults = engine.session_config
+        self.max_session_frame_pixels = cfg.max_session_frame_pixels or 4 * defaults.frame_pixels
         # every session's recall store gets its share of server.recall_memory_mb
-        self.recall_mb = min(session.budget.recall_memory_mb, cfg.recall_memory_mb / cfg.max_sessions)
+        self.recall_mb = min(defaults.budget.recall_memory_mb, cfg.recall_memory_mb / cfg.max_sessions)
 
     @staticmethod
     def check(config: ServerConfig) -> str | None:
         """The token in force; refuses (ValueError) a bind beyond loopback without one."""
-        token = config.token or os.environ.get("VL3LIVE_TOKEN") or None
-        if not config.loopback and not token:
-            raise ValueError(f"refusing to serve on {config.host}: binding beyond loopback needs a token "
-                             "(set server.token or $VL3LIVE_TOKEN), or bind 127.0.0.1")
-        return token
+        return token_in_force(config)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -133,7 +106,7 @@ class Server:
         await self.close()
 
     async def start(self) -> int:
-        self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
+        self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._handshake,
                                max_size=self._transport_max, max_queue=16, compression=None, ping_interval=20,
                                ping_timeout=20, server_header="vl3live")
         self.port = self._ws.sockets[0].getsockname()[1]
@@ -156,54 +129,6 @@ class Server:
         for s in list(self.sessions.values()):
             await self._end(s)
 
-    # -- HTTP: health, metrics, auth, origins ---------------------------------------------------------
-    def _authorized(self, request: Request) -> bool:
-        if self.token is None:
-            return True
-        given = None
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        else:
-            given = (parse_qs(urlsplit(request.path).query).get("token") or [None])[0]
-        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
-
-    def _refuse(self, conn: ServerConnection, status: HTTPStatus, reason: str, text: str) -> Response:
-        """An HTTP refusal of a handshake: counted, and one line in the log (no traceback)."""
-        self.metrics.handshakes_refused.labels(reason).inc()
-        log.warning("refused %s from %s: %s", status.value, _address(conn), text.strip())
-        return _response(status, text)
-
-    def _http(self, conn: ServerConnection, request: Request) -> Response | None:
-        doubled = [h for h in SINGLE_HEADERS if len(request.headers.get_all(h)) > 1]
-        if doubled:  # ambiguous: which Origin / token would count? Refused before anything reads them
-            return self._refuse(conn, HTTPStatus.BAD_REQUEST, "duplicate_header",
-                                f"duplicate {', '.join(doubled)} header: send each once\n")
-        path = urlsplit(request.path).path
-        if path == "/health":
-            alive = self.engine._worker.alive
-            body = {"status": "ok" if alive else "model worker stopped", "sessions": len(self.sessions),
-                    "protocol": P.PROTOCOL_VERSION}
-            return _response(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body),
-                             "application/json")
-        if not self._authorized(request):
-            return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "token", "missing or wrong token (Authorization: "
-                                                                         "Bearer TOKEN or ?token=TOKEN)\n")
-        if path == "/metrics":
-            return _response(HTTPStatus.OK, self.metrics.render().decode(), "text/plain; version=0.0.4")
-        if path != "/":
-            return _response(HTTPStatus.NOT_FOUND, f"no {path}: the websocket is on /, and /health, /metrics\n")
-        origin = request.headers.get("Origin")
-        if not origin_allowed(origin, self.config.allowed_origins):
-            listed = "server.allowed_origins" if self.config.allowed_origins is not None else \
-                "loopback pages only, unless listed in server.allowed_origins"
-            return self._refuse(conn, HTTPStatus.FORBIDDEN, "origin", f"origin {origin!r} is not allowed ({listed})\n")
-        if "resume" in parse_qs(urlsplit(request.path).query, keep_blank_values=True) and \
-                self._resume_failures.blocked(_address(conn)):
-            return self._refuse(conn, HTTPStatus.TOO_MANY_REQUESTS, "resume_throttled",
-                                "too many failed resume attempts from this address; wait a minute\n")
-        return None
-
     # -- connections ----------------------------------------------------------------------------------
     async def _handle(self, conn: ServerConnection) -> None:
         self.metrics.connections.inc()
@@ -218,9 +143,11 @@ class Server:
         writer = None
         try:
             await conn.send(P.dump(P.SessionCreated(
-                session_id=s.ls.id, resume_token=s.resume_token, resumed=resume is not None,
-                resume_seconds=self.config.resume_seconds, settings=self._settings(s), limits=self._limits())))
-            writer = asyncio.create_task(self._write(conn, s), name=f"ws-writer:{s.ls.id}")
+                session_id=s.session.id, resume_token=s.resume_token, resumed=resume is not None,
+                resume_seconds=self.config.resume_seconds, settings=translate.settings(s.session),
+                limits=translate.limits(self.config, self.engine.config, self.max_session_frame_pixels,
+                                                 self._transport_max))))
+            writer = asyncio.create_task(self._write(conn, s), name=f"ws-writer:{s.session.id}")
             await self._read(conn, s)
         except ConnectionClosed:
             pass
@@ -231,7 +158,7 @@ class Server:
             if s.conn is conn:  # not taken over by a resume
                 s.conn = None
                 if s.resume_token in self.sessions:
-                    if _closed_by_client(conn):  # done with it: the slot is free at once
+                    if closed_by_client(conn):  # done with it: the slot is free at once
                         await self._end(s)
                     else:  # dropped: wait for a resume
                         self._detach(s)
@@ -240,7 +167,7 @@ class Server:
         token = given[0] if len(given) == 1 else ""
         s = self.sessions.get(token) if RESUME_TOKEN.fullmatch(token) else None
         if s is None:
-            self._resume_failures.failed(_address(conn))
+            self._handshake.resume_failures.failed(address(conn))
             why = "unknown or expired resume token" if RESUME_TOKEN.fullmatch(token) else \
                 "malformed resume token (?resume= takes the resume_token of session.created, once)"
             await self._error(conn, "resume_failed", why)
@@ -260,7 +187,7 @@ class Server:
         if s.sub.closed:  # it overflowed while nobody read it: deliver what it kept (ending with the
             old_sub = s.sub  # subscriber_overflow error), then go on with a fresh subscription
             s.backlog = [ev for ev in iter(old_sub.get_nowait, None)]
-            s.sub = self.engine.bus.subscribe(s.ls.id)
+            s.sub = self.engine.bus.subscribe(s.session.id)
         return s
 
     async def _open(self, conn: ServerConnection) -> ApiSession | None:
@@ -269,11 +196,11 @@ class Server:
             await conn.close(1013, "too many sessions")
             return None
         self._opening += 1  # counted while the session is built
-        session_config = self.engine.config.session
+        session_config = self.engine.session_config
         session_config = dataclasses.replace(session_config, budget=dataclasses.replace(
             session_config.budget, recall_memory_mb=self.recall_mb))
         try:
-            ls = await self.engine.open_session(session_config)
+            session = await self.engine.open_session(session_config)
         except EngineError as exc:  # the KV pool cannot hold another session's budget
             await self._error(conn, exc.code, str(exc))
             await conn.close(1013 if exc.code == "too_many_sessions" else 1011, "cannot open a session")
@@ -284,7 +211,7 @@ class Server:
             return None
         finally:
             self._opening -= 1
-        s = ApiSession(ls, secrets.token_urlsafe(24), self.engine.bus.subscribe(ls.id), conn=conn)
+        s = ApiSession(session, secrets.token_urlsafe(24), self.engine.bus.subscribe(session.id), conn=conn)
         s.fps_bucket = TokenBucket(self.config.max_fps, max(2.0, self.config.max_fps))
         self.sessions[s.resume_token] = s
         return s
@@ -307,7 +234,7 @@ class Server:
             s.expiry.cancel()
         conn, s.conn = s.conn, None
         s.sub.close()
-        await self.engine.close_session(s.ls.id)  # freed before the client sees the close
+        await self.engine.close_session(s.session.id)  # freed before the client sees the close
         if conn is not None:
             await conn.close(code, reason)
 
@@ -317,7 +244,7 @@ class Server:
         async for message in conn:
             if not bucket.take():
                 await self._error(conn, "rate_limited", "too many messages per second; this one was not processed",
-                                  _peek_event_id(message))
+                                  P.peek_event_id(message))
                 continue
             try:
                 if isinstance(message, bytes):
@@ -329,12 +256,12 @@ class Server:
             except P.ProtocolError as exc:
                 await self._error(conn, exc.code, exc.message, exc.event_id)
             except EngineError as exc:
-                await self._error(conn, exc.code, str(exc), _peek_event_id(message))
+                await self._error(conn, exc.code, str(exc), P.peek_event_id(message))
             except ConnectionClosed:
                 raise
             except Exception as exc:  # a bug: report it, keep the session and the connection
-                log.exception("session %s: message failed", s.ls.id)
-                await self._error(conn, "internal", f"{type(exc).__name__}: {exc}", _peek_event_id(message))
+                log.exception("session %s: message failed", s.session.id)
+                await self._error(conn, "internal", f"{type(exc).__name__}: {exc}", P.peek_event_id(message))
 
     async def _dispatch(self, conn: ServerConnection, s: ApiSession, msg: P._Message) -> None:
         eid = msg.event_id
@@ -344,24 +271,26 @@ class Server:
             elif isinstance(msg, P.InputFrameMeta):
                 s.meta = (msg.pts, eid)
             elif isinstance(msg, P.Question):
-                self.engine.ask(s.ls, msg.text, eid, msg.max_new_tokens)
+                n = msg.max_new_tokens
+                self.engine.ask(s.session, msg.text, s.session.sampling.replace(max_new_tokens=n) if n else None, eid)
             elif isinstance(msg, P.ResponseCancel):
-                if not self.engine.cancel(s.ls):
+                if not self.engine.cancel(s.session):
                     raise P.ProtocolError("nothing_to_cancel", "no answer is being generated", eid)
             elif isinstance(msg, P.Ping):
                 await conn.send(P.dump(P.Pong(event_id=eid, server_time=time.time())))
             elif isinstance(msg, P.SessionUpdate):
-                await self._update(s, msg.session)
-                await conn.send(P.dump(P.SessionUpdated(event_id=eid, settings=self._settings(s))))
+                await apply_update(self.engine, s.session, msg.session, self.config.max_fps,
+                                   self.max_session_frame_pixels)
+                await conn.send(P.dump(P.SessionUpdated(event_id=eid, settings=translate.settings(s.session))))
             elif isinstance(msg, P.SourceAttach):
                 await self._attach(s, msg.url, eid)
             elif isinstance(msg, P.SourceDetach):
-                if not await self.engine.detach(s.ls):
+                if not await self.engine.detach(s.session):
                     raise P.ProtocolError("source_busy", "no source is attached", eid)
                 s.source_url = None
             elif isinstance(msg, P.SessionClose):
                 await conn.send(P.dump(self._ack(s)))  # the final counts
-                await conn.send(P.dump(P.SessionClosed(event_id=eid, session_id=s.ls.id)))
+                await conn.send(P.dump(P.SessionClosed(event_id=eid, session_id=s.session.id)))
                 await self._end(s, 1000, "session closed")
         except P.ProtocolError as exc:
             exc.event_id = exc.event_id or eid
@@ -383,24 +312,24 @@ class Server:
             return
         cfg = self.config
         try:
-            if self.engine.has_source(s.ls):
+            if self.engine.has_source(s.session):
                 raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send "
                                                      "frames")
             if pts is not None:  # a client's own clock: bounded jumps (the timestamp text and the clock)
-                newest = s.ls.sampler.last or 0.0
+                newest = s.session.sampler.last or 0.0
                 if pts > newest + cfg.max_pts_jump:
                     raise P.ProtocolError("invalid_field", f"pts {pts:g} is more than server.max_pts_jump "
                                                            f"({cfg.max_pts_jump:g} s) past the session's newest "
                                                            f"frame ({newest:g} s); send stream time in seconds")
-            raw = P.decode_base64_image(data, cfg.max_frame_bytes) if isinstance(data, str) else data
+            raw = images.decode_base64_image(data, cfg.max_frame_bytes) if isinstance(data, str) else data
             s.decoding += 1
             try:
-                rgb = await asyncio.to_thread(P.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
+                rgb = await asyncio.to_thread(images.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
             finally:
                 s.decoding -= 1
-            t = pts if pts is not None else time.monotonic() - s.t0
+            t = pts if pts is not None else self.engine.arrival_time(s.session)
             # from here every frame has exactly one outcome in the engine's counters
-            self.engine.push_frame(s.ls, Frame(t, rgb), event_id=eid)
+            self.engine.push_frame(s.session, Frame(t, rgb), event_id=eid)
         except (P.ProtocolError, EngineError) as exc:
             s.rejected += 1
             self.metrics.frames["rejected"] += 1
@@ -414,70 +343,22 @@ class Server:
             raise P.ProtocolError("source_forbidden", "this URL is not on the server's source allow-list "
                                                       f"({', '.join(self.config.source_allow) or 'empty: attach is off'})",
                                   eid)
-        if self.engine.has_source(s.ls):
+        if self.engine.has_source(s.session):
             raise P.ProtocolError("source_busy", f"a source is attached already ({s.source_url})", eid)
-        sid = s.ls.id
+        sid = s.session.id
         loop = asyncio.get_running_loop()
 
         def failed(message: str) -> None:  # from the reader thread; the reader keeps retrying
             log.info("session %s: source %s: %s", sid, url, message)  # the details stay here
-            loop.call_soon_threadsafe(self.engine.bus.publish, Event("error", sid, {"code": "source",
-                                                                                  "message": SOURCE_UNREACHABLE,
-                                                                                  "event_id": eid}))
+            loop.call_soon_threadsafe(self.engine.bus.publish, Error(session=sid, code="source",
+                                                                     message=SOURCE_UNREACHABLE, event_id=eid))
 
+        try:
+            source = open_source(url, s.session.cfg.fps, on_failure=failed)
+        except (ValueError, FileNotFoundError) as exc:  # allowed, but not a kind of source there is
+            raise P.ProtocolError("invalid_field", str(exc), eid) from None
         s.source_url = url
-        self.engine.attach(s.ls, rtsp_source(url, fps=s.ls.cfg.fps, on_failure=failed), continue_clock=True)
-
-    async def _update(self, s: ApiSession, new: P.SessionSettings) -> None:
-        """Every setting is checked before any is applied: all or nothing."""
-        ls, cfg = s.ls, self.config
-        limit = self.engine.config.engine.max_new_tokens
-        gen = new.generation
-        if new.fps is not None and new.fps > cfg.max_fps:
-            raise P.ProtocolError("invalid_field", f"session.fps: the server allows at most {cfg.max_fps}")
-        if gen is not None and gen.max_new_tokens is not None and gen.max_new_tokens > limit:
-            raise P.ProtocolError("invalid_field", f"session.generation.max_new_tokens: at most {limit}")
-        if new.frame_pixels is not None and new.frame_pixels > self.max_session_frame_pixels:
-            raise P.ProtocolError("invalid_field", f"session.frame_pixels: the server allows at most "
-                                                   f"{self.max_session_frame_pixels} (server.max_session_frame_pixels)")
-        instruction = new.instruction or None
-        if "instruction" in new.model_fields_set:
-            self.engine.check_instruction(ls, instruction)
-        fields = {k: getattr(new, k) for k in ("fps", "proactive_threshold", "proactive_cooldown", "proactive_every")
-                  if getattr(new, k) is not None}
-        if gen is not None and gen.max_new_tokens is not None:
-            fields["max_new_tokens"] = gen.max_new_tokens
-        sampling = None
-        if gen is not None:
-            sampling = {**ls.sampling, **gen.model_dump(exclude_none=True, exclude={"max_new_tokens"})}
-        threshold = new.diffp_threshold if "diffp_threshold" in new.model_fields_set else ...
-        self.engine.check_update(ls, diffp_threshold=threshold, sampling=sampling, **fields)
-        old = ls.session.config
-        shaped = dataclasses.replace(
-            old, layout=new.layout or old.layout, frame_pixels=new.frame_pixels or old.frame_pixels,
-            budget=dataclasses.replace(old.budget, max_tokens=new.memory_budget or old.budget.max_tokens))
-        if shaped != old:
-            await self.engine.reconfigure(ls, shaped)
-        self.engine.update(ls, diffp_threshold=threshold, sampling=sampling, **fields)
-        if "instruction" in new.model_fields_set:
-            self.engine.set_instruction(ls, instruction)
-
-    def _settings(self, s: ApiSession) -> dict:
-        ls = s.ls
-        c = ls.session.config
-        return {"fps": ls.cfg.fps, "layout": c.layout, "diffp_threshold": c.threshold,
-                "memory_budget": c.budget.max_tokens, "frame_pixels": c.frame_pixels, "instruction": ls.instruction,
-                "proactive_threshold": ls.cfg.proactive_threshold, "proactive_cooldown": ls.cfg.proactive_cooldown,
-                "proactive_every": ls.cfg.proactive_every,
-                "generation": {"max_new_tokens": ls.cfg.max_new_tokens, **ls.sampling}}
-
-    def _limits(self) -> dict:
-        c, e = self.config, self.engine.config.engine
-        return {"max_fps": c.max_fps, "max_frame_bytes": c.max_frame_bytes, "max_frame_pixels": c.max_frame_pixels,
-                "max_session_frame_pixels": self.max_session_frame_pixels, "max_pts_jump": c.max_pts_jump,
-                "max_message_bytes": self._transport_max, "max_messages_per_second": c.max_messages_per_second,
-                "max_question_chars": e.max_question_chars, "max_queued_questions": e.max_queued_questions,
-                "max_new_tokens": e.max_new_tokens}
+        self.engine.attach(s.session, source, continue_clock=True)
 
     # -- writing --------------------------------------------------------------------------------------
     async def _error(self, conn: ServerConnection, code: str, message: str, event_id: str | None = None) -> None:
@@ -511,63 +392,23 @@ class Server:
                     next_stats = now + cfg.stats_interval
                     if s.stats_dirty and s.last_stats is not None:
                         s.stats_dirty = False
-                        await conn.send(P.dump(P.Stats(t=s.last_stats.t, stats=s.last_stats.data)))
+                        await conn.send(P.dump(translate.stats(s.last_stats)))
         except ConnectionClosed:
             pass
 
     async def _forward(self, conn: ServerConnection, s: ApiSession, ev: Event) -> None:
-        d = ev.data
-        if ev.type == "stats":
+        if isinstance(ev, FrameStats):  # coalesced into frame.ack and stats
             s.last_stats = ev
             s.ack_dirty = s.stats_dirty = True
-        elif ev.type in FORWARDED:
-            model = FORWARDED[ev.type]
-            fields = {k: v for k, v in d.items() if k in model.model_fields}
-            await conn.send(P.dump(model(**fields, t=ev.t)))
-        elif ev.type == "error":
+            return
+        if isinstance(ev, Error):
             s.ack_dirty = True  # a refused frame changes the counts
-            code = d.get("code", "internal")
-            await conn.send(P.dump(P.Error(code=code if code in P.ERROR_CODES else "internal",
-                                           message=str(d.get("message", "")), event_id=d.get("event_id"))))
-        elif ev.type == "source.ended":
-            await conn.send(P.dump(P.SourceEnded(url=s.source_url)))
+        msg = translate.message(ev, s.source_url)
+        if msg is not None:
+            await conn.send(P.dump(msg))
+        if isinstance(ev, SourceEnded):
             s.source_url = None
 
     def _ack(self, s: ApiSession) -> P.FrameAck:
-        c = self.engine.counters(s.ls)
-        st = s.last_stats.data if s.last_stats is not None else {}
-        return P.FrameAck(received=s.received, accepted=c["accepted"], source_frames=c["source_frames"],
-                          rate_dropped=s.rate_dropped, rejected=s.rejected, sampled_out=c["sampled_out"],
-                          dropped=c["dropped"], processed=c["processed"], refused=c["refused"], pending=c["pending"],
-                          last_event_id=s.last_event_id, last_pts=s.last_stats.t if s.last_stats else None,
-                          tokens_kept=st.get("tokens_kept"), tokens_total=st.get("tokens_total"),
-                          cache_len=st.get("cache_len"))
-
-
-def _response(status: HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8") -> Response:
-    data = body.encode()
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
-                       ("Connection", "close")])
-    return Response(status.value, status.phrase, headers, data)
-
-
-def _address(conn: ServerConnection) -> str:
-    """The client's IP address (the key of the resume throttle)."""
-    peer = conn.remote_address
-    return str(peer[0]) if peer else "?"
-
-
-def _closed_by_client(conn: ServerConnection) -> bool:
-    """Whether the client ended the connection with a normal closure (1000): it is done with its session."""
-    proto = conn.protocol
-    return proto.close_rcvd is not None and proto.close_rcvd.code == 1000 and bool(proto.close_rcvd_then_sent)
-
-
-def _peek_event_id(message: str | bytes) -> str | None:
-    """The event_id of a message refused before parsing (cheap: only for small JSON objects)."""
-    if isinstance(message, bytes) or len(message) > 64 * 1024:
-        return None
-    try:
-        return P._event_id(json.loads(message))
-    except (ValueError, RecursionError):
-        return None
+        return translate.frame_ack(self.engine.counters(s.session), s.last_stats, s.received, s.rate_dropped,
+                                   s.rejected, s.last_event_id)

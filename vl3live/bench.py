@@ -19,14 +19,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.sampling import Sampling
+
+from .config import add_dataclass_arguments, dataclass_from_args, load_config
+
 if TYPE_CHECKING:  # torch and the model load when a bench runs, not when the CLI parses its flags
     import torch
 
-    from .session import StreamSession
+    from model.session import StreamSession
 
 
 @dataclass
 class BenchConfig:
+    """``vl3live bench`` options (the model bench, ``--stream-hours``, ``--sessions``)."""
+
     model: str = field(default="tiny", metadata={"help": '"tiny", a checkpoint dir / hub id, or "random" with --size'})
     size: str | None = field(default=None, metadata={"help": "2b|7b: random weights at real size (GPU)"})
     frames: int = field(default=180, metadata={"help": "frames streamed before the question"})
@@ -100,8 +106,9 @@ def rss_mb() -> float:
         return peak_rss_mb()
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``values``, rounded to 0.01; None when there are none."""
+    return round(float(np.percentile(np.asarray(values), q)), 2) if values else None
 
 
 def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[torch.Tensor],
@@ -109,7 +116,7 @@ def _stateless(lm, frames: list[np.ndarray], prompt_ids: list[int], masks: list[
     """Stock path: video processor on all frames + generate(). Returns (TTFT s, decode tokens/s)."""
     import torch
 
-    from .frames import stock_clip_pixels
+    from model.frames import stock_clip_pixels
 
     dev = lm.device
     sync(dev)
@@ -157,7 +164,7 @@ def _ask_timed(session: StreamSession, question: str, new_tokens: int) -> tuple[
     first = None
     n = 0
     prompt: list[int] = []
-    for _ in session.ask(question, max_new_tokens=new_tokens, ignore_eos=True):
+    for _ in session.ask(question, Sampling(max_new_tokens=new_tokens, ignore_eos=True)):
         n += 1
         if first is None:
             sync(dev)
@@ -172,10 +179,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     import torch
     import transformers
 
-    from .config import BudgetConfig, SessionConfig
-    from .loading import load_model
-    from .session import StreamSession
-    from .synthetic import SyntheticCamera
+    from model.config import BudgetConfig, SessionConfig
+    from model.loading import load_model
+    from model.session import StreamSession
+    from model.synthetic import SyntheticCamera
 
     say = progress or (lambda msg: None)
     spec = f"random-{cfg.size}" if cfg.size else cfg.model
@@ -232,8 +239,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         "device": device_name(dev),
         "model": spec, "dtype": str(lm.dtype).removeprefix("torch."), "attn": lm.attn, "quant": cfg.quant,
         "frames": cfg.frames, "fps": cfg.fps, "frame_size": [cfg.height, cfg.width],
-        "frame_ingest_ms_p50": round(_pct(ingest_ms, 50), 3),
-        "frame_ingest_ms_p95": round(_pct(ingest_ms, 95), 3),
+        "frame_ingest_ms_p50": percentile(ingest_ms, 50),
+        "frame_ingest_ms_p95": percentile(ingest_ms, 95),
         "ttft_stream_ms_p50": round(statistics.median(ttfts), 3),
         "ttft_stateless_ms_p50": round(statistics.median(st_ttft), 3),
         "ttft_ratio": round(statistics.median(st_ttft) / statistics.median(ttfts), 2),
@@ -249,3 +256,30 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if dev.type == "cuda":
         out["gpu_mem_peak_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     return out
+
+
+HELP = "benchmark the streaming session against stock transformers"
+
+
+def add_arguments(p) -> None:
+    add_dataclass_arguments(p, BenchConfig)
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    cfg = dataclass_from_args(BenchConfig, args)
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the JSON)
+    if cfg.sessions is not None:
+        from .bench_sessions import run_sessions_bench
+
+        result = run_sessions_bench(cfg, load_config(args.config, args.overrides), progress)
+    elif cfg.stream_hours is not None:
+        from .bench_stream import run_stream_bench
+
+        result = run_stream_bench(cfg, load_config(args.config, args.overrides).session, progress)
+    else:
+        result = run_bench(cfg, progress=progress)
+    print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
+    return 0

@@ -21,22 +21,17 @@ import asyncio
 import dataclasses
 import time
 
-from model.bench import BenchConfig, device_name
-from model.config import Config
+from model.sampling import Sampling
 from model.synthetic import SyntheticCamera
+from streamer.engine import Engine
+from streamer.events import FrameStats, ResponseDelta, ResponseDone
+from streamer.sources import Frame
 
-from .engine import Engine
-from .sources import Frame
+from .bench import BenchConfig, device_name, percentile
+from .config import Config
 
 TTFT_GOAL_MS = 250.0
 KEEP_UP = 0.95
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return round(v[min(len(v) - 1, int(q * len(v)))], 2)
 
 
 async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: float,
@@ -45,7 +40,7 @@ async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: flo
     ``ask_every`` seconds of stream time or, with ``keep_asking``, each right after the last answer
     (driven by the engine's events, so the bench itself takes next to no CPU). What the engine did."""
     sessions = [await eng.open_session() for _ in range(n)]
-    index = {ls.id: i for i, ls in enumerate(sessions)}
+    index = {session.id: i for i, session in enumerate(sessions)}
     cams = [SyntheticCamera(cfg.height, cfg.width, seed=i) for i in range(n)]
     shots = [[cam.frame(k * 0.7) for k in range(6)] for cam in cams]
     period = 1.0 / fps
@@ -54,15 +49,15 @@ async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: flo
     ttft: list[float] = []
     latency: list[float] = []
     tokens = [0]
-    live = [True]
+    running = [True]
 
     def ask(i: int) -> None:
-        ls = sessions[i]
-        if live[0] and not ls.questions and not eng.answering(ls):
-            eng.ask(ls, cfg.question, max_new_tokens=cfg.max_new_tokens)
+        session = sessions[i]
+        if running[0] and not session.questions and not eng.answering(session):
+            eng.ask(session, cfg.question, Sampling(max_new_tokens=cfg.max_new_tokens))
 
     def push(i: int) -> None:
-        if not live[0]:
+        if not running[0]:
             return
         k = sent[i]
         sent[i] += 1
@@ -75,24 +70,25 @@ async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: flo
         i = index.get(ev.session)
         if i is None:
             return
-        if ev.type == "response.delta":
-            tokens[0] += 1
-        elif ev.type == "response.done":
-            if ev.data["ttft_ms"] is not None:
-                ttft.append(ev.data["ttft_ms"])
-            if keep_asking:
-                ask(i)
-        elif ev.type == "stats":
-            latency.append(ev.data["latency_ms"])
+        match ev:
+            case ResponseDelta():
+                tokens[0] += 1
+            case ResponseDone():
+                if ev.ttft_ms is not None:
+                    ttft.append(ev.ttft_ms)
+                if keep_asking:
+                    ask(i)
+            case FrameStats():
+                latency.append(ev.latency_ms)
     eng.bus.observe(observe)
 
     async def camera(i: int) -> None:
         phase = period * i / n  # cameras are not in step with each other
-        while live[0]:
+        while running[0]:
             await asyncio.sleep(max(0.0, start + phase + sent[i] * period - time.perf_counter()))
             if time.perf_counter() < end:
                 push(i)
-    steps0 = eng.pool_stats()
+    steps0 = eng.stats()
     start = time.perf_counter()
     end = start + seconds
     for i in range(n):
@@ -100,26 +96,26 @@ async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: flo
             ask(i)
     cameras = [asyncio.create_task(camera(i)) for i in range(n)]
     await asyncio.sleep(seconds)
-    live[0] = False
+    running[0] = False
     wall = time.perf_counter() - start
     for c in cameras:
         c.cancel()
     await asyncio.gather(*cameras, return_exceptions=True)
-    processed = sum(ls.processed for ls in sessions)
-    steps1 = eng.pool_stats()
-    for ls in sessions:
-        eng.cancel(ls)
-    for ls in sessions:
-        await eng.settled(ls, timeout=120)
-    for ls in sessions:
-        await eng.close_session(ls.id)
-    steps = steps1["steps"] - steps0["steps"]
+    processed = sum(session.processed for session in sessions)
+    steps1 = eng.stats()
+    for session in sessions:
+        eng.cancel(session)
+    for session in sessions:
+        await eng.settled(session, timeout=120)
+    for session in sessions:
+        await eng.close_session(session.id)
+    steps = steps1.steps - steps0.steps
     return {"sessions": n, "seconds": round(wall, 2), "frames_offered": sum(offered), "frames_processed": processed,
             "frames_per_s": round(processed / wall, 2), "answer_tokens": tokens[0],
             "answer_tokens_per_s": round(tokens[0] / wall, 2), "answers": len(ttft),
-            "ttft_ms_p50": _pct(ttft, 0.5), "ttft_ms_p99": _pct(ttft, 0.99),
-            "frame_latency_ms_p50": _pct(latency, 0.5), "frame_latency_ms_p99": _pct(latency, 0.99),
-            "steps": steps, "items_per_step": round((steps1["step_items"] - steps0["step_items"]) / max(steps, 1), 2),
+            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+            "frame_latency_ms_p50": percentile(latency, 50), "frame_latency_ms_p99": percentile(latency, 99),
+            "steps": steps, "items_per_step": round((steps1.step_items - steps0.step_items) / max(steps, 1), 2),
             "kept_up": processed >= KEEP_UP * sum(offered)}
 
 
@@ -128,8 +124,8 @@ def _ok(run: dict) -> bool:
 
 
 async def _engine_run(lm, config: Config, batching: bool, coro):
-    cfg = dataclasses.replace(config, engine=dataclasses.replace(config.engine, batching=batching, fps=1e6))
-    async with Engine(lm, cfg) as eng:
+    engine_cfg = dataclasses.replace(config.engine, batching=batching, fps=1e6)
+    async with Engine(lm, engine_cfg, config.session, config.server.max_sessions) as eng:
         return await coro(eng), eng.pool
 
 

@@ -1,4 +1,4 @@
-"""An async Python client for the websocket API, and ``vl3live client``.
+"""An async Python client for the websocket API (the ``vl3live client`` command is ``vl3live/client.py``).
 
     async with Client("ws://127.0.0.1:8765/", token) as c:
         await c.send_frame(rgb, pts=0.0)
@@ -13,19 +13,17 @@ oldest events are dropped, and counted in ``Client.dropped``, if nobody reads it
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
-import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol as P
+from .images import encode_jpeg
 
 
 class ClientError(RuntimeError):
@@ -36,15 +34,10 @@ class ClientError(RuntimeError):
         self.code, self.error = error.code, error
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 class Client:
+    """One websocket session: send frames and questions, read the server's events (``async with Client(url)
+    as c``)."""
+
     def __init__(self, url: str, token: str | None = None, resume: str | None = None, max_events: int = 1024,
                  origin: str | None = None, open_timeout: float = 30.0):
         self.url = url + (("&" if "?" in url else "?") + f"resume={resume}" if resume else "")
@@ -131,6 +124,10 @@ class Client:
                     q.get_nowait()
                 q.put_nowait(None)
             self._ready.set()
+
+    def peek(self) -> list:
+        """The server events buffered now (not yet taken by :meth:`events`), oldest first."""
+        return list(self._events)
 
     async def events(self) -> AsyncIterator:
         """Every server event in order, until the connection closes."""
@@ -223,102 +220,3 @@ class Client:
                 yield ev
                 if isinstance(ev, P.ResponseDone):
                     return
-
-
-# -- vl3live client ---------------------------------------------------------------------------------
-@dataclass
-class ClientConfig:
-    source: str = field(default="", metadata={"help": "a video file, rtsp:// URL or camera device to stream"})
-    url: str = field(default="ws://127.0.0.1:8765/", metadata={"help": "the server's websocket URL"})
-    token: str | None = field(default=None, metadata={"help": "bearer token (default: $VL3LIVE_TOKEN)"})
-    fps: float = field(default=2.0, metadata={"help": "frames per second sent"})
-    fast: bool = field(default=False, metadata={"help": "send a file as fast as it decodes (not real time)"})
-    max_seconds: float | None = field(default=None, metadata={"help": "files: stop after this many seconds"})
-    ask: str | None = field(default=None, metadata={"help": "a question asked once the first frame is sent"})
-    ask_at: float = field(default=0.0, metadata={"help": "stream second at which --ask is asked"})
-    instruction: str | None = field(default=None, metadata={"help": "a standing instruction (proactive alerts)"})
-    layout: str | None = field(default=None, metadata={"help": "video-turn | stream (default: the server's)"})
-
-    def __post_init__(self) -> None:
-        if not self.source:
-            raise ValueError("a source is needed")
-        if self.fps <= 0:
-            raise ValueError("--fps must be > 0")
-
-
-def _print(ev, out, err) -> None:
-    if isinstance(ev, P.ResponseCreated):
-        label = "[alert] " if ev.proactive else ""
-        print(f"\n{label}@{ev.t or 0:.1f}s ", end="", file=out, flush=True)
-    elif isinstance(ev, P.ResponseDelta):
-        print(ev.text, end="", file=out, flush=True)
-    elif isinstance(ev, P.ResponseDone):
-        print(file=out, flush=True)
-    elif isinstance(ev, P.Error):
-        print(f"error [{ev.code}]: {ev.message}", file=err, flush=True)
-    elif isinstance(ev, P.FrameAck):
-        print(f"[ack] sent {ev.received} processed {ev.processed} kept {ev.tokens_kept}/{ev.tokens_total} "
-              f"cache {ev.cache_len}", file=err, flush=True)
-
-
-async def run_client(cfg: ClientConfig, out=sys.stdout, err=sys.stderr) -> int:
-    """Stream ``cfg.source`` to the server, print answers; returns the number of answers received."""
-    import os
-
-    from .watch import open_source
-
-    source = open_source(cfg.source, cfg.fps, not cfg.fast, cfg.max_seconds)
-    async with Client(cfg.url, cfg.token or os.environ.get("VL3LIVE_TOKEN")) as c:
-        print(f"session {c.session.session_id} (resume token {c.session.resume_token})", file=err, flush=True)
-        settings = {k: v for k, v in {"fps": cfg.fps, "layout": cfg.layout, "instruction": cfg.instruction}.items()
-                    if v is not None}
-        await c.update(**settings)
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task] = set()
-
-        async def ask(text: str) -> None:
-            try:
-                async for _ in c.ask(text):
-                    pass
-            except ClientError:
-                pass  # printed from the event stream
-
-        def on_line() -> None:
-            line = sys.stdin.readline()
-            if not line:
-                loop.remove_reader(sys.stdin.fileno())
-            elif line.strip():
-                pending.add(loop.create_task(ask(line.strip())))
-
-        stdin = False
-        try:
-            loop.add_reader(sys.stdin.fileno(), on_line)
-            stdin = True
-        except (NotImplementedError, OSError, ValueError, AttributeError):
-            pass
-        answers = 0
-
-        async def printer() -> None:
-            nonlocal answers
-            async for ev in c.events():
-                _print(ev, out, err)
-                answers += isinstance(ev, P.ResponseDone)
-
-        show = asyncio.create_task(printer())
-        try:
-            asked = cfg.ask is None
-            async for frame in source:
-                await c.send_frame(frame.rgb, pts=frame.pts_seconds)
-                if not asked and frame.pts_seconds >= cfg.ask_at:
-                    asked = True
-                    pending.add(loop.create_task(ask(cfg.ask)))
-            if not asked:
-                pending.add(loop.create_task(ask(cfg.ask)))
-            await asyncio.gather(*pending)
-            await asyncio.sleep(0.2)
-        finally:
-            if stdin:
-                loop.remove_reader(sys.stdin.fileno())
-            await c.close()
-            await asyncio.gather(show, return_exceptions=True)
-    return answers

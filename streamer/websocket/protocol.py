@@ -1,4 +1,4 @@
-"""The websocket protocol: message models, parsing, error codes and frame decoding. Pure: no I/O.
+"""The websocket protocol: message models, parsing and error codes. Pure: no I/O.
 
 JSON text messages with a ``type`` (and an optional client ``event_id`` echoed in errors), in the
 style of the OpenAI Realtime and Gemini Live APIs; a binary message is one JPEG/PNG frame. The
@@ -8,14 +8,9 @@ pydantic models below are the schema: ``docs/protocol.schema.json`` is generated
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
-import warnings
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from model.sampling import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K
@@ -29,8 +24,6 @@ MAX_PTS = 1e9  # seconds (31 years); jumps are bounded further by server.max_pts
 MAX_SECONDS = 1e6  # proactive_cooldown / proactive_every
 MAX_FPS = 1000.0
 MAX_DIFFP_THRESHOLD = 1000.0  # above any pixel difference in either reference mode
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Stable error codes (``error.code``), documented in docs/protocol.md.
 ERROR_CODES = {
@@ -93,6 +86,8 @@ class _Message(BaseModel):
 
 # -- client -> server -----------------------------------------------------------------------------
 class Generation(BaseModel):
+    """How answers are generated (``session.generation``); each field left out keeps its value."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT, description="answer length limit (<= the server's)")
@@ -125,11 +120,15 @@ class SessionSettings(BaseModel):
 
 
 class SessionUpdate(_Message):
+    """Change the session's settings: all of them are checked before any applies."""
+
     type: Literal["session.update"]
     session: SessionSettings
 
 
 class InputFrame(_Message):
+    """One frame as base64 JPEG or PNG text (binary messages carry the bytes themselves)."""
+
     type: Literal["input_frame"]
     image: str = Field(description="base64 JPEG or PNG")
     pts: float | None = Field(default=None, ge=0, le=MAX_PTS, description="seconds; default: arrival time. At most "
@@ -144,25 +143,35 @@ class InputFrameMeta(_Message):
 
 
 class SourceAttach(_Message):
+    """Have the server pull frames from an RTSP URL on its allow-list instead of sending them."""
+
     type: Literal["source.attach"]
     url: str = Field(max_length=2048, description="rtsp:// (or other allowed scheme) URL the server pulls")
 
 
 class SourceDetach(_Message):
+    """Stop the attached source."""
+
     type: Literal["source.detach"]
 
 
 class Question(_Message):
+    """A question about everything the session has seen so far, answered by response events."""
+
     type: Literal["question"]
-    text: str = Field(min_length=1)
+    text: str = Field(description="non-empty, at most limits.max_question_chars characters")
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
 
 
 class ResponseCancel(_Message):
+    """End the answer being generated now."""
+
     type: Literal["response.cancel"]
 
 
 class Ping(_Message):
+    """Answered by ``pong`` with the server's time."""
+
     type: Literal["ping"]
 
 
@@ -185,6 +194,8 @@ class _Event(BaseModel):
 
 
 class SessionCreated(_Event):
+    """The first message of every connection: the session, its resume token, settings and limits."""
+
     type: Literal["session.created"] = "session.created"
     protocol: str = PROTOCOL_VERSION
     session_id: str
@@ -196,6 +207,8 @@ class SessionCreated(_Event):
 
 
 class SessionUpdated(_Event):
+    """The settings in force after a ``session.update``."""
+
     type: Literal["session.updated"] = "session.updated"
     event_id: str | None = None
     settings: dict[str, Any]
@@ -227,6 +240,8 @@ class FrameAck(_Event):
 
 
 class ResponseCreated(_Event):
+    """An answer starts: to a question, or by itself (``proactive``)."""
+
     type: Literal["response.created"] = "response.created"
     response_id: str
     event_id: str | None = None
@@ -236,6 +251,8 @@ class ResponseCreated(_Event):
 
 
 class ResponseDelta(_Event):
+    """The next piece of an answer's text."""
+
     type: Literal["response.delta"] = "response.delta"
     response_id: str
     text: str
@@ -243,6 +260,8 @@ class ResponseDelta(_Event):
 
 
 class ResponseDone(_Event):
+    """An answer ended; ``text`` is all of it."""
+
     type: Literal["response.done"] = "response.done"
     response_id: str
     event_id: str | None = None
@@ -254,6 +273,8 @@ class ResponseDone(_Event):
 
 
 class Alert(_Event):
+    """A proactive answer that says something new under the standing instruction."""
+
     type: Literal["alert"] = "alert"
     response_id: str
     text: str
@@ -262,12 +283,16 @@ class Alert(_Event):
 
 
 class Stats(_Event):
+    """The session's counters and the newest frame's figures, at most once per ``server.stats_interval``."""
+
     type: Literal["stats"] = "stats"
     t: float | None
     stats: dict[str, Any]
 
 
 class SourceEnded(_Event):
+    """The attached source ended or was detached."""
+
     type: Literal["source.ended"] = "source.ended"
     url: str | None
 
@@ -281,6 +306,8 @@ class SessionClosed(_Event):
 
 
 class Error(_Event):
+    """A message refused or something that failed; the session goes on unless a close code follows."""
+
     type: Literal["error"] = "error"
     code: str = Field(description="stable; see ERROR_CODES / docs/protocol.md")
     message: str
@@ -288,6 +315,8 @@ class Error(_Event):
 
 
 class Pong(_Event):
+    """The answer to ``ping``."""
+
     type: Literal["pong"] = "pong"
     event_id: str | None = None
     server_time: float
@@ -376,46 +405,11 @@ def parse_client_message(text: str) -> _Message:
         raise ProtocolError("invalid_field", f"{kind}: nested too deeply", eid) from None
 
 
-# -- frames ---------------------------------------------------------------------------------------
-def decode_base64_image(data: str, max_bytes: int) -> bytes:
-    """The bytes of an ``input_frame.image`` (checked for size before decoding)."""
-    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
-        raise ProtocolError("frame_too_large", f"frame is about {len(data) * 3 // 4} bytes; "
-                                               f"the limit is {max_bytes}")
+def peek_event_id(message: str | bytes) -> str | None:
+    """The event_id of a message refused before parsing (cheap: only for small JSON objects)."""
+    if isinstance(message, bytes) or len(message) > 64 * 1024:
+        return None
     try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ProtocolError("bad_image", f"image is not valid base64: {exc}") from None
-
-
-def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """A JPEG/PNG as RGB uint8 HxWx3; size, magic and pixel count are checked before decoding."""
-    from PIL import Image
-
-    # Our own pixel limit is checked from the header before anything is decoded; PIL's warning for
-    # headers past its default would only repeat it (and warnings.catch_warnings is not thread-safe).
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-    if len(data) == 0:
-        raise ProtocolError("bad_image", "empty image")
-    if len(data) > max_bytes:
-        raise ProtocolError("frame_too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
-    if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
-        raise ProtocolError("bad_image", "not a JPEG or PNG (wrong magic bytes)")
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ProtocolError("frame_too_many_pixels", f"frame is {w}x{h}; the limit is {max_pixels} pixels")
-            if w < 1 or h < 1:
-                raise ProtocolError("bad_image", f"frame is {w}x{h}")
-            rgb = np.array(img.convert("RGB"))  # a writable copy
-    except ProtocolError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ProtocolError("frame_too_many_pixels", str(exc)) from None
-    except Exception as exc:  # PIL raises many kinds on corrupt data (OSError, SyntaxError, struct.error...)
-        raise ProtocolError("bad_image", f"cannot decode image: {exc}") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ProtocolError("bad_image", f"decoded to shape {rgb.shape}")
-    return rgb
+        return _event_id(json.loads(message))
+    except (ValueError, RecursionError):
+        return None

@@ -1,16 +1,15 @@
-"""Who may connect and what a session may pull from (pure: no I/O).
+"""What a source spec names, and which URLs a server may pull from: the one place these rules live.
 
-- **Origins.** A browser sends ``Origin`` with every websocket handshake, and any page the user
-  has open may try ``ws://127.0.0.1:8765/``. With no list configured, only handshakes without an
-  ``Origin`` (programs, not browsers) and from loopback pages are accepted.
-- **Sources.** ``source.attach`` URLs are matched against ``scheme://host[:port]`` patterns on the
-  parsed host, never as strings: a ``*`` stands for one whole IPv4 octet or part of one DNS label,
-  so ``rtsp://192.168.1.*`` never matches ``rtsp://192.168.1.attacker.example``. A pattern without
-  a port allows only the scheme's default port (``:*`` allows any). Numeric hosts that resolvers
-  read as IPv4 but that are not a plain dotted quad (``0x7f000001``, ``0177.0.0.1``, ``127.1``) are
-  refused, so they cannot slip past an IP pattern.
-- **Resume throttle.** Failed resume attempts are counted per client address (token bucket), so
-  resume tokens cannot be guessed at speed.
+A *spec* is what a user types for a source (``vl3live watch SOURCE``, ``vl3live client SOURCE``, the
+demo's source box): an ``rtsp://`` / ``rtsps://`` URL, a video file, a camera device (``/dev/video0``,
+``0`` on macOS, ``video=NAME`` on Windows) or ``webrtc``.
+
+The allow-list (``server.source_allow``) matches URLs against ``scheme://host[:port]`` patterns on the
+parsed host, never as strings: a ``*`` stands for one whole IPv4 octet or part of one DNS label, so
+``rtsp://192.168.1.*`` never matches ``rtsp://192.168.1.attacker.example``. A pattern without a port
+allows only the scheme's default port (``:*`` allows any). Numeric hosts that resolvers read as IPv4 but
+that are not a plain dotted quad (``0x7f000001``, ``0177.0.0.1``, ``127.1``) are refused, so they cannot
+slip past an IP pattern.
 """
 
 from __future__ import annotations
@@ -19,10 +18,49 @@ import fnmatch
 import ipaddress
 import re
 import socket
-import time
-from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
+
+from .base import Frame
+
+RTSP_SCHEMES = ("rtsp://", "rtsps://")
+SOURCE_KINDS = ("rtsp", "file", "camera", "webrtc")
+
+
+def source_kind(spec: str) -> str:
+    """``rtsp``, ``file``, ``camera`` or ``webrtc``; a clear error for anything else."""
+    if spec == "webrtc":
+        return "webrtc"
+    if spec.startswith(RTSP_SCHEMES):
+        return "rtsp"
+    if Path(spec).is_file():
+        return "file"
+    if spec.startswith("/dev/video") or spec.isdigit() or spec.startswith("video="):
+        return "camera"
+    if "://" in spec:
+        raise ValueError(f"unsupported source URL {spec!r}: sources are rtsp:// or rtsps:// URLs, video files, "
+                         "camera devices or webrtc")
+    raise FileNotFoundError(f"no such source: {spec!r} (not an rtsp:// URL, a file or a camera device)")
+
+
+def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float | None = None,
+                on_failure: Callable[[str], None] | None = None) -> AsyncIterator[Frame]:
+    """The async frame source ``spec`` names (``webrtc`` is served, not opened: see ``sources/webrtc.py``).
+    ``realtime`` and ``max_seconds`` apply to files; ``on_failure`` to RTSP (called on each failed retry)."""
+    from .capture import camera_source, rtsp_source
+    from .file import file_source
+
+    kind = source_kind(spec)
+    if kind == "rtsp":
+        return rtsp_source(spec, fps=fps, on_failure=on_failure)
+    if kind == "file":
+        return file_source(Path(spec), fps=fps, realtime=realtime, max_seconds=max_seconds)
+    if kind == "camera":
+        return camera_source(spec, fps=fps)
+    raise ValueError("webrtc is not a source to open: it serves a page that browsers stream to")
+
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 ANY_PORT = -1
@@ -136,50 +174,3 @@ def source_allowed(url: str, allow: list[str] | list[SourcePattern]) -> bool:
     scheme = parts.scheme.lower()
     patterns = [p if isinstance(p, SourcePattern) else parse_pattern(p) for p in allow]
     return any(p.matches(scheme, host, ipv4, port) for p in patterns)
-
-
-def _loopback_host(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def origin_allowed(origin: str | None, allowed: list[str] | None) -> bool:
-    """Whether a handshake's ``Origin`` may connect: none (not a browser) always; with no list, pages
-    served from loopback only; with a list, its entries (``"*"``: any origin)."""
-    if origin is None:
-        return True
-    if allowed is not None:
-        return "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
-    try:
-        parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and _loopback_host((parts.hostname or "").lower())
-    except ValueError:
-        return False
-
-
-class FailureThrottle:
-    """Failures per key (a client address): ``per_minute`` with bursts of ``burst``; at most
-    ``max_keys`` remembered (the least recently seen are forgotten), so memory stays bounded."""
-
-    def __init__(self, per_minute: float, burst: float, max_keys: int = 4096):
-        self.rate, self.burst, self.max_keys = per_minute / 60.0, burst, max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
-
-    def _tokens(self, key: str, now: float) -> float:
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + (now - at) * self.rate)
-
-    def blocked(self, key: str, now: float | None = None) -> bool:
-        """Whether ``key`` has used up its failures for now."""
-        return self._tokens(key, time.monotonic() if now is None else now) < 1
-
-    def failed(self, key: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
