@@ -15,6 +15,7 @@ from dataclasses import dataclass
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, non-negative
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1 << 20  # above any vocabulary
+MAX_NEW_TOKENS = 2**31 - 1  # (servers set their own, lower limit)
 
 
 def _number(v: object) -> bool:
@@ -40,8 +41,8 @@ class Sampling:
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the first setting of the wrong type or out of range."""
-        if not _integer(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _integer(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be an integer in 1..2**31-1, got {self.max_new_tokens!r}")
         if not isinstance(self.do_sample, bool) or not isinstance(self.ignore_eos, bool):
             raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
         if not _number(self.temperature) or not 0 < self.temperature <= MAX_TEMPERATURE:

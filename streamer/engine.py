@@ -28,31 +28,13 @@ from .bus import EventBus
 from .clock import continued
 from .config import EngineConfig
 from .engine_session import FRAME_OUTCOMES, EngineSession, PendingFrame, PendingQuestion
+from .errors import EngineError, check_text
 from .events import Error, FrameCounts, SessionClosed, SessionCreated, SourceEnded
 from .prep import Preprocessing
 from .sources import FpsSampler, Frame
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(ValueError):
-    """A request the engine refuses (unknown session, full question queue, too long a question).
-
-    ``code`` is the websocket protocol's error code for it (``streamer/websocket/protocol.py``)."""
-
-    def __init__(self, message: str, code: str = "invalid_field"):
-        super().__init__(message)
-        self.code = code
-
-
-def check_text(text: object, limit: int, what: str = "question") -> None:
-    """The one check of a question's (or a standing instruction's) text: ``EngineError`` unless it is
-    non-empty text of at most ``limit`` characters. Inside the engine and the session it is trusted."""
-    if not isinstance(text, str) or not text.strip():
-        raise EngineError(f"{what} must be a non-empty string")
-    if len(text) > limit:
-        raise EngineError(f"{what} is {len(text)} characters; the limit is {limit}", "question_too_long")
 
 
 @dataclass(frozen=True)

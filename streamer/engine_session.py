@@ -3,7 +3,7 @@
 Between a source and the model there is one slot per session: the latest sampled frame (latest
 wins; every overwritten frame is counted as dropped). Frames are preprocessed on their way into the
 slot (``streamer/prep.py``). Questions wait in a bounded queue. All
-fields shared with the model worker are guarded by the worker's lock.
+fields shared with the model worker are guarded by the worker's condition (``ModelWorker.condition``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class EngineSession:
 
     def count(self, what: str, n: int = 1) -> None:
         """Add ``n`` to a frame counter (``accepted``, ``source_frames`` or an outcome) here and in the
-        engine's totals. Under the model worker's lock, so a snapshot always adds up."""
+        engine's totals. Under the model worker's condition, so a snapshot always adds up."""
         setattr(self, what, getattr(self, what) + n)
         if self.totals is not None:
             self.totals[what] += n
@@ -144,7 +144,7 @@ class EngineSession:
         return not any(f is not None and f.arrived <= asked for f in (self.preparing, self.incoming))
 
     def counters(self) -> FrameCounts:
-        """A snapshot of the counters (take it under the model worker's lock to have them add up)."""
+        """A snapshot of the counters (take it under the model worker's condition to have them add up)."""
         return FrameCounts(accepted=self.accepted, source_frames=self.source_frames, sampled_out=self.sampled_out,
                            dropped=self.dropped, processed=self.processed, refused=self.refused,
                            pending=self.pending, errors=self.errors, fps_in=round(self.fps_in.rate(), 2),

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from streamer.events import ResponseCreated
 
 from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
-from .terminal import interruptible, read_stdin
-from .watch import load, open_watched, show_event, typed_to
+from .terminal import interruptible, load, open_watched, read_stdin, show_event, typed_to
 
 
 @dataclass

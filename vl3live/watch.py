@@ -11,16 +11,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from streamer.events import Event, FrameStats, SessionCreated, SourceEnded
+from streamer.events import FrameStats, SessionCreated, SourceEnded
 from streamer.sources.spec import open_source
-from streamer.websocket import protocol as P
-from streamer.websocket import translate
 
 from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
-from .terminal import interruptible, print_message, read_stdin
+from .terminal import interruptible, load, open_watched, read_stdin, show_event, stats_line, typed_to
 
 if TYPE_CHECKING:  # the engine (torch) loads when a command runs, not when the CLI parses its flags
-    from streamer.engine import Engine
+    pass
 
 
 @dataclass
@@ -53,39 +51,12 @@ class WatchConfig:
             raise ValueError("--ask must not be empty")
 
 
-def show_event(ev: Event, out, err) -> None:
-    """Print one engine event the way ``vl3live client`` prints the server's messages."""
-    msg = translate.message(ev)
-    if msg is not None and not isinstance(msg, P.SourceEnded):
-        print_message(msg, out, err)
-
-
-def stats_line(ev: FrameStats) -> str:
-    c = ev.counts
-    return (f"[stats] t={ev.t:.1f}s fps in {c.fps_in:.1f} processed {c.fps_processed:.1f} dropped {c.dropped} "
-            f"kept {ev.tokens_kept}/{ev.tokens_total} cache {ev.cache_len}/{ev.max_tokens} frame {ev.ingest_ms:.0f} ms")
-
-
-def typed_to(engine: Engine, target):
-    """What a typed line does to ``target()`` (the session, or None while there is none)."""
-    def handle(kind: str, text: str | None) -> None:
-        session = target()
-        if session is None:
-            raise ValueError("no session yet")
-        if kind == "cancel":
-            engine.cancel(session)
-        elif kind == "instruct":
-            engine.set_instruction(session, text)
-        else:
-            engine.ask(session, text)
-    return handle
-
-
 async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.stderr) -> None:
     if cfg.source == "webrtc":
         await _watch_webrtc(cfg, config, out, err)
         return
-    from streamer.engine import Engine, check_text
+    from streamer.engine import Engine
+    from streamer.errors import check_text
 
     if cfg.ask is not None:
         check_text(cfg.ask, config.engine.max_question_chars, "--ask")
@@ -118,22 +89,6 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
         failure = await pump
     if failure:
         raise ValueError(f"the source failed: {failure}")
-
-
-async def open_watched(engine: Engine, source, instruction: str | None = None):
-    """A session fed by ``source``: (session, its event subscription, the source's pump task)."""
-    session = await engine.open_session()
-    sub = engine.bus.subscribe(session.id)
-    if instruction:
-        engine.set_instruction(session, instruction)
-    return session, sub, engine.attach(session, source)
-
-
-def load(spec: str | None, config: Config, err):
-    """The model of ``config.model`` (``spec`` overrides its spec), with progress on ``err``."""
-    from model import load_configured
-
-    return load_configured(config.model, spec, say=lambda m: print(m, file=err, flush=True))
 
 
 async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:

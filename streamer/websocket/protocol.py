@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from model.sampling import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K
+from model.sampling import MAX_TEMPERATURE, MAX_TOP_K, Sampling
+
+from .codes import CLOSE_CODES, ERROR_CODES
 
 PROTOCOL_VERSION = "1"
 EVENT_ID_CHARS = 128
@@ -24,49 +26,6 @@ MAX_PTS = 1e9  # seconds (31 years); jumps are bounded further by server.max_pts
 MAX_SECONDS = 1e6  # proactive_cooldown / proactive_every
 MAX_FPS = 1000.0
 MAX_DIFFP_THRESHOLD = 1000.0  # above any pixel difference in either reference mode
-
-# Stable error codes (``error.code``), documented in docs/protocol.md.
-ERROR_CODES = {
-    "invalid_json": "a text message that is not a JSON object",
-    "invalid_text": "a string that is not valid Unicode (a lone surrogate escape)",
-    "unknown_type": "no type, or a type this protocol version does not have",
-    "invalid_field": "a field missing, unknown, of the wrong type or out of range",
-    "frame_too_large": "an encoded frame over server.max_frame_bytes",
-    "frame_too_many_pixels": "a frame over server.max_frame_pixels",
-    "bad_image": "not a decodable JPEG or PNG: wrong magic, truncated, zero size, bad base64",
-    "rate_limited": "more messages per second than server.max_messages_per_second",
-    "source_forbidden": "source.attach to a URL that is not on the server's allow-list",
-    "source_busy": "frames sent while a source is attached, or a second source",
-    "session_started": "layout, budget or frame size changed after the first frame or question",
-    "queue_full": "more questions waiting than engine.max_queued_questions",
-    "question_too_long": "a question or instruction over engine.max_question_chars",
-    "nothing_to_cancel": "response.cancel while no answer is being generated",
-    "bad_frame": "the model session refused a decoded frame (e.g. an extreme aspect ratio)",
-    "bad_question": "the model session refused a question",
-    "cache_limit": "the KV cache cannot take more (no budget, or a question larger than it)",
-    "source": "the attached source cannot be opened or broke off (the server keeps retrying)",
-    "subscriber_overflow": "this connection fell too far behind on answer events",
-    "too_many_sessions": "server.max_sessions reached, or the KV pool cannot hold another session's budget "
-                         "(the message says which; the connection is closed, code 1013)",
-    "resume_failed": "an empty, malformed, unknown or expired resume token (the connection is closed, code 4001)",
-    "internal": "a bug on the server; the session goes on",
-}
-
-# Close codes the server uses (besides what the websocket library sends by itself).
-CLOSE_CODES = {
-    1000: "normal closure: the client closed (its session ends at once), or the session ended (session.close)",
-    1001: "the server is shutting down (from the client: going away, the session waits for a resume)",
-    1002: "protocol violation: a malformed websocket frame (sent by the websocket library); the session can be "
-          "resumed",
-    1007: "a text message that is not UTF-8 (RFC 6455 requires closing); the session can be resumed",
-    1009: "a message over the transport limit (about 4/3 x server.max_frame_bytes + 64 KiB)",
-    1011: "internal error",
-    1013: "server.max_sessions reached; try again later",
-    4001: "resume_failed: unknown or expired resume token",
-    4002: "subscriber_overflow: the client read events too slowly; the session can be resumed",
-    4003: "the session was resumed on another connection",
-}
-
 
 class ProtocolError(ValueError):
     """A message refused with a stable ``code`` (one of :data:`ERROR_CODES`)."""
@@ -90,12 +49,18 @@ class Generation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT, description="answer length limit (<= the server's)")
+    max_new_tokens: int | None = Field(default=None, description="answer length limit, >= 1 (<= the server's)")
     do_sample: bool | None = None
-    temperature: float | None = Field(default=None, gt=0, le=MAX_TEMPERATURE)
-    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    temperature: float | None = Field(default=None, description=f"in (0, {MAX_TEMPERATURE:g}]")
+    top_k: int | None = Field(default=None, description=f"0..{MAX_TOP_K} (0: no top-k cut)")
+    top_p: float | None = Field(default=None, description="in (0, 1]")
+    seed: int | None = Field(default=None, description="0..2**63-1")
+
+    @model_validator(mode="after")
+    def _as_sampling(self) -> Generation:
+        """The ranges are :class:`model.sampling.Sampling`'s, checked by making one (the one check)."""
+        Sampling(**self.model_dump(exclude_none=True))
+        return self
 
 
 class SessionSettings(BaseModel):
@@ -160,7 +125,14 @@ class Question(_Message):
 
     type: Literal["question"]
     text: str = Field(description="non-empty, at most limits.max_question_chars characters")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    max_new_tokens: int | None = Field(default=None, description="this answer's length limit, >= 1 (<= the "
+                                                                 "server's); default: the session's")
+
+    @model_validator(mode="after")
+    def _as_sampling(self) -> Question:
+        if self.max_new_tokens is not None:
+            Sampling(max_new_tokens=self.max_new_tokens)  # the one check of the range
+        return self
 
 
 class ResponseCancel(_Message):

@@ -272,7 +272,8 @@ class Server:
                 s.meta = (msg.pts, eid)
             elif isinstance(msg, P.Question):
                 n = msg.max_new_tokens
-                self.engine.ask(s.session, msg.text, s.session.sampling.replace(max_new_tokens=n) if n else None, eid)
+                sampling = s.session.sampling.replace(max_new_tokens=n) if n is not None else None
+                self.engine.ask(s.session, msg.text, sampling, eid)
             elif isinstance(msg, P.ResponseCancel):
                 if not self.engine.cancel(s.session):
                     raise P.ProtocolError("nothing_to_cancel", "no answer is being generated", eid)
