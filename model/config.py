@@ -105,6 +105,10 @@ class SessionConfig:
 
     layout: str = setting('token layout: "video-turn" (any checkpoint) or "stream" (stream tokens)',
                         default="video-turn")
+    stream_timestamps: bool = setting(
+        'stream layout: write each frame\'s time before it ("Time 3.0s:"), as models trained here learn it; false '
+        "= exactly what the released checkpoints were trained on (the official code never rendered it)",
+        default=True)
     frame_pixels: int = setting("per-frame pixel budget (max pixels after smart_resize)", default=448 * 336)
     min_pixels: int = setting("per-frame minimum pixels after smart_resize", default=28 * 28)
     diffp_reference: str = setting('DiffFP reference: "last_kept" (live default) or "previous" (paper)',

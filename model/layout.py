@@ -14,6 +14,8 @@ session builds, so what the model is trained on is what it sees live.
 
     {system}<|stream_start|>stream\\nTime 0.0s:<frame>\\n<|stream_end|>\\n
     <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+
+(``stream_timestamps`` off drops ``Time 0.0s:``: what the released checkpoints were trained on.)
 """
 
 from __future__ import annotations
@@ -100,11 +102,14 @@ class FrameText(NamedTuple):
 class LayoutRenderer:
     """Renders session events to text for one of the two layouts."""
 
-    def __init__(self, layout: str, pieces: ChatPieces):
+    def __init__(self, layout: str, pieces: ChatPieces, stream_timestamps: bool = True):
+        """``stream_timestamps`` (stream layout): a frame's time before it; without, the official
+        training code's ``<|stream_start|>stream\\n<frame>\\n<|stream_end|>\\n``."""
         if layout not in ("video-turn", "stream"):
             raise ValueError(f"unknown layout {layout!r}")
         self.layout = layout
         self.pieces = pieces
+        self.stream_timestamps = stream_timestamps
         self.state = _State()
 
     def snapshot(self) -> _State:
@@ -124,7 +129,8 @@ class LayoutRenderer:
         """The text around one frame's visual tokens, in parts."""
         head = self.start()
         if self.layout == "stream":
-            return FrameText(head, "", f"{STREAM_START}stream\n{timestamp(t)}", f"\n{STREAM_END}\n")
+            stamp = timestamp(t) if self.stream_timestamps else ""
+            return FrameText(head, "", f"{STREAM_START}stream\n{stamp}", f"\n{STREAM_END}\n")
         s = self.state
         if s.in_user_turn:
             s.frames_in_turn += 1

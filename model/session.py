@@ -103,7 +103,7 @@ class StreamSession(Memory, Answering):
         self._pruner = DiffPruner(self.config.diffp_reference, self.config.threshold,
                                   self.config.diffp_min_tokens, grey_scale=self._prep.grey_scale())
         pieces = ChatPieces.from_processor(lm.processor, self.config.system_prompt)
-        self._renderer = LayoutRenderer(self.config.layout, pieces)
+        self._renderer = LayoutRenderer(self.config.layout, pieces, self.config.stream_timestamps)
         self.eos_ids = self._eos_ids()
         self._close_len = len(self._encode_ids(self._renderer.answer_close()))
         self._stream_ids: tuple[int, int] | None = None
@@ -281,7 +281,7 @@ class StreamSession(Memory, Answering):
 
     def _max_frame_tokens(self, pieces: ChatPieces) -> int:
         """Upper bound of one frame's tokens: visual tokens at the pixel budget plus its text."""
-        probe = LayoutRenderer(self.config.layout, pieces)
+        probe = LayoutRenderer(self.config.layout, pieces, self.config.stream_timestamps)
         probe.start()
         text = probe.frame_text(99999.9)
         return self.config.frame_pixels // (28 * 28) + len(self._encode_ids(

@@ -42,6 +42,18 @@ def test_stream_rendering_sequence():
         LayoutRenderer("diagonal", ChatPieces())
 
 
+def test_stream_turns_without_timestamps_are_what_the_released_checkpoints_saw():
+    """The official training code renders ``<|stream_start|>stream\\n<image>\\n<|stream_end|>\\n``."""
+    r = LayoutRenderer("stream", ChatPieces(), stream_timestamps=False)
+    r.start()
+    before, after = r.frame(3.0)
+    assert (before, after) == ("<|stream_start|>stream\n", "\n<|stream_end|>\n")
+    assert "Time" not in "".join(r.frame(4.0))
+    assert r.question("Q?") == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    video_turn = LayoutRenderer("video-turn", ChatPieces(), stream_timestamps=False)
+    assert video_turn.frame(1.0)[0].endswith("Time 1.0s:")  # (video-turn keeps its times: the processor's format)
+
+
 @pytest.mark.parametrize("size, hidden, heads, kv, vocab, tied", [
     ("2b", 1536, 12, 2, 151936, True), ("7b", 3584, 28, 4, 152064, False)])
 def test_real_size_configs_match_design(size, hidden, heads, kv, vocab, tied):

@@ -27,12 +27,12 @@ def _stream_sample(tmp_path, seconds=6.0):
     ]}
 
 
-@pytest.mark.parametrize("layout", ["stream", "video-turn"])
-def test_a_rendered_stream_sample_is_what_the_live_session_holds(lm, tmp_path, layout):
+@pytest.mark.parametrize("layout, stamps", [("stream", True), ("stream", False), ("video-turn", True)])
+def test_a_rendered_stream_sample_is_what_the_live_session_holds(lm, tmp_path, layout, stamps):
     raw = _stream_sample(tmp_path)
     if layout == "video-turn":  # no proactive turns in this layout
         del raw["conversation"][2]
-    session_cfg = SessionConfig(layout=layout, frame_pixels=FRAME_PIXELS)
+    session_cfg = SessionConfig(layout=layout, frame_pixels=FRAME_PIXELS, stream_timestamps=stamps)
     train_cfg = TrainConfig(fps=2.0)
     sample = parse_sample(raw, tmp_path, "test:1")
     out = SampleRenderer(lm.processor, session_cfg, train_cfg).render(sample)
@@ -56,6 +56,8 @@ def test_a_rendered_stream_sample_is_what_the_live_session_holds(lm, tmp_path, l
     tail = ids[len(out.input_ids):]
     assert tail and tail[0] != lm.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the close is included
     assert out.tokens_kept < out.tokens_total and len(out.keeps) == len(frames)
+    cached = lm.processor.tokenizer.decode(ids)
+    assert ("Time 1.0s:" in cached) == stamps or layout == "video-turn"  # the released format has no times
     assert sum(int(k.sum()) for k in out.keeps) == out.input_ids.count(live.video_token_id) == out.tokens_kept
 
     tok = lm.processor.tokenizer

@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 
-from . import ask, bench, camera, client, convert, data, demo, schema, serve, train, watch
+from . import ask, bench, camera, client, convert, data, demo, evaluation, schema, serve, train, watch
 
 COMMANDS = {"bench": bench, "ask": ask, "watch": watch, "demo": demo, "camera": camera, "serve": serve,
-            "client": client, "train": train, "data": data, "convert": convert, "protocol-schema": schema}
+            "client": client, "train": train, "data": data, "eval": evaluation, "convert": convert,
+            "protocol-schema": schema}
 
 
 def parser() -> argparse.ArgumentParser:

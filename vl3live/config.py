@@ -71,5 +71,6 @@ def add_dataclass_arguments(parser: Any, cls: type, positional: tuple[str, ...] 
 
 def dataclass_from_args(cls: type, args: Any) -> Any:
     """Build ``cls`` from parsed CLI args, coercing each value to its field type."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+              and not (getattr(args, f.name) is None and f.default_factory is not dataclasses.MISSING)}
     return from_dict(cls, values, where="--")

@@ -8,17 +8,21 @@ from pathlib import Path
 
 from .config import load_config
 
-HELP = "training data tools: check FILE..., stream-from-captions VIDEO CAPTIONS OUT, example DIR"
+HELP = "training data tools: check FILE..., stream-from-captions VIDEO CAPTIONS OUT, example DIR, synth OUT"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("tool", choices=["check", "stream-from-captions", "example"])
+    p.add_argument("tool", choices=["check", "stream-from-captions", "example", "synth"])
     p.add_argument("paths", nargs="+")
     p.add_argument("--config", dest="data_config", default=None,
                    help="check: the stage YAML whose session settings (layout, frame size) the run will use")
     p.add_argument("--clip-seconds", type=float, default=None, help="stream-from-captions: clip length "
                                                                      "(default: train.clip_seconds)")
     p.add_argument("--model", default=None, help="check: the tokenizer's checkpoint (default: model.spec)")
+    p.add_argument("--train-videos", type=int, default=24, help="synth: videos for the training data")
+    p.add_argument("--heldout-videos", type=int, default=8, help="synth: held-out videos for the benchmarks' "
+                                                                 "annotations (shape-colour pairs never trained on)")
+    p.add_argument("--seed", type=int, default=0, help="synth: the world's seed")
 
 
 def run(args) -> int:
@@ -30,6 +34,16 @@ def run(args) -> int:
             raise ValueError("usage: vl3live data example DIR")
         out = write_example(args.paths[0])
         print(f"wrote {out} and the images and clips it names", file=sys.stderr)
+        return 0
+    if args.tool == "synth":
+        from training.synth import write_synth
+
+        if len(args.paths) != 1:
+            raise ValueError("usage: vl3live data synth OUT [--train-videos N] [--heldout-videos M] [--seed S]")
+        files = write_synth(args.paths[0], args.train_videos, args.heldout_videos, args.seed,
+                            say=lambda m: print(m, file=sys.stderr, flush=True))
+        for name, path in files.items():
+            print(f"{name}: {path}", file=sys.stderr)
         return 0
     if args.tool == "stream-from-captions":
         from training.data.convert import stream_from_captions

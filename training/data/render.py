@@ -109,7 +109,7 @@ class SampleRenderer:
             raise SampleError(sample.where, f"the stream layout needs the token {STREAM_START}, which this "
                                             "checkpoint's tokenizer does not have (use a converted official "
                                             'checkpoint, or "layout": "video-turn" for a sample with questions only)')
-        r = LayoutRenderer(layout, self.pieces)
+        r = LayoutRenderer(layout, self.pieces, self.session.stream_timestamps)
         out = Rendered(self._enc(r.start()), [])
         out.labels = [IGNORE] * len(out.input_ids)
         pruner = DiffPruner(self.session.diffp_reference, self.session.threshold, self.session.diffp_min_tokens,
