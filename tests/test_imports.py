@@ -11,6 +11,7 @@ No exceptions: a lazy import inside a function counts like any other.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,26 @@ def test_the_cli_parses_its_flags_without_torch():
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_every_module_and_public_class_says_what_it_is():
+    missing = []
+    for path in _files():
+        tree = ast.parse(path.read_text())
+        if not ast.get_docstring(tree):
+            missing.append(f"{path.relative_to(ROOT)} (module)")
+        missing += [f"{path.relative_to(ROOT)}:{n.lineno} {n.name}" for n in tree.body
+                    if isinstance(n, ast.ClassDef) and not n.name.startswith("_") and not ast.get_docstring(n)]
+    assert not missing, "no docstring:\n" + "\n".join(missing)
+
+
+def test_the_readme_layout_map_matches_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Layout of the code", 1)[1]
+    block = section.split("```", 2)[1]
+    named = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip() and line.strip()[0] != "("
+             and line[0] != " "}
+    assert named == set(PACKAGES), named  # every package, and nothing that is not one
+    assert "websocket/" in block and (ROOT / "streamer" / "websocket").is_dir()
+    for name in set(re.findall(r"`((?:model|streamer|training|ui|vl3live)/[\w/]+\.py)`", section)):
+        assert (ROOT / name).is_file(), f"the README's walk names {name}, which is not there"
