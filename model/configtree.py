@@ -94,10 +94,6 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested dict."""
     data = dict(data)

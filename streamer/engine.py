@@ -200,7 +200,7 @@ class Engine:
         except (TypeError, ValueError) as exc:
             raise EngineError(str(exc)) from None
         if sampling is not None and sampling.max_new_tokens > self.config.max_new_tokens:
-            raise EngineError(f"max_new_tokens: at most {self.config.max_new_tokens}")
+            raise EngineError(f"generation.max_new_tokens: the server allows at most {self.config.max_new_tokens}")
         if diffp_threshold is not ... and diffp_threshold is not None and (
                 isinstance(diffp_threshold, bool) or not isinstance(diffp_threshold, (int, float))
                 or not 0 <= diffp_threshold < float("inf")):

@@ -195,3 +195,11 @@ def test_the_synthetic_world_holds_out_its_pairs_and_writes_every_format(lm, tmp
     good, errors = check_dataset([str(files[f"stage{i}"]) for i in (1, 2, 3, 4)], config.session, config.train,
                                  lm.processor)  # every stage's samples render as training renders them
     assert errors == [] and set(good) == {"video-turn", "stream"} and good["stream"] == 2
+
+
+def test_the_synthetic_training_prompts_are_ovo_benchs_own():
+    """training/ cannot import the commands' formats, so the prompt is written there too: the two must agree."""
+    from training.synth import mc_prompt
+
+    record = {"question": "What is the color of the square?", "options": ["red", "blue", "green", "yellow"]}
+    assert mc_prompt(record["question"], record["options"]) == F.ovo_prompt("ATR", record)

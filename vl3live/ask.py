@@ -9,6 +9,7 @@ from pathlib import Path
 from model.sampling import Sampling
 
 from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
+from .terminal import load
 
 
 @dataclass
@@ -34,14 +35,14 @@ class AskConfig:
 
 
 def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
-    from model import CacheLimitError, StreamSession, load_configured
+    from model import CacheLimitError, StreamSession
     from model.loading import preflight
     from streamer.sources import read_video_file
 
     preflight(config.model, cfg.model)  # settings and checkpoint, then the input: before minutes of loading
     if not Path(cfg.video).is_file():
         raise FileNotFoundError(f"video file not found: {cfg.video}")
-    lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
+    lm = load(cfg.model, config, err)
     session = StreamSession(lm, config.session)
     n = kept = 0
     for frame in read_video_file(cfg.video, fps=cfg.fps, max_seconds=cfg.max_seconds):

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
-from .terminal import interruptible
+from .terminal import interruptible, load
 
 
 @dataclass
@@ -20,14 +20,13 @@ class ServeConfig:
 
 
 async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
-    from model import load_configured
     from streamer.engine import Engine
     from streamer.websocket.server import Server
 
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
-    lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
+    lm = load(cfg.model, config, err)
     async with Engine(lm, config.engine, config.session, server_cfg.max_sessions) as engine, \
             Server(engine, server_cfg) as server:
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"

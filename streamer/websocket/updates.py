@@ -14,12 +14,9 @@ async def apply_update(engine: Engine, session: EngineSession, new: P.SessionSet
                        max_frame_pixels: int) -> None:
     """Apply ``new`` to ``session`` (``ProtocolError`` / ``EngineError`` / ``ValueError`` refuse all of it).
     ``max_fps`` and ``max_frame_pixels`` are the server's limits on what a client may ask for."""
-    limit = engine.config.max_new_tokens
     gen = new.generation
     if new.fps is not None and new.fps > max_fps:
         raise P.ProtocolError("invalid_field", f"session.fps: the server allows at most {max_fps}")
-    if gen is not None and gen.max_new_tokens is not None and gen.max_new_tokens > limit:
-        raise P.ProtocolError("invalid_field", f"session.generation.max_new_tokens: at most {limit}")
     if new.frame_pixels is not None and new.frame_pixels > max_frame_pixels:
         raise P.ProtocolError("invalid_field", f"session.frame_pixels: the server allows at most "
                                                f"{max_frame_pixels} (server.max_session_frame_pixels)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, add_dataclass_arguments, dataclass_from_args, load_config
-from ..terminal import interruptible
+from ..terminal import interruptible, load
 from .formats import Probe, VideoJob, jobs, read_ovo, read_streamingbench
 from .report import Results, markdown, summarize
 
@@ -86,8 +86,6 @@ class Progress:
 
 def evaluate(cfg: EvalConfig, config: Config, err=sys.stderr) -> dict:
     """Run ``cfg`` (resuming from what ``cfg.out`` holds); returns the summary."""
-    from model import load_configured
-
     probes = load_probes(cfg)
     work = jobs(probes)[: cfg.limit] if cfg.limit else jobs(probes)
     results = Results(Path(cfg.out) / f"results_{cfg.protocol}.jsonl")
@@ -102,7 +100,7 @@ def evaluate(cfg: EvalConfig, config: Config, err=sys.stderr) -> dict:
     def sink(row: dict) -> None:
         results.add(row)
         progress(row)
-    lm = load_configured(config.model, cfg.model, say=lambda m: print(m, file=err, flush=True))
+    lm = load(cfg.model, config, err)
     if cfg.protocol == "online":
         asyncio.run(_online(lm, config, cfg, todo, sink))
     else:

@@ -19,6 +19,7 @@ from model.sampling import Sampling
 from model.video import read_video_file
 from streamer.engine import Engine
 from streamer.events import Alert, FrameStats, ResponseDone
+from streamer.sources import Frame
 
 from .formats import PROACTIVE_WINDOW, Probe, VideoJob, parse, score_proactive
 
@@ -60,7 +61,7 @@ class _Stream:
                     self.alerts.append((ev.t or 0.0, ev.text))
 
     async def frame(self, pts: float, rgb) -> None:
-        self.engine.push_frame(self.session, _frame(pts, rgb))
+        self.engine.push_frame(self.session, Frame(pts, rgb))
         await self.engine.settled(self.session, timeout=600)
         self.drain()
         if self.proactive is not None and pts > self.proactive.due + PROACTIVE_WINDOW:
@@ -91,12 +92,6 @@ class _Stream:
         spoken = [(t, text) for t, text in self.alerts if t >= probe.time]
         self.sink(result(probe, "online", spoken[0][1] if spoken else None, alerts=len(spoken),
                          **score_proactive(probe, spoken)))
-
-
-def _frame(pts: float, rgb):
-    from streamer.sources import Frame
-
-    return Frame(pts, rgb)
 
 
 async def run_job(engine: Engine, job: VideoJob, fps: float, sink: Callable[[dict], None],

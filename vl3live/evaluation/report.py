@@ -25,15 +25,14 @@ class Results:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         if self.path.exists():
-            text = self.path.read_text()
-            for line in text.splitlines():
-                if line.strip():
-                    try:
-                        self.rows.append(json.loads(line))
-                    except ValueError:  # a line cut short when a run was killed: scored again
-                        continue
-            if text and not text.endswith("\n") or len(self.rows) != len([x for x in text.splitlines() if x.strip()]):
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))  # without the cut line
+            lines = [x for x in self.path.read_text().splitlines() if x.strip()]
+            for line in lines:
+                try:
+                    self.rows.append(json.loads(line))
+                except ValueError:  # a line cut short when a run was killed: scored again
+                    continue
+            if len(self.rows) != len(lines):  # drop it, so the next line is appended whole
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.done = {r["key"] for r in self.rows}
 
     def add(self, row: dict) -> None:
