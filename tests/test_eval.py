@@ -9,11 +9,12 @@ is asked when, in which session, how it is scored and resumed), not the accuracy
 
 import json
 
+import numpy as np
 import pytest
 
 from model.video import write_video_file
 from tests.conftest import scene_frames
-from training.synth import HELDOUT_PAIRS, TRAIN_PAIRS, make_world, write_synth
+from training.synth import COLORS, STREAM_SAMPLES_PER_VIDEO, heldout_cell, make_world, write_synth
 from vl3live.config import load_config
 from vl3live.evaluation import EvalConfig, evaluate
 from vl3live.evaluation import formats as F
@@ -171,19 +172,29 @@ def test_missing_videos_and_bad_options_are_clear_errors(bench, tmp_path):
 
 
 def test_the_synthetic_world_holds_out_its_pairs_and_writes_every_format(lm, tmp_path):
-    held = make_world("h", 7, sorted(HELDOUT_PAIRS))
-    assert all((k.shape, k.color) in HELDOUT_PAIRS for k in held.tracks)
-    train = make_world("t", 8, TRAIN_PAIRS)
-    assert all((k.shape, k.color) not in HELDOUT_PAIRS for k in train.tracks)
+    for seed in range(40):  # a held-out video shows every shape where no training video shows it in that colour
+        held, train = make_world("h", seed, heldout=True), make_world("t", seed)
+        assert all(heldout_cell(k.shape, k.color) == k.cell for k in held.tracks)
+        assert all(heldout_cell(k.shape, c) != k.cell for k in train.tracks for c in (k.color, k.new_color) if c)
+        for world in (held, train):  # one shape a cell, and the pixels there are its colour
+            assert len({k.cell for k in world.tracks}) == len(world.tracks)
+            k = world.tracks[0]
+            t = k.t_in + 0.5
+            y, x = (round(v) for v in k.centre(t))
+            assert abs(world.frame(t, np.random.default_rng(0))[y, x].astype(int) - COLORS[k.color_at(t)]).max() < 30
     files = write_synth(tmp_path, train_videos=2, heldout_videos=2, seed=1, say=None)
     ovo = F.read_ovo(files["ovo_bench_new.json"], tmp_path)
     sb = F.read_streamingbench(files["questions_real.json"], tmp_path)
     pro = F.read_streamingbench(files["questions_proactive.json"], tmp_path)
     assert {p.category for p in ovo} >= {"realtime", "backward", "forward"} and sb and pro
     assert all(p.video.is_file() and "heldout" in p.video.name for p in ovo + sb + pro)
+    # every file's probes of a video share a session, and the files never share one: each benchmark alone
+    sessions = F.jobs(ovo + sb + pro)
+    assert all(len({p.source for p in j.probes}) == 1 for j in sessions)
+    assert len(sessions) == len({(p.source, p.video) for p in ovo + sb + pro}) > len({p.video for p in ovo + sb + pro})
     for p in ovo:  # the answers are the ground truth's
         if p.task == "ATR":
-            world = make_world(p.video.stem, 1 * 100003 + int(p.video.stem.split("_")[1]), sorted(HELDOUT_PAIRS))
+            world = make_world(p.video.stem, 1 * 100003 + int(p.video.stem.split("_")[1]), heldout=True)
             shape = p.question.split()[-1].rstrip("?")
             (track,) = [k for k in world.tracks if k.shape == shape]
             record = next(r for r in json.loads(files["ovo_bench_new.json"].read_text())
@@ -194,7 +205,7 @@ def test_the_synthetic_world_holds_out_its_pairs_and_writes_every_format(lm, tmp
     config = load_config(overrides=["session.frame_pixels=12544"])
     good, errors = check_dataset([str(files[f"stage{i}"]) for i in (1, 2, 3, 4)], config.session, config.train,
                                  lm.processor)  # every stage's samples render as training renders them
-    assert errors == [] and set(good) == {"video-turn", "stream"} and good["stream"] == 2
+    assert errors == [] and set(good) == {"video-turn", "stream"} and good["stream"] == 2 * STREAM_SAMPLES_PER_VIDEO
 
 
 def test_the_synthetic_training_prompts_are_ovo_benchs_own():
@@ -203,3 +214,8 @@ def test_the_synthetic_training_prompts_are_ovo_benchs_own():
 
     record = {"question": "What is the color of the square?", "options": ["red", "blue", "green", "yellow"]}
     assert mc_prompt(record["question"], record["options"]) == F.ovo_prompt("ATR", record)
+    from training.synth import rec_prompt, sb_prompt
+
+    assert rec_prompt("appear") == F.ovo_prompt("REC", {"activity": "appear"})
+    options = ["A. red", "B. blue", "C. green", "D. yellow"]
+    assert sb_prompt(record["question"], options) == F.sb_prompt(record["question"], options)

@@ -255,3 +255,34 @@ def test_the_readme_training_example_checks_and_the_cpu_recipe_trains(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["steps"] == 2 and len(out["losses"]) == 2 and all(0 < loss < 20 for loss in out["losses"])
     assert "'lr_llm'" in r.stderr and (tmp_path / "runs" / "tiny_cpu" / "final" / "config.json").is_file()
+
+
+def test_the_loss_on_labelled_positions_only_is_the_models_own_loss(lm, data):
+    """``stream_loss`` runs the LM head only where a label is; it must equal the model's loss over all
+    positions, value and gradient (a batch of two, padded, with frames and a text-only sample)."""
+    from training.config import TrainConfig
+    from training.data.dataset import Collator, StreamDataset
+    from training.trainer import stream_loss
+
+    session = SessionConfig(layout="stream", frame_pixels=28 * 28 * 12)
+    ds = StreamDataset(lm.processor, session, TrainConfig(data=[str(data / "train.jsonl")], fps=2.0))
+    batch = Collator(0)([ds[0], ds[3]])
+    model = lm.model
+    ours = stream_loss(model, dict(batch), model.config.video_token_id)
+    ours.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    from model.frames import MERGE
+
+    grid = batch["grid_thw"]
+    feats = model.model.get_video_features(pixel_values_videos=batch["pixel_values"], video_grid_thw=grid,
+                                           video_merge_sizes=torch.full((len(grid),), MERGE))
+    vis = torch.cat(list(feats.pooler_output))[batch["keep"]]
+    embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), vis)
+    theirs = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    theirs.backward()
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5) and float(ours) > 0
+    assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-7)
+    model.zero_grad()

@@ -4,8 +4,11 @@ data for the four stages and evaluation annotations in the OVO-Bench and Streami
 Each video is a few shapes (circle, square, triangle, each one colour) on a noisy grey background:
 a shape appears at a random time, drifts, may change colour once, and may leave. Everything a
 question can ask is in the ground truth (:class:`Track`), so answers, announcement times and
-distractor options are exact. ``heldout`` videos only use shape-colour pairs that no training video
-shows (:data:`HELDOUT_PAIRS`): a model that answers them has learned shapes and colours apart.
+distractor options are exact. Each shape-colour pair has one place, a cell of the 2 x 2 grid the
+shapes sit in (:func:`heldout_cell`), where no training video ever shows it; ``heldout`` videos show
+every shape in its pair's held-out cell: a combination of shape, colour and place never seen
+together. (Holding out whole shape-colour pairs instead, a green circle when training never shows
+one, a small model from random weights scores 0 %: it learns which colours each shape comes in.)
 
 ``vl3live data synth OUT`` writes (paths relative to OUT):
 
@@ -33,10 +36,15 @@ from model.video import write_video_file
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
 # never shown together in training: the held-out videos use only these
-HELDOUT_PAIRS = {("circle", "green"), ("square", "yellow"), ("triangle", "red")}
-TRAIN_PAIRS = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in HELDOUT_PAIRS]
+CELLS = 4  # a 2 x 2 grid of 56 x 56 cells, one shape in each
+
+
+def heldout_cell(shape: str, color: str) -> int:
+    """The cell where training never shows this shape in this colour (and held-out videos do)."""
+    return (SHAPES.index(shape) + list(COLORS).index(color)) % CELLS
 SIZE = (112, 112)  # height, width: 4 x 4 visual tokens per frame on the tiny model
 FPS = 2
+RADIUS = 22  # a shape covers about 2 x 2 of the 4 x 4 visual tokens (a small model finds it fast)
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Track:
     velocity: tuple[float, float]  # pixels per second
     t_change: float | None = None  # when its colour changes to ``new_color``
     new_color: str | None = None
+    cell: int = 0  # which cell of the 2 x 2 grid it sits in
 
     def visible(self, t: float) -> bool:
         return self.t_in <= t < self.t_out
@@ -83,7 +92,7 @@ class World:
         yy, xx = np.mgrid[0:h, 0:w]
         for k in self.visible(t):
             cy, cx = k.centre(t)
-            r = 16
+            r = RADIUS
             if k.shape == "circle":
                 mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             elif k.shape == "square":
@@ -99,26 +108,34 @@ class World:
         return [self.frame(i / FPS, rng) for i in range(int(self.seconds * FPS))]
 
 
-def make_world(name: str, seed: int, pairs: list[tuple[str, str]], seconds: float = 20.0) -> World:
-    """A video of 2-3 shapes of distinct kinds, each shape-colour pair taken from ``pairs``."""
+def make_world(name: str, seed: int, heldout: bool = False, seconds: float = 20.0) -> World:
+    """A video of 2-3 shapes of distinct kinds, each in its own cell: a training video never puts a
+    shape-colour pair in its :func:`heldout_cell`, a held-out video always does."""
     rng = random.Random(seed)
     world = World(name, seconds, seed=seed)
-    shapes = rng.sample(SHAPES, rng.choice((2, 3)))
+    while True:  # shapes, colours and cells as the split allows (a few tries at most)
+        shapes = rng.sample(SHAPES, rng.choice((2, 3)))
+        colors = [rng.choice(list(COLORS)) for _ in shapes]
+        if heldout:
+            cells = [heldout_cell(k, c) for k, c in zip(shapes, colors)]
+        else:
+            cells = rng.sample(range(CELLS), len(shapes))
+        if len(set(cells)) == len(cells) and all((heldout_cell(k, c) == cell) == heldout
+                                                 for k, c, cell in zip(shapes, colors, cells)):
+            break
     used_slots: list[float] = []
-    for i, shape in enumerate(shapes):
-        colors = [c for s, c in pairs if s == shape]
-        color = rng.choice(colors)
+    for shape, color, cell in zip(shapes, colors, cells):
         t_in = float(rng.randint(1, int(seconds * 0.45)))  # whole seconds: StreamingBench's stamps are exact
         while any(abs(t_in - u) < 2.0 for u in used_slots):  # appearances apart: one event at a time
             t_in = float(rng.randint(1, int(seconds * 0.6)))
         used_slots.append(t_in)
-        lane = SIZE[0] * (0.25 + 0.25 * i)
-        start = (lane, rng.uniform(20, SIZE[1] - 20))
-        velocity = (0.0, rng.choice((-1.0, 1.0)) * rng.uniform(0.5, 2.0))
-        track = Track(shape, color, t_in, seconds, start, velocity)
-        if rng.random() < 0.5:  # changes colour once
+        cy, cx = 28.0 + 56.0 * (cell // 2), 28.0 + 56.0 * (cell % 2)
+        start = (cy + rng.uniform(-2.0, 2.0), cx + rng.uniform(-2.0, 2.0))
+        velocity = (0.0, rng.choice((-1.0, 1.0)) * rng.uniform(0.1, 0.2))  # drifts, never into the next cell
+        track = Track(shape, color, t_in, seconds, start, velocity, cell=cell)
+        if rng.random() < 0.5:  # changes colour once, to one a training video may show there
             track.t_change = min(seconds - 2.0, t_in + float(rng.randint(4, 8)))
-            track.new_color = rng.choice([c for c in COLORS if c != color])
+            track.new_color = rng.choice([c for c in COLORS if c != color and heldout_cell(shape, c) != cell])
         if rng.random() < 0.3:
             track.t_out = min(seconds, (track.t_change or t_in) + float(rng.randint(3, 6)))
         world.tracks.append(track)
@@ -126,58 +143,79 @@ def make_world(name: str, seed: int, pairs: list[tuple[str, str]], seconds: floa
 
 
 # -- questions from the ground truth ------------------------------------------------------------------
-def _options(correct: str, pool: list[str], rng: random.Random, n: int = 4) -> tuple[list[str], int]:
-    others = [p for p in pool if p != correct]
-    rng.shuffle(others)
-    options = [correct] + others[: n - 1]
-    rng.shuffle(options)
-    return options, options.index(correct)
+# Options are listed in one fixed order (every colour; every shape and a "star" that never shows), so
+# the letter says the answer and a small model need not learn to find its answer among shuffled
+# option texts; which option is right still depends only on what the video shows.
+COLOR_OPTIONS = list(COLORS)
+SHAPE_OPTIONS = list(SHAPES) + ["star"]
 
 
-def realtime_items(world: World, rng: random.Random) -> list[dict]:
-    """Questions about what is visible at the moment they are asked: a colour (ATR), a shape (OJR)."""
+def _options(correct: str, pool: list[str]) -> tuple[list[str], int]:
+    return list(pool), pool.index(correct)
+
+
+def _item(task: str, t: float, question: str, correct: str, pool: list[str]) -> dict:
+    options, gt = _options(correct, pool)
+    return {"task": task, "time": t, "question": question, "options": options, "gt": gt}
+
+
+def realtime_items(world: World, rng: random.Random, anytime: bool = False) -> list[dict]:
+    """Questions about what is visible at the moment they are asked: a colour (ATR), a shape (OJR).
+    Asked 1 s after the shape appears (before any change); ``anytime``: at a random whole second
+    while it is visible (training)."""
     items = []
     for k in world.tracks:
-        t = k.t_in + 1.0
-        if k.t_change is not None and k.t_change <= t + 1.0 or not k.visible(t):
-            continue
-        options, gt = _options(k.color_at(t), list(COLORS), rng)
-        items.append({"task": "ATR", "time": t, "question": f"What is the color of the {k.shape}?",
-                      "options": options, "gt": gt})
+        if anytime:
+            span = [float(t) for t in range(int(k.t_in) + 1, int(math.ceil(k.t_out))) if k.visible(t)]
+            if not span:
+                continue
+            t = rng.choice(span)
+        else:
+            t = k.t_in + 1.0
+            if k.t_change is not None and k.t_change <= t + 1.0 or not k.visible(t):
+                continue
+        items.append(_item("ATR", t, f"What is the color of the {k.shape}?", k.color_at(t), COLOR_OPTIONS))
         color = k.color_at(t)
         if sum(o.color_at(t) == color for o in world.visible(t)) == 1:
-            options, gt = _options(k.shape, list(SHAPES) + ["star"], rng)
-            items.append({"task": "OJR", "time": t, "question": f"What shape is {color}?", "options": options,
-                          "gt": gt})
+            items.append(_item("OJR", t, f"What shape is {color}?", k.shape, SHAPE_OPTIONS))
     return items
 
 
-def backward_items(world: World, rng: random.Random) -> list[dict]:
-    """Questions about the past: a shape's colour before it changed (EPM), which shape came first (ASI)."""
+def backward_items(world: World, rng: random.Random, anytime: bool = False) -> list[dict]:
+    """Questions about the past: a shape's colour before it changed (EPM), which shape came first (ASI).
+    ``anytime``: at a random whole second after the change / the last appearance (training)."""
     items = []
+    end = int(world.seconds) - 1
     for k in world.tracks:
-        if k.t_change is not None and k.visible(k.t_change + 1.0):
-            options, gt = _options(k.color, list(COLORS), rng)
-            items.append({"task": "EPM", "time": k.t_change + 1.0, "question": f"What color was the {k.shape} "
-                          "when it first appeared?", "options": options, "gt": gt})
+        if k.t_change is None:
+            continue
+        times = [float(t) for t in range(int(k.t_change) + 1, end + 1) if k.visible(t)]
+        t = (rng.choice(times) if anytime else k.t_change + 1.0) if times else None
+        if t is not None and k.visible(t):
+            items.append(_item("EPM", t, f"What color was the {k.shape} when it first appeared?", k.color,
+                               COLOR_OPTIONS))
     order = sorted(world.tracks, key=lambda k: k.t_in)
     if len(order) >= 2:
-        t = order[-1].t_in + 1.5
-        options, gt = _options(order[0].shape, list(SHAPES) + ["star"], rng)
-        items.append({"task": "ASI", "time": t, "question": "Which shape appeared first?", "options": options,
-                      "gt": gt})
+        t = float(rng.randint(int(order[-1].t_in) + 1, end)) if anytime else order[-1].t_in + 1.5
+        items.append(_item("ASI", t, "Which shape appeared first?", order[0].shape, SHAPE_OPTIONS))
     return items
 
 
-def proactive_items(world: World) -> list[dict]:
-    """Standing instructions set before a shape appears, and when the answer is due."""
+def proactive_items(world: World, rng: random.Random | None = None) -> list[dict]:
+    """Standing instructions set before a shape appears, and when the answer is due (None: it never
+    comes). Evaluation: 3 s before, with no other appearance in the window. Training (``rng``): 2-6 s
+    before, another shape may appear first (the model must wait for the one named), and an
+    instruction for the star, which never comes."""
     items = []
     for k in world.tracks:
-        ask = max(0.0, k.t_in - 3.0)
-        if any(o is not k and ask <= o.t_in <= k.t_in + 2.0 for o in world.tracks):
+        ask = max(0.0, k.t_in - (3.0 if rng is None else float(rng.randint(2, 6))))
+        if rng is None and any(o is not k and ask <= o.t_in <= k.t_in + 2.0 for o in world.tracks):
             continue  # another appearance inside the window would make the time ambiguous
         items.append({"time": ask, "due": k.t_in, "shape": k.shape, "color": k.color,
                       "question": f"When a {k.shape} appears, output \"{k.shape}\".", "output": k.shape})
+    if rng is not None:
+        items.append({"time": float(rng.randint(0, 8)), "due": None, "shape": "star", "color": None,
+                      "question": 'When a star appears, output "star".', "output": "star"})
     return items
 
 
@@ -195,41 +233,80 @@ def _letter(i: int) -> str:
     return chr(65 + i)
 
 
-def training_samples(world: World, video: str, image: str | None, rng: random.Random) -> dict[str, list[dict]]:
-    """The four stages' samples for one training video (LLaVA format for 1-3, stream format for 4)."""
+def _qa(item: dict, rng: random.Random) -> list[dict]:
+    """A multiple-choice question and its answer, worded as OVO-Bench or as StreamingBench asks it."""
+    if rng.random() < 0.5:
+        prompt = mc_prompt(item["question"], item["options"])
+    else:
+        prompt = sb_prompt(item["question"], [f"{_letter(i)}. {o}" for i, o in enumerate(item["options"])])
+    return [{"role": "user", "content": prompt, "time": item["time"]},
+            {"role": "assistant", "content": _letter(item["gt"]), "time": item["time"]}]
+
+
+def _count_qa(world: World, t: float) -> list[dict]:
+    return [{"role": "user", "content": rec_prompt("appear"), "time": t},
+            {"role": "assistant", "content": str(appearances_so_far(world, t)), "time": t}]
+
+
+STREAM_SAMPLES_PER_VIDEO = 3  # each with its own question times, wordings and instruction
+
+
+def training_samples(world: World, video: str, images: list[tuple[str, float]],
+                     rng: random.Random) -> dict[str, list[dict]]:
+    """The four stages' samples for one training video: LLaVA format for 1-2 (``images``: (path, time)
+    of frames saved from it), stream format for 3 (``video-turn``: a clip cut at each question) and 4
+    (``stream``: timed questions, answers and one instruction with its announcement)."""
     out: dict[str, list[dict]] = {"stage1": [], "stage2": [], "stage3": [], "stage4": []}
-    t_img = max(k.t_in for k in world.tracks) + 0.5
-    seen = world.visible(t_img)
-    if image is not None and seen:
+    for image, t_img in images:
+        seen = world.visible(t_img)
+        if not seen:
+            continue
         caption = " and ".join(f"a {k.color_at(t_img)} {k.shape}" for k in seen)
         out["stage1"].append({"image": image, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."},
             {"from": "gpt", "value": caption[0].upper() + caption[1:] + "."}]})
-        for k in seen:
-            out["stage2"].append({"image": image, "conversations": [
-                {"from": "human", "value": f"<image>\nWhat is the color of the {k.shape}?"},
-                {"from": "gpt", "value": k.color_at(t_img)}]})
-    for item in backward_items(world, rng) + realtime_items(world, rng):  # a clip up to the question
-        prompt = mc_prompt(item["question"], item["options"])
+        for k in seen:  # each question answered in a word, and as a multiple choice
+            color = k.color_at(t_img)
+            asked = [(f"What is the color of the {k.shape}?", color, COLOR_OPTIONS)]
+            if sum(o.color_at(t_img) == color for o in seen) == 1:
+                asked.append((f"What shape is {color}?", k.shape, SHAPE_OPTIONS))
+            for question, answer, pool in asked:
+                choice = _qa(_item("", t_img, question, answer, pool), rng)
+                for prompt, reply in ((question, answer), (choice[0]["content"], choice[1]["content"])):
+                    out["stage2"].append({"image": image, "conversations": [
+                        {"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": reply}]})
+    for item in backward_items(world, rng, anytime=True) + realtime_items(world, rng, anytime=True):
         out["stage3"].append({"video": video, "start_time": 0.0, "end_time": item["time"], "layout": "video-turn",
-                              "conversation": [{"role": "user", "content": prompt, "time": item["time"]},
-                                               {"role": "assistant", "content": _letter(item["gt"]),
-                                                "time": item["time"]}]})
-    turns: list[tuple[float, int, list[dict]]] = []  # (time, order, messages): a question and its answer stay together
-    for item in realtime_items(world, rng) + backward_items(world, rng):
-        prompt = mc_prompt(item["question"], item["options"])
-        turns.append((item["time"], len(turns), [{"role": "user", "content": prompt, "time": item["time"]},
-                                                 {"role": "assistant", "content": _letter(item["gt"]),
-                                                  "time": item["time"]}]))
-    for p in proactive_items(world):
+                              "conversation": _qa(item, rng)})
+    instructions = proactive_items(world, rng)
+    for n in range(STREAM_SAMPLES_PER_VIDEO):
+        turns: list[tuple[float, int, list[dict]]] = []  # (time, order, messages): a question and its answer together
+        for item in realtime_items(world, rng, anytime=True) + backward_items(world, rng, anytime=True):
+            turns.append((item["time"], len(turns), _qa(item, rng)))
+        t_count = float(rng.randint(1, int(world.seconds) - 1))
+        turns.append((t_count, len(turns), _count_qa(world, t_count)))
+        p = instructions[n % len(instructions)]
         turns.append((p["time"], len(turns), [{"role": "user", "content": p["question"], "time": p["time"]},
                                               {"role": "assistant", "content": "OK.", "time": p["time"]}]))
-        turns.append((p["due"], len(turns), [{"role": "assistant", "content": p["output"], "time": p["due"]}]))
-    conv = [m for _, _, msgs in sorted(turns, key=lambda x: (x[0], x[1])) for m in msgs]
-    if conv:
+        if p["due"] is not None:
+            turns.append((p["due"], len(turns), [{"role": "assistant", "content": p["output"], "time": p["due"]}]))
+        conv = _untangled(turns)
         out["stage4"].append({"video": video, "start_time": 0.0, "end_time": world.seconds, "layout": "stream",
                               "conversation": conv})
     return out
+
+
+def _untangled(turns: list[tuple[float, int, list[dict]]]) -> list[dict]:
+    """The turns in time order, a question never at the same time as the announcement (the announcement
+    comes right after its frame; a question then moves half a second on)."""
+    due = {msgs[0]["time"] for _, _, msgs in turns if msgs[0]["role"] == "assistant"}
+    fixed = []
+    for t, order, msgs in turns:
+        if msgs[0]["role"] == "user" and t in due:
+            t = t + 0.5
+            msgs = [dict(m, time=t) for m in msgs]
+        fixed.append((t, order, msgs))
+    return [m for _, _, msgs in sorted(fixed, key=lambda x: (x[0], x[1])) for m in msgs]
 
 
 def mc_prompt(question: str, options: list[str]) -> str:
@@ -237,6 +314,25 @@ def mc_prompt(question: str, options: list[str]) -> str:
     formatted = "; ".join(f"{_letter(i)}. {o}" for i, o in enumerate(options)) + ";"
     return (f"\nQuestion: {question}\nOptions:\n{formatted}\n\nRespond only with the letter corresponding to your "
             "chosen option (e.g., A, B, C). \nDo not include any additional text or explanation in your response.\n")
+
+
+def sb_prompt(question: str, options: list[str]) -> str:
+    """A multiple-choice prompt as StreamingBench words it (``StreamingBench.py``; ``options`` "A. ...")."""
+    return ("You are an advanced video question-answering AI assistant. You have been provided with some frames from "
+            "the video and a multiple-choice question related to the video. Your task is to carefully analyze the "
+            "video and provide the best answer to question, choosing from the four options provided. Respond with "
+            f"only the letter (A, B, C, or D) of the correct option.\n\nQuestion: {question}\n\nOptions:\n"
+            + "\n".join(options[:4]) + "\n\nThe best option is:")
+
+
+def rec_prompt(activity: str) -> str:
+    """OVO-Bench's counting prompt (``constant.REC_PROMPT_TEMPLATE``) for ``activity``."""
+    return ("\nYou're watching a video in which people may perform a certain type of action repetively. \n"
+            "The person performing this kind of action are referred to as 'they' in the following statement.\n"
+            "You're task is to count how many times have different people in the video perform this kind of action "
+            "in total.\nOne complete motion counts as one. \nNow, answer the following question: How many times did "
+            f"they {activity}?\nProvide your answer as a single number (e.g., 0, 1, 2, 3…) indicating the total "
+            "count.\nDo not include any additional text or explanation in your response.\n")
 
 
 def ovo_items(world: World, video: str, rng: random.Random, first_id: int) -> list[dict]:
@@ -284,12 +380,11 @@ def write_synth(out_dir: str | Path, train_videos: int = 24, heldout_videos: int
     ovo: list[dict] = []
     sb_real: list[dict] = []
     sb_pro: list[dict] = []
-    heldout = sorted(HELDOUT_PAIRS)
     total = train_videos + heldout_videos
     for i in range(total):
         held = i >= train_videos
         name = f"{'heldout' if held else 'train'}_{i:04d}"
-        world = make_world(name, seed * 100003 + i, heldout if held else TRAIN_PAIRS)
+        world = make_world(name, seed * 100003 + i, heldout=held)
         frames = world.frames()
         video = f"videos/{name}.mp4"
         write_video_file(out / video, frames, FPS)
@@ -300,10 +395,13 @@ def write_synth(out_dir: str | Path, train_videos: int = 24, heldout_videos: int
             if pro is not None:
                 sb_pro.append(pro)
         else:
-            t_img = max(k.t_in for k in world.tracks) + 0.5
-            image = f"images/{name}.png"
-            Image.fromarray(frames[min(len(frames) - 1, int(t_img * FPS))]).save(out / image)
-            for stage, samples in training_samples(world, video, image, rng).items():
+            images = []
+            for j, t_img in enumerate((max(k.t_in for k in world.tracks) + 0.5, rng.uniform(2.0, world.seconds))):
+                image = f"images/{name}_{j}.png"
+                index = min(len(frames) - 1, int(t_img * FPS))
+                Image.fromarray(frames[index]).save(out / image)
+                images.append((image, index / FPS))
+            for stage, samples in training_samples(world, video, images, rng).items():
                 stages[stage] += samples
         if say is not None and ((i + 1) % 8 == 0 or i + 1 == total):
             say(f"synth: {i + 1}/{total} videos")

@@ -4,8 +4,9 @@ DeepSpeed ZeRO or FSDP through its arguments), with the stream data path of ``tr
 The model is the native ``VideoLlama3ForConditionalGeneration``. Each step embeds the text,
 runs the vision encoder + projector on every frame, keeps the tokens DiffFP kept (exactly as the
 live session does) and scatters them into the ``<|video_pad|>`` positions; the loss is the
-model's own, on the labelled positions. Checkpoints are written to a staging folder and renamed
-into place, so a crash never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick.
+model's own cross-entropy, with the LM head run on the labelled positions only. Checkpoints are
+written to a staging folder and renamed into place, so a crash never leaves a half-written
+``checkpoint-N`` for ``--resume`` to pick.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from model.frames import MERGE
 from training.config import TrainConfig
 
 from .data.dataset import Collator, StreamDataset
+from .data.render import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,17 @@ def stream_loss(model, batch: dict, video_token_id: int, num_items_in_batch=None
         vis = torch.cat(list(feats.pooler_output))[batch["keep"]]
         slots = (ids == video_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, vis.to(embeds.dtype))
-    extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra)
-    return out.loss
+    base = base_of(model)
+    hidden = base.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False,
+                        return_dict=True)[0]
+    # the LM head only where a label is: a stream sample labels a few dozen of its hundreds of positions,
+    # and logits over the whole vocabulary at every position would be most of the step's time and memory
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE
+    logits = base.lm_head(hidden[:, :-1][labelled]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[labelled], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else labelled.sum().clamp(min=1)
+    return loss / count
 
 
 class StreamTrainer(Trainer):

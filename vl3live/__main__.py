@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 
-from . import ask, bench, camera, client, convert, data, demo, evaluation, schema, serve, train, watch
+from . import ask, bench, camera, client, convert, data, demo, evaluation, proof, schema, serve, train, watch
 
 COMMANDS = {"bench": bench, "ask": ask, "watch": watch, "demo": demo, "camera": camera, "serve": serve,
-            "client": client, "train": train, "data": data, "eval": evaluation, "convert": convert,
+            "client": client, "train": train, "data": data, "eval": evaluation, "proof": proof, "convert": convert,
             "protocol-schema": schema}
 
 

@@ -37,14 +37,14 @@ class EvalConfig:
     videos: str = field(default=".", metadata={"help": "the videos' root directory (the files' paths are relative "
                                                        "to it, as each benchmark's own --video_dir)"})
     out: str = field(default="runs/eval", metadata={"help": "results directory (a rerun resumes there)"})
-    protocol: str = field(default="online", metadata={"help": "online (one live session per video) | offline "
+    protocol: str = field(default="online", metadata={"help": "online (one live session per video and file) | offline "
                                                               "(the benchmark's own: a fresh call per question)"})
     fps: float = field(default=1.0, metadata={"help": "frames per second streamed (and sampled for offline clips)"})
     parallel: int = field(default=1, metadata={"help": "online: videos run at once, as sessions of one engine"})
     context: float | None = field(default=None, metadata={"help": "offline: seconds of video before each question "
                                                                   "(StreamingBench's context_time); None = all"})
     max_new_tokens: int = field(default=16, metadata={"help": "answer length limit"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N videos (a quick look)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N sessions (a video of one file each; a quick look)"})
     model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
 
     def __post_init__(self) -> None:
@@ -91,9 +91,10 @@ def evaluate(cfg: EvalConfig, config: Config, err=sys.stderr) -> dict:
     results = Results(Path(cfg.out) / f"results_{cfg.protocol}.jsonl")
     keys = {p.key for j in work for p in j.probes}
     total = len(keys)
-    todo = [VideoJob(job.video, [p for p in job.probes if p.key not in results.done]) for job in work]
+    todo = [VideoJob(job.video, [p for p in job.probes if p.key not in results.done], job.source) for job in work]
     todo = [job for job in todo if job.probes]
-    print(f"eval ({cfg.protocol}): {total} probes in {len(work)} videos; {len(keys & results.done)} already scored",
+    print(f"eval ({cfg.protocol}): {total} probes in {len(work)} sessions (a video of one annotation file each); "
+          f"{len(keys & results.done)} already scored",
           file=err, flush=True)
     progress = Progress(total, total - sum(len(j.probes) for j in todo), err)
 

@@ -94,14 +94,17 @@ class Probe:
     expected: str | int  # a letter, "Yes"/"No", a count, or the output a proactive answer must contain
     due: float | None = None  # proactive: when the answer is due
     question: str = ""  # the benchmark's own question text (proactive: the standing instruction)
+    source: str = ""  # the annotation file it comes from: its probes of one video share a session
 
 
 @dataclass
 class VideoJob:
-    """Every probe of one video, in time order: one live session streams it and asks them."""
+    """Every probe of one annotation file on one video, in time order: one live session streams it and
+    asks them (two files naming the same video get a session each, as each benchmark runs alone)."""
 
     video: Path
     probes: list[Probe] = field(default_factory=list)
+    source: str = ""
 
 
 def _letter(i: int) -> str:
@@ -133,14 +136,15 @@ def read_ovo(path: str | Path, video_dir: str | Path) -> list[Probe]:
         if task in OVO_BACKWARD + OVO_REALTIME:
             out.append(Probe(f"ovo:{rid}", "ovo", task, "backward" if task in OVO_BACKWARD else "realtime", video,
                              float(r["realtime"]), ovo_prompt(task, r), "choice", _letter(r["gt"]),
-                             question=r["question"]))
+                             question=r["question"], source=str(path)))
         elif task in OVO_FORWARD:
             for i, info in enumerate(r["test_info"]):
                 kind, expected = ("count", int(info["count"])) if task == "REC" else \
                     ("yesno", "Yes" if info["type"] == 1 else "No")
                 out.append(Probe(f"ovo:{rid}:{i}", "ovo", task, "forward", video, float(info["realtime"]),
                                  ovo_prompt(task, r, i), kind, expected,
-                                 question=r.get("question") or info.get("step") or r.get("activity", "")))
+                                 question=r.get("question") or info.get("step") or r.get("activity", ""),
+                                 source=str(path)))
         else:
             raise ValueError(f"{path}: record {rid}: unknown OVO-Bench task {task!r}")
     return out
@@ -174,19 +178,19 @@ def read_streamingbench(path: str | Path, video_dir: str | Path) -> list[Probe]:
                 out.append(Probe(key, "streamingbench", item["task_type"], "proactive", video, t,
                                  SB_PROACTIVE_PROMPT.format(item["question"]), "proactive",
                                  item["ground_truth_output"], due=seconds(item["ground_truth_time_stamp"]),
-                                 question=item["question"]))
+                                 question=item["question"], source=str(path)))
             else:
                 out.append(Probe(key, "streamingbench", item["task_type"], "realtime", video, t,
                                  sb_prompt(item["question"], item["options"]), "choice", item["answer"].strip()[:1],
-                                 question=item["question"]))
+                                 question=item["question"], source=str(path)))
     return out
 
 
 def jobs(probes: list[Probe]) -> list[VideoJob]:
-    """Probes grouped by video, each video's in time order (videos in first-appearance order)."""
-    by: dict[Path, VideoJob] = {}
+    """Probes grouped by annotation file and video, each group's in time order (in first-appearance order)."""
+    by: dict[tuple[str, Path], VideoJob] = {}
     for p in probes:
-        by.setdefault(p.video, VideoJob(p.video)).probes.append(p)
+        by.setdefault((p.source, p.video), VideoJob(p.video, source=p.source)).probes.append(p)
     for job in by.values():
         job.probes.sort(key=lambda p: (p.time, p.key))
     return list(by.values())

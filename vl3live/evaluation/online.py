@@ -1,4 +1,4 @@
-"""The online protocol: one live session per video, questions asked into it at their times.
+"""The online protocol: one live session per video (of each annotation file), questions asked into it at their times.
 
 A video's frames are streamed by pts at ``fps`` into one engine session. Before the first frame
 past a probe's time, the probe is asked into that same session and answered from everything the
