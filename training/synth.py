@@ -150,13 +150,8 @@ COLOR_OPTIONS = list(COLORS)
 SHAPE_OPTIONS = list(SHAPES) + ["star"]
 
 
-def _options(correct: str, pool: list[str]) -> tuple[list[str], int]:
-    return list(pool), pool.index(correct)
-
-
 def _item(task: str, t: float, question: str, correct: str, pool: list[str]) -> dict:
-    options, gt = _options(correct, pool)
-    return {"task": task, "time": t, "question": question, "options": options, "gt": gt}
+    return {"task": task, "time": t, "question": question, "options": list(pool), "gt": pool.index(correct)}
 
 
 def realtime_items(world: World, rng: random.Random, anytime: bool = False) -> list[dict]:

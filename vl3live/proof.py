@@ -93,9 +93,8 @@ def table(online: dict, offline: dict | None, minutes: dict[str, float]) -> str:
     stages = {k: v for k, v in minutes.items() if k.startswith("stage")}
     spent = " + ".join(f"{v:.1f}" for v in stages.values())
     lines.append(f"| training minutes (stages 1-4) | <= 20 | {spent} = {sum(stages.values()):.1f} | | |")
-    lines.append(f"| eval minutes | | {minutes.get('eval online', 0.0):.1f} | "
-                 f"{minutes['eval offline']:.1f} | |" if "eval offline" in minutes else
-                 f"| eval minutes | | {minutes.get('eval online', 0.0):.1f} | - | |")
+    offline_minutes = f"{minutes['eval offline']:.1f}" if "eval offline" in minutes else "-"
+    lines.append(f"| eval minutes | | {minutes.get('eval online', 0.0):.1f} | {offline_minutes} | |")
     return "\n".join(lines)
 
 
