@@ -57,3 +57,13 @@ def test_the_shortened_proof_trains_four_stages_and_evaluates_held_out_videos_on
     again = prove(ProofConfig(out=str(tmp_path), quick=True, online_only=True), say=said.append, err=io.StringIO())
     assert sum("is done" in m for m in said) == 4 and not any("synthesizing" in m for m in said)
     assert again["online"]["categories"] == online["categories"] and again["minutes"]["stage 2"] > 0.5
+
+
+def test_bad_proof_options_are_clear_errors(tmp_path):
+    import pytest
+
+    for bad in ({"train_videos": 0}, {"heldout_videos": 0}, {"steps": 0.0}):
+        with pytest.raises(ValueError, match="--train-videos and --heldout-videos must be >= 1, --steps > 0"):
+            ProofConfig(out=str(tmp_path), **bad)
+    assert ProofConfig(out=str(tmp_path), quick=True, train_videos=0).train_videos == 48  # --quick sets its own
+    assert not (tmp_path / "data").exists()  # nothing was written
