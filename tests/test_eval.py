@@ -14,7 +14,17 @@ import pytest
 
 from model.video import write_video_file
 from tests.conftest import scene_frames
-from training.synth import COLORS, STREAM_SAMPLES_PER_VIDEO, heldout_cell, make_world, write_synth
+from training.synth import (
+    COLORS,
+    OBJECT_IMAGES_PER_VIDEO,
+    RADIUS,
+    SHAPES,
+    STREAM_SAMPLES_PER_VIDEO,
+    heldout_cell,
+    make_world,
+    object_world,
+    write_synth,
+)
 from vl3live.config import load_config
 from vl3live.evaluation import EvalConfig, evaluate
 from vl3live.evaluation import formats as F
@@ -176,13 +186,20 @@ def test_the_synthetic_world_holds_out_its_pairs_and_writes_every_format(lm, tmp
         held, train = make_world("h", seed, heldout=True), make_world("t", seed)
         assert all(heldout_cell(k.shape, k.color) == k.cell for k in held.tracks)
         assert all(heldout_cell(k.shape, c) != k.cell for k in train.tracks for c in (k.color, k.new_color) if c)
-        for world in (held, train):  # one shape a cell, and the pixels there are its colour
-            assert len({k.cell for k in world.tracks}) == len(world.tracks)
+        for world in (held, train):  # one shape a cell, and its pixels are its colour (below the centre:
+            assert len({k.cell for k in world.tracks}) == len(world.tracks)  # a ring's centre is a hole)
             k = world.tracks[0]
             t = k.t_in + 0.5
-            y, x = (round(v) for v in k.centre(t))
+            y, x = (round(v) for v in (k.centre(t)[0] + 0.75 * RADIUS, k.centre(t)[1]))
             assert abs(world.frame(t, np.random.default_rng(0))[y, x].astype(int) - COLORS[k.color_at(t)]).max() < 30
+        alone = object_world("o", seed)  # stage 1's pictures: one shape, never in its held-out cell
+        (k,) = alone.tracks
+        assert heldout_cell(k.shape, k.color) != k.cell and (k.cell // 2, k.cell % 2) == tuple(
+            int(v // 56) for v in k.centre(0.0))
     files = write_synth(tmp_path, train_videos=2, heldout_videos=2, seed=1, say=None)
+    pictures = [json.loads(line) for line in files["stage1"].read_text().splitlines()]
+    assert len(pictures) == 2 * OBJECT_IMAGES_PER_VIDEO and all((tmp_path / s["image"]).is_file() for s in pictures)
+    assert {tuple(s["conversations"][1]["value"].split()) for s in pictures} <= {(c, k) for c in COLORS for k in SHAPES}
     ovo = F.read_ovo(files["ovo_bench_new.json"], tmp_path)
     sb = F.read_streamingbench(files["questions_real.json"], tmp_path)
     pro = F.read_streamingbench(files["questions_proactive.json"], tmp_path)

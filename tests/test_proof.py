@@ -34,7 +34,7 @@ def test_the_stage_configs_point_at_the_run(tmp_path):
         config = stage_config(n, "random-small" if n == 1 else str(tmp_path / f"stage{n - 1}" / "final"), tmp_path, 0.5)
         assert config.train.stage == n and config.train.output_dir == str(tmp_path / f"stage{n}")
         assert all(d.startswith(str(tmp_path / "data")) for d in config.train.data)
-    assert stage_config(1, "random-small", tmp_path, 1.0).train.trainable == ["vision", "projector"]
+    assert stage_config(1, "random-small", tmp_path, 1.0).train.trainable == ["vision", "projector", "llm"]
     assert stage_config(4, "x", tmp_path, 1.0).session.layout == "stream"
 
 
@@ -47,9 +47,9 @@ def test_the_shortened_proof_trains_four_stages_and_evaluates_held_out_videos_on
     assert {"realtime", "backward", "forward", "proactive"} == set(online["categories"])
     for n in (1, 2, 3, 4):
         assert (tmp_path / f"stage{n}" / "final" / "model.safetensors").exists()
-    stages = result["stages"]  # stages 2 and 4 learn from their data (stage 1 trains under a frozen random LLM)
-    assert [stages[n]["steps"] for n in (1, 2, 3, 4)] == [8, 150, 38, 105]
-    assert stages[2]["last_loss"] < 0.25 * stages[2]["first_loss"] and stages[4]["last_loss"] < 0.25 * stages[4]["first_loss"]
+    stages = result["stages"]  # every stage learns from its data
+    assert [stages[n]["steps"] for n in (1, 2, 3, 4)] == [62, 62, 38, 95]
+    assert all(stages[n]["last_loss"] < 0.5 * stages[n]["first_loss"] for n in (1, 2, 3, 4))
     assert "online (live engine)" in (tmp_path / "proof.md").read_text()
     assert json.loads((tmp_path / "proof.json").read_text())["goals_met"] == result["goals_met"]
     # a rerun trains nothing and scores nothing again, and reports the time the stages took

@@ -1,7 +1,7 @@
 """``vl3live proof OUT``: the whole loop on CPU, end to end, from random weights to scored answers.
 
-1. ``vl3live data synth``: the synthetic world (training videos and held-out ones, whose shape-colour
-   pairs no training video shows) into ``OUT/data``;
+1. ``vl3live data synth``: the synthetic world (training videos and held-out ones, which show each
+   shape in a colour and place no training video shows it in) into ``OUT/data``;
 2. the four VideoLLaMA3 stages with ``vl3live train`` and ``configs/proof/stage{1..4}.yaml``, each
    from the previous stage's model (stage 1 from the random ``random-small`` model), into
    ``OUT/stageN``;
