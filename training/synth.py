@@ -251,7 +251,7 @@ def _count_qa(world: World, t: float) -> list[dict]:
 
 def object_world(name: str, seed: int) -> World:
     """One shape, still, in a random cell (never its held-out one): the stage 1 pictures, where a shape is
-    seen alone and described ("red circle"), so that learning to see shapes needs no question to point at it."""
+    seen alone and described ("red ring"), so that learning to see shapes needs no question to point at it."""
     rng = random.Random(seed)
     while True:
         shape, color, cell = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randrange(CELLS)
@@ -268,9 +268,10 @@ STREAM_SAMPLES_PER_VIDEO = 3  # each with its own question times, wordings and i
 
 def training_samples(world: World, video: str, images: list[tuple[str, float]],
                      rng: random.Random) -> dict[str, list[dict]]:
-    """The four stages' samples for one training video: LLaVA format for 1-2 (``images``: (path, time)
-    of frames saved from it), stream format for 3 (``video-turn``: a clip cut at each question) and 4
-    (``stream``: timed questions, answers and one instruction with its announcement)."""
+    """Stages 2-4's samples for one training video (stage 1's pictures are :func:`object_world`'s):
+    LLaVA format for 2 (``images``: (path, time) of frames saved from it), stream format for 3
+    (``video-turn``: a clip cut at each question) and 4 (``stream``: timed questions, answers and one
+    instruction with its announcement)."""
     out: dict[str, list[dict]] = {"stage1": [], "stage2": [], "stage3": [], "stage4": []}
     for image, t_img in images:
         seen = world.visible(t_img)
