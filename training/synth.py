@@ -47,6 +47,11 @@ def heldout_cell(shape: str, color: str) -> int:
     return (SHAPES.index(shape) + list(COLORS).index(color)) % CELLS
 
 
+def cell_centre(cell: int) -> tuple[float, float]:
+    """The centre (y, x) of ``cell`` in pixels."""
+    return 28.0 + 56.0 * (cell // 2), 28.0 + 56.0 * (cell % 2)
+
+
 SIZE = (112, 112)  # height, width: 4 x 4 visual tokens per frame on the tiny model
 FPS = 2
 RADIUS = 22  # a shape covers about 2 x 2 of the 4 x 4 visual tokens (a small model finds it fast)
@@ -135,7 +140,7 @@ def make_world(name: str, seed: int, heldout: bool = False, seconds: float = 20.
         while any(abs(t_in - u) < 2.0 for u in used_slots):  # appearances apart: one event at a time
             t_in = float(rng.randint(1, int(seconds * 0.6)))
         used_slots.append(t_in)
-        cy, cx = 28.0 + 56.0 * (cell // 2), 28.0 + 56.0 * (cell % 2)
+        cy, cx = cell_centre(cell)
         start = (cy + rng.uniform(-2.0, 2.0), cx + rng.uniform(-2.0, 2.0))
         velocity = (0.0, rng.choice((-1.0, 1.0)) * rng.uniform(0.1, 0.2))  # drifts, never into the next cell
         track = Track(shape, color, t_in, seconds, start, velocity, cell=cell)
@@ -257,7 +262,7 @@ def object_world(name: str, seed: int) -> World:
         shape, color, cell = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randrange(CELLS)
         if heldout_cell(shape, color) != cell:
             break
-    cy, cx = 28.0 + 56.0 * (cell // 2) + rng.uniform(-4.0, 4.0), 28.0 + 56.0 * (cell % 2) + rng.uniform(-4.0, 4.0)
+    cy, cx = (v + rng.uniform(-4.0, 4.0) for v in cell_centre(cell))
     return World(name, 1.0, [Track(shape, color, 0.0, 1.0, (cy, cx), (0.0, 0.0), cell=cell)], seed=seed)
 
 
