@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streamer.events import Error, FrameStats
-from streamer.sources import Frame, ReaderStats, file_source, rtsp_source
+from streamer.sources import Frame, ReaderStats, capture, file_source, rtsp_source
 from tests.conftest import eventually
 from tests.engines import engine_for
 from vl3live.config import Config
@@ -77,12 +77,26 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
             assert all(b > a for a, b in zip(ts, ts[1:]))  # monotonic across the reconnect
             gap = max(np.diff(ts))
             assert 2.0 <= gap <= (time.monotonic() - down) + 1.0  # stream time counted the outage
-            assert reconnect_s < 5.0 + 1.0 / 2.0 * 3  # reconnected within 5 s (plus three frames at 2 fps)
+            assert reconnect_s < 5.0 + 1.0 / 2.0 * 3  # within 5 s (the 2 s backoff cap, the open) plus three frames at 2 fps
 
     try:
         asyncio.run(main())
     finally:
         _stop(server)
+
+
+def test_reconnect_backoff_grows_and_is_capped(monkeypatch):
+    # a camera down for long is still polled every MAX_BACKOFF seconds: it is picked up soon after it is back
+    slept = []
+    monkeypatch.setattr(capture, "_sleep", lambda seconds, stop: slept.append(seconds))
+
+    def refuse():
+        raise OSError("connection refused")
+
+    frames = capture.live_frames(refuse, fps=2.0, max_failures=8)
+    with pytest.raises(ValueError, match="gave up after 8 tries"):
+        next(frames)
+    assert slept == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0] and capture.MAX_BACKOFF == 2.0
 
 
 def test_rtsp_source_refuses_non_rtsp_urls():

@@ -2,7 +2,8 @@
 
 Frames are pre-sampled by pts at the target fps before they are converted to RGB (so a 30 fps
 camera costs one conversion per kept frame). When the connection drops, the reader reconnects
-with exponential backoff; stream time stays monotonic across reconnects: the first frame after a
+with exponential backoff capped at ``MAX_BACKOFF`` (a camera that comes back is polled again
+within 2 s); stream time stays monotonic across reconnects: the first frame after a
 reconnect continues from the last frame's time plus the wall time the camera was away.
 """
 
@@ -52,6 +53,9 @@ def _decode_sampled(container, fps: float, t0: float, stop: Callable[[], bool]) 
             yield t, frame
 
 
+MAX_BACKOFF = 2.0  # seconds between tries at most: longer, and a camera that is back stays dark for that long
+
+
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
     """Sleep, waking early (within 0.1 s) once ``stop()`` is true."""
     end = time.monotonic() + seconds
@@ -60,7 +64,7 @@ def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
 
 
 def live_frames(open_container: Callable[[], object], fps: float, reconnect: bool = True,
-                max_backoff: float = 8.0, stats: ReaderStats | None = None,
+                max_backoff: float = MAX_BACKOFF, stats: ReaderStats | None = None,
                 stop: Callable[[], bool] = lambda: False,
                 on_failure: Callable[[str], None] | None = None, max_failures: int | None = None,
                 name: str = "video source") -> Iterator[Frame]:
