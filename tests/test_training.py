@@ -286,3 +286,26 @@ def test_the_loss_on_labelled_positions_only_is_the_models_own_loss(lm, data):
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5) and float(ours) > 0
     assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-7)
     model.zero_grad()
+
+
+def test_group_by_length_batches_short_samples_with_short_ones(tiny_ckpt, tmp_path):
+    long_text = "Tell me everything about the scene in front of the camera, in detail. " * 6
+    samples = [{"conversations": [{"from": "human", "value": long_text if i % 2 else f"Say hi {i}."},
+                                  {"from": "gpt", "value": "Hi."}]} for i in range(64)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    runs = {}
+    for grouped in (False, True):
+        cfg = _config(tiny_ckpt, tmp_path, tmp_path / f"out{grouped}", max_steps=4, batch_size=4, save_steps=100,
+                      lr_llm=1e-3, group_by_length=grouped)
+        result = _train(cfg, say=lambda m: None)
+        trainer = result["trainer"]
+        dataset = trainer.train_dataset
+        rendered = [len(dataset[i].input_ids) for i in range(len(dataset))]
+        assert all(abs(e - r) <= 32 + 20 for e, r in zip(dataset.lengths(bucket=1), rendered))  # the estimate
+        order = list(trainer._get_train_sampler())
+        assert sorted(order) == list(range(64))  # every sample once per epoch
+        batches = [order[i:i + 4] for i in range(0, 64, 4)]
+        runs[grouped] = sum(max(rendered[i] for i in b) * 4 - sum(rendered[i] for i in b) for b in batches)
+        assert result["steps"] == 4
+    # grouped (sorted within runs of 4 batches): at most one mixed batch in 4; random order pads short to long often
+    assert runs[True] * 3 < runs[False], runs

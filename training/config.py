@@ -26,6 +26,8 @@ class TrainConfig:
     max_steps: int = setting("stop after this many optimizer steps; -1 = epochs decide", default=-1)
     batch_size: int = setting("samples per device per step", default=1)
     grad_accum: int = setting("gradient accumulation steps", default=1)
+    group_by_length: bool = setting("batch samples of about the same length together (less padding, faster "
+                                    "steps; batches still come in random order)", default=False)
     max_length: int = setting("longest sample in tokens; longer ones are skipped (counted)", default=16384)
     fps: float = setting("frames per second sampled from videos", default=1.0)
     max_frames: int = setting("most frames per sample (evenly resampled beyond)", default=180)

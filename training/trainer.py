@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from model import load_model
 from model.config import ModelConfig, SessionConfig
@@ -116,6 +117,15 @@ class StreamTrainer(Trainer):
         self.total += int(inputs.pop("tokens_total"))
         loss = stream_loss(model, inputs, self.video_token_id, num_items_in_batch)
         return (loss, None) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """``train.group_by_length``: transformers' length-grouped sampler on the dataset's estimated
+        lengths (it would otherwise render every sample once to measure it)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.train_config.group_by_length and isinstance(dataset, StreamDataset):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self):
         """AdamW with one parameter group per module, each at its own learning rate."""

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.config import SessionConfig
+from model.frames import FACTOR
 from training.config import TrainConfig
 
 from .render import IGNORE, Rendered, SampleRenderer
@@ -46,6 +47,22 @@ class StreamDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def lengths(self, bucket: int = 32) -> list[int]:
+        """Each sample's length in tokens, estimated without rendering it (for ``train.group_by_length``):
+        its text at about four characters a token, plus its frames' visual tokens where their number is
+        known from the sample (its images; a clip's start and end times at ``train.fps``), rounded up to
+        ``bucket`` tokens: samples that differ by a word (one question and another) stay mixed in a batch."""
+        per_frame = self.renderer.session.frame_pixels // (FACTOR * FACTOR)
+        fps, most = self.renderer.train.fps, self.renderer.train.max_frames
+        out = []
+        for s in self.samples:
+            frames = len(s.images)
+            if s.video is not None and s.end is not None:
+                frames += min(most, max(1, int((s.end - s.start) * fps)))
+            tokens = sum(len(m.content) for m in s.messages) // 4 + frames * per_frame
+            out.append(-(-tokens // bucket) * bucket)
+        return out
 
     def __getitem__(self, i: int) -> Rendered | SampleError:
         try:
