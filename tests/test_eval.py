@@ -7,6 +7,7 @@ the paths they name. Runs use the tiny random-weight model: what is checked is t
 is asked when, in which session, how it is scored and resumed), not the accuracy.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -26,7 +27,7 @@ from training.synth import (
     write_synth,
 )
 from vl3live.config import load_config
-from vl3live.evaluation import EvalConfig, evaluate
+from vl3live.evaluation import EvalConfig, evaluate, run_identity
 from vl3live.evaluation import formats as F
 from vl3live.evaluation.report import Results, markdown, summarize
 
@@ -158,6 +159,21 @@ def test_online_run_asks_every_probe_in_one_session_per_video_and_resumes(bench)
     keys = [r["key"] for r in Results(path).rows]
     assert len(keys) == len(set(keys)) == 10 and again["items"] == 10
     assert evaluate(cfg, config)["items"] == 10 and len(Results(path).rows) == 10  # nothing left to do
+    # another model or other settings into the same folder: refused, not mixed in with these results
+    before = path.read_text()
+    for other, what in ((dataclasses.replace(cfg, model="random-small"), "model"), (dataclasses.replace(cfg, fps=1.0), "fps")):
+        with pytest.raises(ValueError, match=f"holds online results of another run \\({what} differ"):
+            evaluate(other, config)
+    assert path.read_text() == before
+
+
+def test_a_checkpoint_retrained_in_place_is_another_run(tmp_path):
+    config = load_config(overrides=[f"model.spec={tmp_path}"])
+    cfg = EvalConfig(ovo=["x"])
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
+    first = run_identity(cfg, config)
+    (tmp_path / "model.safetensors").write_bytes(b"1" * 11)
+    assert run_identity(cfg, config)["weights"] != first["weights"] and first["model"] == str(tmp_path)
 
 
 def test_offline_run_answers_each_question_afresh(bench):

@@ -7,13 +7,15 @@ Reads the benchmarks' own annotation files (``formats.py``); ``--protocol online
 live session per video and asks each question into it at its time (``online.py``), ``offline``
 re-cuts the clip at each question and calls stock transformers afresh (``offline.py``). Every
 scored probe is appended to ``OUT/results_<protocol>.jsonl`` at once, and a rerun skips what is
-there (a killed run resumes); at the end ``OUT/summary_<protocol>.json`` and a markdown table
+there (a killed run resumes; ``OUT/run_<protocol>.json`` records the model and settings, and a rerun
+with others is refused rather than mixed in); at the end ``OUT/summary_<protocol>.json`` and a markdown table
 (``report.py``) are written and printed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -84,9 +86,38 @@ class Progress:
               "this run", end="", file=self.err, flush=True)
 
 
+def run_identity(cfg: EvalConfig, config: Config) -> dict:
+    """What a resumed run must share with the one that wrote ``cfg.out``'s results: the model (for a
+    checkpoint folder, its weight files' sizes and times too: retrained in place, it is another model),
+    the settings answers depend on."""
+    spec = cfg.model or config.model.spec
+    folder = Path(spec)
+    weights = sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.glob("*.safetensors")) \
+        if folder.is_dir() else []
+    identity = {"model": spec, "weights": weights, "fps": cfg.fps, "context": cfg.context,
+                "max_new_tokens": cfg.max_new_tokens, "session": dataclasses.asdict(config.session),
+                "engine": dataclasses.asdict(config.engine) if cfg.protocol == "online" else None}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from the file
+
+
+def _claim(out: Path, protocol: str, identity: dict) -> None:
+    """Refuse to resume another run's results; record this run's identity."""
+    path = out / f"run_{protocol}.json"
+    if path.exists() and (results := out / f"results_{protocol}.jsonl").exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        if changed:
+            raise ValueError(f"{out} holds {protocol} results of another run ({', '.join(changed)} differ): give "
+                             f"another --out, or delete {results} to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=1))
+
+
 def evaluate(cfg: EvalConfig, config: Config, err=sys.stderr) -> dict:
-    """Run ``cfg`` (resuming from what ``cfg.out`` holds); returns the summary."""
+    """Run ``cfg`` (resuming from what ``cfg.out`` holds, if the same model and settings wrote it);
+    returns the summary."""
     probes = load_probes(cfg)
+    _claim(Path(cfg.out), cfg.protocol, run_identity(cfg, config))
     work = jobs(probes)[: cfg.limit] if cfg.limit else jobs(probes)
     results = Results(Path(cfg.out) / f"results_{cfg.protocol}.jsonl")
     keys = {p.key for j in work for p in j.probes}
@@ -117,8 +148,6 @@ def evaluate(cfg: EvalConfig, config: Config, err=sys.stderr) -> dict:
 
 
 async def _online(lm, config: Config, cfg: EvalConfig, todo, sink) -> None:
-    import dataclasses
-
     from streamer.engine import Engine
 
     from .online import run_online
