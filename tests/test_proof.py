@@ -8,7 +8,16 @@ the held-out videos above chance: these tests check the loop, not the accuracy g
 import io
 import json
 
-from vl3live.proof import FALSE_ALARMS_MAX, GOALS, ProofConfig, goals_met, prove, stage_config, table
+from vl3live.proof import (
+    FALSE_ALARMS_MAX,
+    GOALS,
+    ProofConfig,
+    goals_met,
+    prove,
+    recipe_of,
+    stage_config,
+    table,
+)
 
 
 def _summary(realtime: float, backward: float, proactive: float, alarms: float) -> dict:
@@ -36,6 +45,17 @@ def test_the_stage_configs_point_at_the_run(tmp_path):
         assert all(d.startswith(str(tmp_path / "data")) for d in config.train.data)
     assert stage_config(1, "random-small", tmp_path, 1.0).train.trainable == ["vision", "projector", "llm"]
     assert stage_config(4, "x", tmp_path, 1.0).session.layout == "stream"
+
+
+def test_a_stage_is_trained_again_when_its_recipe_or_an_earlier_one_changed(tmp_path):
+    def recipes(steps: float, stage2_steps: float) -> list[str]:
+        one = recipe_of("data", stage_config(1, "random-small", tmp_path, steps))
+        two = recipe_of(one, stage_config(2, str(tmp_path / "stage1" / "final"), tmp_path, stage2_steps))
+        return [one, two]
+    same, other1, other2 = recipes(1.0, 1.0), recipes(0.5, 1.0), recipes(1.0, 0.5)
+    assert same == recipes(1.0, 1.0)
+    assert other1[0] != same[0] and other1[1] != same[1]  # stage 1 changed: stage 2 too, its own config unchanged
+    assert other2[0] == same[0] and other2[1] != same[1]
 
 
 def test_the_shortened_proof_trains_four_stages_and_evaluates_held_out_videos_online_and_offline(tmp_path):

@@ -10,8 +10,9 @@
    benchmarks' offline protocol on stock transformers;
 4. the goals (:data:`GOALS`) against what was measured, as a table (``OUT/proof.md``, ``OUT/proof.json``).
 
-A stage whose ``final`` model is there is not trained again, and the evaluation resumes from its
-results files: a killed run goes on where it stopped. ``--quick`` is the shortened proof the
+A stage whose ``final`` model is there, trained from the same data, config and earlier stages, is not
+trained again (one whose recipe changed is, with every stage after it), and the evaluation resumes
+from its results files: a killed run goes on where it stopped. ``--quick`` is the shortened proof the
 tests run (fewer videos, a quarter of the steps).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +65,12 @@ def stage_config(n: int, spec: str, out: Path, steps: float):
                                 data=[str(out / "data" / Path(d).name) for d in config.train.data],
                                 output_dir=str(out / f"stage{n}"))
     return dataclasses.replace(config, train=train)
+
+
+def recipe_of(previous: str, config) -> str:
+    """What a stage's model is made from: ``previous`` (the data and the stages before it) and its config."""
+    return json.dumps([previous, dataclasses.asdict(config.model), dataclasses.asdict(config.session),
+                       dataclasses.asdict(config.train)], default=str)
 
 
 def goals_met(summary: dict) -> dict[str, bool]:
@@ -119,19 +127,29 @@ def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
         stamp.write_text(json.dumps(wanted))
     minutes["data"] = (time.monotonic() - started) / 60
     spec = "random-small"
+    recipe = json.dumps(wanted)  # what each stage's model comes from: the data, then every stage up to it
     for n in STAGES:
         config = stage_config(n, spec, out, cfg.steps)
+        recipe = recipe_of(recipe, config)
         final = Path(config.train.output_dir) / "final"
         record = Path(config.train.output_dir) / "proof_stage.json"  # kept: a resumed run reports the real time
         started = time.monotonic()
-        if not (final / "config.json").exists() or not record.exists():
+        done = (final / "config.json").exists() and record.exists()
+        if done and json.loads(record.read_text()).get("recipe") != recipe:
+            say(f"proof: stage {n}'s config, or an earlier stage's or the data, changed since it was trained: "
+                "training it again")
+            done = False
+        if not done:
             say(f"proof: stage {n} ({config.train.max_steps} steps, {', '.join(config.train.trainable)}) from {spec}")
+            shutil.rmtree(config.train.output_dir, ignore_errors=True)
+            shutil.rmtree(out / "eval", ignore_errors=True)  # its results are another model's
             trained = run_train(config.model, config.session, config.train, say=say)
             record.write_text(json.dumps({"minutes": (time.monotonic() - started) / 60, "steps": trained["steps"],
-                                          "first_loss": trained["losses"][0], "last_loss": trained["losses"][-1]}))
+                                          "first_loss": trained["losses"][0], "last_loss": trained["losses"][-1],
+                                          "recipe": recipe}))
         else:
             say(f"proof: stage {n} is done ({final})")
-        stages[n] = json.loads(record.read_text())
+        stages[n] = {k: v for k, v in json.loads(record.read_text()).items() if k != "recipe"}
         minutes[f"stage {n}"] = stages[n]["minutes"]
         spec = str(final)
     config = stage_config(4, spec, out, cfg.steps)  # evaluated as stage 4 trained it
