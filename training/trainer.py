@@ -138,7 +138,8 @@ class StreamTrainer(Trainer):
                     groups.setdefault(module_of(name) or "llm", []).append(p)
             params = [{"params": ps, "lr": lrs[m], "weight_decay": cfg.weight_decay, "name": m}
                       for m, ps in groups.items() if lrs[m] > 0]
-            # foreach: one kernel per step over all tensors (CUDA's default; on CPU it is ~2x faster than per tensor)
+            # foreach: each update op over all tensors at once, not a loop over them (CUDA's default; on CPU the
+            # proof's stage 4 steps ran ~10 % faster)
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr_llm, betas=(0.9, 0.999), eps=1e-8, foreach=True)
         return self.optimizer
 
