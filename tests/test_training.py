@@ -102,6 +102,19 @@ def test_each_stage_trains_its_modules_at_their_learning_rates(tiny_ckpt, data, 
     assert result["steps"] == 3 and result["skipped_samples"] == 0
 
 
+def test_freeze_embeddings_keeps_the_input_embeddings_while_the_llm_trains(tiny_ckpt, data, tmp_path):
+    cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=2, save_steps=100, lr_llm=3e-3, freeze_embeddings=True)
+    before = {n: p.detach().clone() for n, p in load_model(str(tiny_ckpt), device="cpu").model.named_parameters()}
+    trainer = _train(cfg, say=lambda m: None)["trainer"]
+    embeddings = "model.language_model.embed_tokens.weight"
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p.detach(), before[n])}
+    assert embeddings not in changed and "lm_head.weight" in changed
+    assert {module_of(n) for n in changed} == {"vision", "projector", "llm"}
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert id(after[embeddings]) not in optimized  # no AdamW state for them either
+
+
 def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_ckpt, data, tmp_path):
     cfg = _config(tiny_ckpt, data, tmp_path / "out", max_steps=80, save_steps=1000, lr_llm=1e-2, lr_projector=3e-3,
                   lr_vision=1e-3, gradient_checkpointing=False)

@@ -59,6 +59,8 @@ def prepare_model(model, cfg: TrainConfig):
         return model
     for name, p in model.named_parameters():
         p.requires_grad_(module_of(name) in cfg.trainable)
+    if cfg.freeze_embeddings:  # their backward and AdamW update: a third of a step on the proof's small model
+        model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
 
