@@ -17,7 +17,7 @@ class EngineConfig:
     max_question_chars: int = setting("longest question accepted", default=2000)
     proactive_threshold: float = setting(
         "stream layout: answer by itself when respond_probability() >= this after a frame", default=0.5)
-    proactive_cooldown: float = setting("seconds of stream time between proactive answers", default=10.0)
+    proactive_cooldown: float = setting("seconds of stream time between proactive answers to one instruction", default=10.0)
     proactive_every: float = setting(
         "video-turn layout: re-ask the standing instruction every N seconds of stream time", default=10.0)
     proactive_max_new_tokens: int = setting("length limit of a proactive answer", default=64)

@@ -384,6 +384,7 @@ class Engine:
         with self._worker.condition:
             session.instruction = text
             session.last_instruction_t = None
+            session.last_alert_t = None  # the cooldown is between answers to one instruction
             session.last_alert_text = ""
             if session.stream.config.layout == "stream":
                 session.stream.unpin()

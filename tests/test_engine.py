@@ -203,6 +203,14 @@ def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm):
             assert created[0].question == "Tell me when something red appears."  # asked once, pinned
             assert all(e.proactive for e in created[1:])
             assert session.stream.stats().pinned_tokens > 0  # the instruction stays in the cache
+            # a new instruction is answered at once: the cooldown is between answers to one instruction
+            sub = eng.bus.subscribe(session.id, maxsize=100000)
+            eng.set_instruction(session, "Tell me when something blue appears.")
+            assert 11.5 - alerts[-1].t < 3.0
+            eng.push_frame(session, Frame(11.5, SyntheticCamera(84, 112).frame(11.5)))
+            await eng.settled(session)
+            new = [e for e in _drain(sub) if isinstance(e, Alert)]
+            assert [(e.t, e.instruction) for e in new] == [(11.5, "Tell me when something blue appears.")]
     asyncio.run(main())
 
 

@@ -252,3 +252,28 @@ def test_the_synthetic_training_prompts_are_ovo_benchs_own():
     assert rec_prompt("appear") == F.ovo_prompt("REC", {"activity": "appear"})
     options = ["A. red", "B. blue", "C. green", "D. yellow"]
     assert sb_prompt(record["question"], options) == F.sb_prompt(record["question"], options)
+
+
+def test_a_standing_instruction_is_acknowledged_before_the_next_frame_comes(lm, bench):
+    import asyncio
+
+    from streamer.engine import Engine
+    from vl3live.evaluation.online import _Stream
+
+    config = load_config(overrides=["model.spec=tiny", "session.layout=stream", "session.frame_pixels=9408"])
+    probe = F.read_streamingbench(bench / "questions_proactive.json", bench)[0]
+    rgb = scene_frames(1, 84, 112)[0]
+
+    async def go():
+        async with Engine(lm, config.engine, config.session, 1) as engine:
+            session = await engine.open_session()
+            s = _Stream(engine, session, lambda row: None, max_new_tokens=3)
+            await s.frame(0.5, rgb)
+            await s.ask(probe)
+            acked = [d for d in s.done.values() if not d.proactive]  # before any later frame is pushed
+            await s.frame(1.0, rgb)
+            s.sub.close()
+            return acked
+
+    acked = asyncio.run(go())
+    assert len(acked) == 1 and acked[0].t == 0.5  # answered in the stream after the 0.5 s frame, not the 1 s one

@@ -73,6 +73,10 @@ class _Stream:
             self.alerts = []
             self.proactive = probe
             self.engine.set_instruction(self.session, probe.question)
+            # its acknowledgement is in the cache before the next frame, as the question is asked before that
+            # frame comes (pushed at once, the frame went first: the worker takes a frame before a question)
+            await self.engine.settled(self.session, timeout=600)
+            self.drain()
             return
         started = time.perf_counter()
         rid = self.engine.ask(self.session, probe.prompt, self.sampling)
