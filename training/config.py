@@ -18,7 +18,8 @@ class TrainConfig:
     stage: int = setting("VideoLLaMA3 stage 1-4 (documentation; what trains is set by trainable/lr_*)", default=4)
     trainable: list[str] = setting("modules that train: vision, projector, llm", default_factory=lambda: list(MODULES))
     freeze_embeddings: bool = setting("keep the LLM's input token embeddings (vocabulary x hidden) as they are "
-                                      "while the rest of the LLM, LM head included, trains", default=False)
+                                      "while the rest of the LLM trains; the LM head trains unless it is the same "
+                                      "matrix (tied embeddings, as on the 2B)", default=False)
     lr_vision: float = setting("learning rate of the vision encoder", default=2e-6)
     lr_projector: float = setting("learning rate of the projector", default=1e-5)
     lr_llm: float = setting("learning rate of the language model", default=1e-5)
