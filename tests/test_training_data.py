@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from model import StreamSession
 from model.config import SessionConfig
 from model.video import read_video_file
 from tests import ws_rig
 from training.config import TrainConfig
-from training.data.render import IGNORE, SampleRenderer
+from training.data.render import IGNORE, FrameCache, SampleRenderer
 from training.data.samples import SampleError, parse_sample, read_samples
 
 FRAME_PIXELS = 28 * 28 * 12
@@ -75,6 +76,34 @@ def test_a_rendered_stream_sample_is_what_the_live_session_holds(lm, tmp_path, l
         assert 1 <= text.count(stream_start) <= 1  # keep-watching labels, balanced 1:1 against it
     else:
         assert im_start not in text and stream_start not in text
+
+
+def test_samples_of_one_video_decode_it_once_and_render_as_if_decoded_each_time(lm, tmp_path):
+    raw = _stream_sample(tmp_path)
+    sample = parse_sample(raw, tmp_path, "test:1")
+    cfg = SessionConfig(layout="stream", frame_pixels=FRAME_PIXELS)
+    uncached = SampleRenderer(lm.processor, cfg, TrainConfig(fps=2.0, frame_cache_mb=0))
+    cached = SampleRenderer(lm.processor, cfg, TrainConfig(fps=2.0))
+    first, again = cached.render(sample), cached.render(sample)
+    plain = uncached.render(sample)
+    assert (cached.cache.misses, cached.cache.hits) == (1, 1)  # the second sample of the video: no decode
+    assert (uncached.cache.misses, uncached.cache.hits, uncached.cache.used) == (1, 0, 0)  # 0 MiB: never kept
+    for out in (first, again):
+        assert out.input_ids == plain.input_ids and out.labels == plain.labels
+        assert all(torch.equal(a, b) for a, b in zip(out.pixel_values, plain.pixel_values))
+
+    clip = str(tmp_path / "clip.mp4")
+    cache = FrameCache(64 * 2**20)
+    short = cache.frames(clip, 2.0, 2.0)
+    longer = cache.frames(clip, 2.0, 5.0)  # further than it was decoded: decoded again, as far as asked
+    assert cache.misses == 2 and [t for t, _ in longer][: len(short)] == [t for t, _ in short]
+    assert max(t for t, _ in short) <= 2.0 < max(t for t, _ in longer) <= 5.0
+    assert [t for t, _ in cache.frames(clip, 2.0, 3.0)] == [t for t, _ in longer if t <= 3.0] and cache.hits == 1
+    whole = sum(rgb.nbytes for _, rgb in longer)
+    assert cache.used == whole
+    tight = FrameCache(whole - 1)  # a video larger than the whole cache is not kept
+    tight.frames(clip, 2.0, 5.0)
+    assert tight.used == 0
 
 
 def test_decision_ratio_balances_keep_watching_labels(lm, tmp_path):

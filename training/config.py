@@ -45,6 +45,8 @@ class TrainConfig:
     skip_bad_samples: bool = setting("skip (and count) samples that fail to load; false = stop at the first",
                                    default=True)
     num_workers: int = setting("data loader worker processes", default=2)
+    frame_cache_mb: int = setting("decoded video frames kept for the next sample of the same video, MiB per data "
+                                  "loader worker (least recently used go first; 0 = decode every time)", default=256)
     lora: bool = setting("train LoRA adapters on the LLM instead of its weights", default=False)
     lora_r: int = setting("LoRA rank", default=64)
     lora_alpha: int = setting("LoRA alpha", default=128)
@@ -67,5 +69,5 @@ class TrainConfig:
         if self.quant and not self.lora:
             raise ValueError("train.quant (QLoRA) needs train.lora: true")
         if min(self.batch_size, self.grad_accum, self.max_length, self.max_frames, self.logging_steps,
-               self.save_steps) < 1 or self.fps <= 0 or self.decision_ratio < 0:
-            raise ValueError("train: sizes and steps must be >= 1, fps > 0, decision_ratio >= 0")
+               self.save_steps) < 1 or self.fps <= 0 or self.decision_ratio < 0 or self.frame_cache_mb < 0:
+            raise ValueError("train: sizes and steps must be >= 1, fps > 0, decision_ratio and frame_cache_mb >= 0")

@@ -140,9 +140,10 @@ class StreamTrainer(Trainer):
                     groups.setdefault(module_of(name) or "llm", []).append(p)
             params = [{"params": ps, "lr": lrs[m], "weight_decay": cfg.weight_decay, "name": m}
                       for m, ps in groups.items() if lrs[m] > 0]
-            # foreach: each update op over all tensors at once, not a loop over them (CUDA's default; on CPU the
-            # proof's stage 4 steps ran ~10 % faster)
-            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr_llm, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+            # fused: one kernel updates each tensor in place. The foreach kernels allocate every intermediate at
+            # full size: on CPU, for the proof's small model and its two 151,936-row vocabulary matrices, their
+            # update was a third of a stage 4 step (374 ms of 1.25 s; fused: 23 ms)
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr_llm, betas=(0.9, 0.999), eps=1e-8, fused=True)
         return self.optimizer
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -246,7 +247,9 @@ def run_train(model_config: ModelConfig, session_config: SessionConfig, cfg: Tra
         learning_rate=cfg.lr_llm,
         weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, bf16=bf16,
-        dataloader_num_workers=cfg.num_workers, remove_unused_columns=False, report_to=[],
+        dataloader_num_workers=cfg.num_workers, remove_unused_columns=False,
+        dataloader_persistent_workers=cfg.num_workers > 0,  # their frame caches last from one epoch to the next
+        report_to=[],
         deepspeed=cfg.deepspeed, fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config,
         disable_tqdm=False, use_cpu=not cuda,
     )

@@ -15,7 +15,9 @@ Labels (-100 elsewhere): the answer tokens and the ``<|im_end|>`` that closes th
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +47,41 @@ class Rendered:
     tokens_kept: int = 0
 
 
+class FrameCache:
+    """Decoded videos, least recently used evicted first, at most ``limit_bytes`` of RGB in all: a video
+    that several samples cut (the stream samples and clips of one synthetic video) is decoded once, not
+    once per sample. A video is decoded as far as a sample needed it, and further when a later one
+    needs more; one larger than the whole limit is never kept."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.used = 0
+        self.hits = self.misses = 0
+        self._videos: OrderedDict[tuple, tuple[list[tuple[float, np.ndarray]], float | None, int]] = OrderedDict()
+
+    def frames(self, path: str, fps: float, until: float | None) -> list[tuple[float, np.ndarray]]:
+        """(pts, RGB) of ``path`` at ``fps`` up to ``until`` seconds (None: to its end)."""
+        key = (str(Path(path).resolve()), fps)
+        held = self._videos.get(key)
+        if held is not None and (held[1] is None or (until is not None and until <= held[1])):
+            self._videos.move_to_end(key)
+            self.hits += 1
+            return [f for f in held[0] if until is None or f[0] <= until]
+        self.misses += 1
+        frames = [(f.pts_seconds, f.rgb) for f in read_video_file(path, fps=fps, max_seconds=until)]
+        if held is not None:
+            self.used -= held[2]
+            del self._videos[key]
+        size = sum(rgb.nbytes for _, rgb in frames)
+        if size <= self.limit:
+            self._videos[key] = (frames, until, size)
+            self.used += size
+            while self.used > self.limit:
+                _, (_, _, gone) = self._videos.popitem(last=False)
+                self.used -= gone
+        return frames
+
+
 class SampleRenderer:
     """Renders a sample with the live session's own layout renderer, preprocessing and DiffFP."""
 
@@ -53,6 +90,7 @@ class SampleRenderer:
         self.session, self.train = session, train
         self.pieces = ChatPieces.from_processor(processor, session.system_prompt)
         self.prep = FramePreprocessor(session.frame_pixels, session.min_pixels, "cpu")
+        self.cache = FrameCache(train.frame_cache_mb * 2**20)
         self.video_id = self.tok.convert_tokens_to_ids(getattr(processor, "video_token", "<|video_pad|>"))
         self.im_start = self.tok.convert_tokens_to_ids("<|im_start|>")
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
@@ -80,9 +118,8 @@ class SampleRenderer:
         if sample.video is None:
             return []
         try:
-            frames = [(f.pts_seconds - sample.start, f.rgb) for f in
-                      read_video_file(sample.video, fps=cfg.fps, max_seconds=sample.end)
-                      if f.pts_seconds >= sample.start]
+            frames = [(pts - sample.start, rgb) for pts, rgb in self.cache.frames(sample.video, cfg.fps, sample.end)
+                      if pts >= sample.start]
         except (ValueError, FileNotFoundError) as exc:
             raise SampleError(sample.where, str(exc)) from None
         if not frames:
