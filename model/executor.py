@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 
 SEGMENTED = "vl3live_segments"
+# The varlen arguments the flash path passes to transformers' flash entry point, by keyword. That entry point
+# takes **kwargs, so a name it does not know is swallowed and the call attends across sessions:
+# ``vl3live gpu-check`` checks each against the installed transformers.
+VARLEN_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def segmented_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -214,10 +218,10 @@ class Executor:
             kwargs.update(vl3_segments=segments, attention_mask=dict.fromkeys(self.layer_types))
         elif self.varlen:  # flash-attn: per-session lengths, causal within each (bottom-right aligned)
             kwargs["attention_mask"] = dict.fromkeys(self.layer_types)
-            kwargs.update(cu_seq_lens_q=torch.tensor(cu_q, device=dev, dtype=torch.int32),
-                          cu_seq_lens_k=torch.tensor(cu_k, device=dev, dtype=torch.int32),
-                          max_length_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                          max_length_k=max(b - a for a, b in zip(cu_k, cu_k[1:])))
+            kwargs.update(zip(VARLEN_KEYWORDS, (torch.tensor(cu_q, device=dev, dtype=torch.int32),
+                                                torch.tensor(cu_k, device=dev, dtype=torch.int32),
+                                                max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                                                max(b - a for a, b in zip(cu_k, cu_k[1:])))))
         else:  # one call over the gathered keys with a block-diagonal causal mask
             qs = torch.repeat_interleave(torch.arange(len(items), device=dev),
                                          torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:])], device=dev))

@@ -15,11 +15,26 @@ import os
 import signal
 import sys
 
-from . import ask, bench, camera, client, convert, data, demo, evaluation, proof, schema, serve, train, watch
+from . import (
+    ask,
+    bench,
+    camera,
+    client,
+    convert,
+    data,
+    demo,
+    evaluation,
+    gpu_check,
+    proof,
+    schema,
+    serve,
+    train,
+    watch,
+)
 
 COMMANDS = {"bench": bench, "ask": ask, "watch": watch, "demo": demo, "camera": camera, "serve": serve,
             "client": client, "train": train, "data": data, "eval": evaluation, "proof": proof, "convert": convert,
-            "protocol-schema": schema}
+            "protocol-schema": schema, "gpu-check": gpu_check}
 
 
 def parser() -> argparse.ArgumentParser:

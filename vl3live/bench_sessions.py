@@ -34,7 +34,7 @@ TTFT_GOAL_MS = 250.0
 KEEP_UP = 0.95
 
 
-async def _drive(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: float,
+async def drive_cameras(eng: Engine, n: int, cfg: BenchConfig, seconds: float, fps: float,
                  keep_asking: bool = False, asking: bool = True) -> dict:
     """Run ``n`` cameras sending ``fps`` frames per second for ``seconds``; questions every
     ``ask_every`` seconds of stream time or, with ``keep_asking``, each right after the last answer
@@ -151,7 +151,7 @@ def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
         for load, fps, keep in (("frames", cfg.flood_fps, False), ("answers", cfg.fps, True)):
             say(f"bench: {n} sessions, {load}-bound, batching {'on' if batching else 'off'}, {cfg.seconds:g} s ...")
             run, pool = asyncio.run(_engine_run(
-                lm, config, batching, lambda eng, f=fps, k=keep: _drive(eng, n, cfg, cfg.seconds, f, k, asking=k)))
+                lm, config, batching, lambda eng, f=fps, k=keep: drive_cameras(eng, n, cfg, cfg.seconds, f, k, asking=k)))
             out.setdefault(mode, {})[load] = run
     out["pool_bytes_per_token"] = pool.bytes_per_token
     out["pool_tokens"] = pool.tokens
@@ -177,7 +177,7 @@ def _max_streams(lm, config: Config, cfg: BenchConfig, say) -> tuple[int, list[d
     def probe(k: int) -> bool:
         say(f"bench: max_streams probe: {k} cameras at {cfg.fps:g} fps for {cfg.probe_seconds:g} s ...")
         run, _ = asyncio.run(_engine_run(lm, config, True,
-                                         lambda eng: _drive(eng, k, cfg, cfg.probe_seconds, cfg.fps)))
+                                         lambda eng: drive_cameras(eng, k, cfg, cfg.probe_seconds, cfg.fps)))
         probes.append({k2: run[k2] for k2 in ("sessions", "frames_offered", "frames_processed", "ttft_ms_p99",
                                              "kept_up")})
         return _ok(run)
