@@ -37,6 +37,7 @@ from .answering import Answering, Op, TokenDelta
 from .budget import EXCHANGE, FRAME, SINK, CacheLimitError, KVBudget, Ledger, Unit
 from .config import SessionConfig
 from .diffp import DiffPruner
+from .driver import drive
 from .executor import Executor, Forward
 from .frames import MERGE, FramePreprocessor, PixelFrame
 from .kvcache import RopeMover
@@ -174,21 +175,7 @@ class StreamSession(Memory, Answering):
 
     def _drive(self, op: Op) -> Generator[TokenDelta, None, object]:
         """Run ``op`` on this session's executor, each forward at once; its token deltas pass through."""
-        send, value = op.send, None
-        try:
-            while True:
-                try:
-                    work = send(value)
-                except StopIteration as stop:
-                    return stop.value
-                if isinstance(work, Forward):
-                    self._executor.run([work])
-                    send, value = (op.throw, work.error) if work.error is not None else (op.send, work)
-                else:
-                    send, value = op.send, None
-                    yield work
-        finally:
-            op.close()
+        return drive(op, lambda work: self._executor.run([work]))
 
     def _run(self, op: Op) -> object:
         """Run an operation that streams nothing; return its result."""

@@ -3,7 +3,7 @@
 - A frame that carries no pts (a webcam in the demo, a websocket client that sends none) is stamped
   with its arrival time (:class:`ArrivalClock`).
 - A source attached to a session that already ran (a file or camera starting at pts 0) is shifted
-  so its first frame comes one sampling period after the session's newest (:func:`continued`).
+  so its first frame comes one sampling period after the session's newest (:func:`continued_offset`).
 
 Either way a session's clock only goes forward, whichever source fed it last.
 """
@@ -11,9 +11,6 @@ Either way a session's clock only goes forward, whichever source fed it last.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-
-from .sources import FpsSampler, Frame
 
 
 class ArrivalClock:
@@ -32,16 +29,7 @@ class ArrivalClock:
         return t
 
 
-async def continued(source: AsyncIterator[Frame], sampler: FpsSampler) -> AsyncIterator[Frame]:
-    """``source`` with its pts shifted to start one sampling period after ``sampler``'s newest frame."""
-    offset = None
-    try:
-        async for f in source:
-            if offset is None:
-                last = sampler.last
-                offset = 0.0 if last is None else last + sampler.period - f.pts_seconds
-            yield Frame(f.pts_seconds + offset, f.rgb)
-    finally:
-        close = getattr(source, "aclose", None)
-        if close is not None:
-            await close()
+def continued_offset(newest: float | None, period: float, first_pts: float) -> float:
+    """What to add to a new source's pts so its first frame comes one sampling period after the session's
+    newest frame (``newest``; None: the session has none, nothing to add)."""
+    return 0.0 if newest is None else newest + period - first_pts

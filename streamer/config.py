@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 from model.configtree import setting
 
+from .core.commands import SessionSettings
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """The engine-wide settings the core runs with (taken from ``engine.*``)."""
+
+    batching: bool = True
+    max_step_tokens: int = 2048
+    min_chunk_tokens: int = 64
+    max_queued_questions: int = 8
+    max_new_tokens: int = 256
+    prep_threads: int = 2
+
 
 @dataclass
 class EngineConfig:
@@ -36,12 +50,16 @@ class EngineConfig:
     kv_page_tokens: int = setting("tokens per KV page (the block-table granularity)", default=16)
     prep_threads: int = setting("threads that preprocess frames (resize, normalize, patchify) as they arrive",
                               default=2)
+    transport: str = setting('where the engine core runs: "thread" (a thread of this process) or "process" (a '
+                             'child process that loads the model, over a pipe)', default="thread")
 
     def __post_init__(self) -> None:
         if min(self.max_step_tokens, self.min_chunk_tokens, self.kv_page_tokens, self.prep_threads) < 1 or (
                 self.kv_pool_tokens is not None and self.kv_pool_tokens < self.kv_page_tokens):
             raise ValueError("engine: max_step_tokens, min_chunk_tokens, kv_page_tokens and prep_threads must be "
                              ">= 1, kv_pool_tokens >= kv_page_tokens")
+        if self.transport not in ("thread", "process"):
+            raise ValueError(f"engine.transport must be thread or process, got {self.transport!r}")
         if not 0.0 < self.kv_pool_memory <= 1.0:
             raise ValueError("engine.kv_pool_memory must be in (0, 1]")
         if self.fps <= 0 or self.proactive_every <= 0 or self.proactive_cooldown < 0:
@@ -51,6 +69,16 @@ class EngineConfig:
             raise ValueError("engine: token, question and queue limits must be >= 1 (subscriber_queue >= 8)")
         if not 0.0 <= self.proactive_threshold <= 1.0:
             raise ValueError("engine.proactive_threshold must be in [0, 1]")
+
+    def session_defaults(self) -> SessionSettings:
+        """A new session's live settings (``session.update`` changes them per session)."""
+        return SessionSettings(self.fps, self.proactive_threshold, self.proactive_cooldown, self.proactive_every,
+                               self.proactive_max_new_tokens)
+
+    def core(self) -> CoreConfig:
+        """The engine-wide settings the core runs with."""
+        return CoreConfig(self.batching, self.max_step_tokens, self.min_chunk_tokens, self.max_queued_questions,
+                          self.max_new_tokens, self.prep_threads)
 
 
 @dataclass

@@ -1,8 +1,15 @@
-"""The live engine: sources -> sampler -> latest-frame slot -> the model worker -> events.
+"""The engine as front ends see it: an :class:`EngineClient` that sends commands to the engine core and
+publishes what comes back on the :class:`EventBus`.
 
-Everything here runs on the asyncio event loop except the model steps, which run on the one
-:class:`ModelWorker` thread. Events from the worker are handed to the loop and published on the
-:class:`EventBus`.
+The core (:mod:`streamer.core`) owns the model and every session's state; a client holds only
+:class:`SessionHandle` values (an id and a mirror of the session's settings and counters, refreshed by
+every batch the core sends) and the asyncio tasks that feed attached sources. Two transports:
+
+- :class:`Engine`: the core on a thread of this process (the default);
+- :class:`streamer.core.process.ProcessEngine`: the core in a child process, over a pipe.
+
+Nothing crosses either boundary but commands (:mod:`streamer.core.commands`) and outputs. Checks that
+need no model are made here, before sending, and raise :class:`EngineError` at once.
 """
 
 from __future__ import annotations
@@ -12,68 +19,143 @@ import dataclasses
 import itertools
 import logging
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from model import LoadedModel, StreamSession
+import numpy as np
+
 from model.config import SessionConfig
-from model.executor import Executor
-from model.kvpool import KVPool, PoolFullError, PoolStats, pool_size
+from model.kvpool import PoolStats
 from model.sampling import Sampling
 
 from .bus import EventBus
-from .clock import continued
 from .config import EngineConfig
-from .engine_session import FRAME_OUTCOMES, EngineSession, PendingFrame, PendingQuestion
+from .core.commands import (
+    UNSET,
+    Ask,
+    Cancel,
+    CloseSession,
+    EngineSnapshot,
+    EngineState,
+    OpenSession,
+    Outputs,
+    PushFrame,
+    Reconfigure,
+    SessionSettings,
+    SessionSnapshot,
+    SessionState,
+    SetInstruction,
+    Snapshot,
+    UpdateSettings,
+)
 from .errors import EngineError, check_text
-from .events import Error, FrameCounts, SessionClosed, SessionCreated, SourceEnded
-from .prep import Preprocessing
-from .sources import FpsSampler, Frame
-from .worker import ModelWorker
+from .events import Error, FrameCounts, SourceEnded
+from .sources import Frame
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineClient", "EngineError", "EngineStats", "SessionHandle"]
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    """The engine's KV pool (None before it starts) and the packed steps its worker ran."""
+    """The engine's KV pool (None before it starts) and the packed steps the core ran."""
 
     pool: PoolStats | None
     steps: int
     step_items: int  # forwards run over all steps (step_items / steps = the mean batch)
 
 
-class Engine:
-    """Sessions over one model and one KV pool: ``async with Engine(lm, engine_cfg, session_cfg) as engine:``.
+class SessionHandle:
+    """A session as a client sees it: its id, and a mirror of its settings and counters (as of the last
+    batch from the core; :meth:`EngineClient.snapshot` gives an exact look)."""
 
-    ``config`` holds the engine's settings (and each new session's defaults of its per-session ones);
-    ``session_config`` each new session's model settings; on CPU the pool holds ``max_sessions`` budgets."""
+    def __init__(self, sid: str, config: SessionConfig, settings: SessionSettings, sampling: Sampling,
+                 max_tokens: int):
+        self.id = sid
+        self.config = config  # model settings: layout, budget, frame size, DiffFP
+        self.settings = settings  # live settings: fps, proactive
+        self.sampling = sampling  # how its answers are generated
+        self.instruction: str | None = None
+        self.max_tokens = max_tokens
+        self.state = SessionState(sid, FrameCounts(), None, None, False, True, 0)
+        self.closed = False
+        self.sent_questions = 0  # asked since the last state (the mirror's queue length lags by these)
+        self.source_seq = 0  # attached sources so far (their frames carry the number)
 
-    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, session_config: SessionConfig | None = None,
+    @property
+    def counts(self) -> FrameCounts:
+        return self.state.counts
+
+    def counters(self) -> FrameCounts:
+        return self.state.counts
+
+    # the frame counters, as of the last batch
+    accepted = property(lambda self: self.state.counts.accepted)
+    source_frames = property(lambda self: self.state.counts.source_frames)
+    sampled_out = property(lambda self: self.state.counts.sampled_out)
+    dropped = property(lambda self: self.state.counts.dropped)
+    processed = property(lambda self: self.state.counts.processed)
+    refused = property(lambda self: self.state.counts.refused)
+    pending = property(lambda self: self.state.counts.pending)
+    errors = property(lambda self: self.state.counts.errors)
+    proactive_suppressed = property(lambda self: self.state.counts.proactive_suppressed)
+
+    @property
+    def newest_pts(self) -> float | None:
+        return self.state.newest_pts
+
+    def __repr__(self) -> str:
+        return f"SessionHandle({self.id!r})"
+
+
+class EngineClient:
+    """What every front end talks to (the websocket server, the WebRTC offer, the demo, the commands).
+
+    ``config``: the engine's settings (and each new session's live-setting defaults); ``session_config``:
+    each new session's model settings; on CPU the pool holds ``max_sessions`` budgets. Transports
+    implement ``_start_core``, ``_post``, ``_stop_core`` and ``alive``."""
+
+    def __init__(self, config: EngineConfig | None = None, session_config: SessionConfig | None = None,
                  max_sessions: int = 16, bus: EventBus | None = None):
-        self.lm = lm
         self.config = config or EngineConfig()
         self.session_config = session_config or SessionConfig()
         self.max_sessions = max_sessions
         self.bus = bus or EventBus(self.config.subscriber_queue)
-        self.sessions: dict[str, EngineSession] = {}
+        self.sessions: dict[str, SessionHandle] = {}
         self._pumps: dict[str, asyncio.Task] = {}
         self._ids = itertools.count(1)
         self._responses = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        ec = self.config
-        self.pool: KVPool | None = None  # made at start
-        self.executor = Executor(lm)
-        self._worker = ModelWorker(self._emit_threadsafe, self.executor, ec.batching, ec.max_step_tokens,
-                                   ec.min_chunk_tokens)
-        self._prep = Preprocessing(ec.prep_threads, self._worker.condition)
-        self.frame_totals: Counter = Counter()  # frames by outcome over every session, closed ones included
-        self._closing: dict[str, EngineSession] = {}  # sessions being closed (no longer in self.sessions)
+        self._engine = EngineState(None, 0, 0, FrameCounts(), 0)
+        self.lost: str | None = None  # why the core is gone, once it is
 
-    async def __aenter__(self) -> Engine:
+    # -- transport ----------------------------------------------------------------------------------
+    async def _start_core(self) -> None:
+        raise NotImplementedError
+
+    def _post(self, request: int | None, command: object) -> None:
+        raise NotImplementedError
+
+    async def _stop_core(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """Whether the core runs (``/health``)."""
+        raise NotImplementedError
+
+    def _deliver(self, out: Outputs) -> None:
+        """(Any thread.) Hand a batch from the core to the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_outputs, out)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def __aenter__(self) -> EngineClient:
         await self.start()
         return self
 
@@ -82,121 +164,164 @@ class Engine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.pool is None:
-            ec = self.config
-            budget = self.session_config.budget.max_tokens  # each session reserves its whole budget
-            tokens = ec.kv_pool_tokens or pool_size(self.lm, budget, self.max_sessions, ec.kv_page_tokens,
-                                                    ec.kv_pool_memory)
-            self.pool = await asyncio.to_thread(KVPool, self.lm.model.config.text_config, tokens, self.lm.device,
-                                                self.lm.dtype, ec.kv_page_tokens)
-            print(f"vl3live: KV pool of {self.pool.tokens} tokens x {self.pool.bytes_per_token} bytes "
-                  f"= {self.pool.nbytes / 2**30:.2f} GiB on {self.lm.device} (pages of {ec.kv_page_tokens}); "
-                  f"batching {'on' if ec.batching else 'off'}, {ec.max_step_tokens} tokens per step",
-                  file=sys.stderr, flush=True)
-        self._worker.start()
+        await self._start_core()
 
     async def close(self) -> None:
-        """Stop every source and the worker; close every subscription."""
+        """Stop every source and the core; close every subscription."""
         for sid in list(self.sessions):
-            await self.close_session(sid)
-        await asyncio.to_thread(self._worker.stop)
-        await asyncio.to_thread(self._prep.shutdown)
+            try:
+                await self.close_session(sid)
+            except EngineError:
+                pass
+        await self._stop_core()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(EngineError("the engine stopped", "internal"))
         self.bus.close()
 
-    def recent_steps(self) -> list[tuple[int, dict[str, int], float]]:
-        """The last steps the worker ran (at most 512): (step number, rows per session id, ms)."""
-        with self._worker.condition:
-            return list(self._worker.history)
+    def _print_pool(self, pool: PoolStats, device: object) -> None:
+        ec = self.config
+        print(f"vl3live: KV pool of {pool.pool_tokens} tokens x {pool.bytes_per_token} bytes = "
+              f"{pool.pool_bytes / 2**30:.2f} GiB on {device} (pages of {ec.kv_page_tokens}); batching "
+              f"{'on' if ec.batching else 'off'}, {ec.max_step_tokens} tokens per step", file=sys.stderr, flush=True)
 
-    def hold(self) -> threading.Condition:
-        """``with engine.hold():`` the model worker starts nothing new meanwhile (the step running now goes
-        on): several requests queued at once, or a consistent look at several sessions."""
-        return self._worker.condition
-
-    @property
-    def alive(self) -> bool:
-        """Whether the model worker runs (``/health``)."""
-        return self._worker.alive
-
-    def idle(self, session: EngineSession) -> bool:
-        """Nothing left to do for ``session`` now (its last events may still be on their way)."""
-        return self._worker.idle(session)
-
-    def stats(self) -> EngineStats:
-        """The KV pool's size and use, and the steps the worker ran (``/metrics``, the bench)."""
-        return EngineStats(self.pool.stats() if self.pool is not None else None, self._worker.steps,
-                           self._worker.step_items)
-
-    # -- events -----------------------------------------------------------------------------------
-    def _emit_threadsafe(self, events: list) -> None:
-        """Hand a step's events to the event loop in one wake-up (they are published in order)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._publish_all, events)
-
-    def _publish_all(self, events: list) -> None:
-        for ev in events:
+    # -- outputs ----------------------------------------------------------------------------------
+    def _on_outputs(self, out: Outputs) -> None:
+        """(Loop.) A batch from the core: mirrors first, then events in order, then replies."""
+        if out.engine is not None:
+            self._engine = out.engine
+        for st in out.states:
+            handle = self.sessions.get(st.sid)
+            if handle is not None:
+                handle.state = st
+                handle.sent_questions = 0
+        for ev in out.events:
             self.bus.publish(ev)
+        for reply in out.replies:
+            fut = self._waiting.pop(reply.request, None)
+            if fut is None or fut.done():
+                continue
+            if reply.code is None:
+                fut.set_result(reply.value)
+            else:
+                fut.set_exception(EngineError(reply.message or reply.code, reply.code))
+        if out.lost is not None:
+            self._lose(out.lost)
+
+    def _lose(self, why: str) -> None:
+        """(Loop.) The core is gone: every session is told (``worker_lost``) and every request fails."""
+        if self.lost is not None:
+            return
+        self.lost = why
+        log.error("the engine core is gone: %s", why)
+        for sid, handle in self.sessions.items():
+            if not handle.closed:
+                self.bus.publish(Error(session=sid, code="worker_lost", message=f"the engine core is gone: {why}"))
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(EngineError(f"the engine core is gone: {why}", "worker_lost"))
+        self._waiting.clear()
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _send(self, command: object) -> None:
+        if self.lost is not None:
+            raise EngineError(f"the engine core is gone: {self.lost}", "worker_lost")
+        self._post(None, command)
+
+    async def _request(self, command: object, timeout: float | None = None) -> object:
+        if self.lost is not None:
+            raise EngineError(f"the engine core is gone: {self.lost}", "worker_lost")
+        request = next(self._requests)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[request] = fut
+        self._post(request, command)
+        return await asyncio.wait_for(fut, timeout)
+
+    # -- looking ----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The KV pool's size and use, and the steps the core ran (``/metrics``, the bench)."""
+        e = self._engine
+        return EngineStats(e.pool, e.steps, e.step_items)
+
+    def frame_counts(self) -> FrameCounts:
+        """Frames by outcome over every session, closed ones included, and those pending now."""
+        return self._engine.frames
+
+    async def snapshot(self, session: SessionHandle | None = None, overlay: bool = False, detail: bool = False
+                       ) -> SessionSnapshot | EngineSnapshot:
+        """An exact look at one session (its settings, counters, cache statistics; ``overlay``: its last frame
+        and DiffFP mask; ``detail``: every token id in its cache and the recorded logits) or at the engine."""
+        snap = await self._request(Snapshot(session.id if session is not None else None, overlay, detail))
+        if session is not None:
+            session.state = snap.state
+        else:
+            self._engine = snap.state
+        return snap
+
+    async def recent_steps(self) -> list[tuple[int, dict[str, int], float]]:
+        """The last steps the core ran (at most 512): (step number, rows per session id, ms)."""
+        return list((await self.snapshot()).recent_steps)
+
+    def get(self, sid: str) -> SessionHandle:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise EngineError(f"no session {sid!r}") from None
+
+    def counters(self, session: SessionHandle) -> FrameCounts:
+        """``session``'s counters as of the last batch (one consistent snapshot: they add up)."""
+        return session.state.counts
+
+    def idle(self, session: SessionHandle) -> bool:
+        """Nothing left to do for ``session`` as of the last batch."""
+        return session.state.idle
+
+    def answering(self, session: SessionHandle) -> bool:
+        """Whether an answer is being generated in ``session`` (as of the last batch)."""
+        return session.state.answering
 
     # -- sessions ---------------------------------------------------------------------------------
-    async def _on_worker(self, fn):
-        """Run ``fn`` (model work) on the model worker's thread and wait for it."""
-        return await asyncio.wrap_future(self._worker.submit(fn))
-
     async def open_session(self, session_config: SessionConfig | None = None, session_id: str | None = None,
-                           engine_config: EngineConfig | None = None) -> EngineSession:
-        """A new session (its KV cache lives until :meth:`close_session`)."""
+                           settings: SessionSettings | None = None, record_logits: bool = False) -> SessionHandle:
+        """A new session (its KV cache lives until :meth:`close_session`); ``record_logits`` keeps each
+        answer token's logits (``snapshot(detail=True)``)."""
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} exists")
-        cfg = session_config or self.session_config
+        settings = settings or self.config.session_defaults()
+        sampling = Sampling(max_new_tokens=self.config.max_new_tokens)
+        opened = await self._request(OpenSession(sid, session_config or self.session_config, settings, sampling,
+                                                 record_logits))
+        handle = SessionHandle(sid, opened["config"], settings, sampling, opened["max_tokens"])
+        handle.state = opened["state"]
+        self.sessions[sid] = handle
+        return handle
+
+    async def reconfigure(self, session: SessionHandle, session_config: SessionConfig) -> None:
+        """Rebuild ``session``'s model session with ``session_config`` (layout, budget, frame size...), only
+        while nothing has entered its cache yet (``session_started`` after that)."""
+        out = await self._request(Reconfigure(session.id, session_config))
+        session.config, session.max_tokens = out["config"], out["max_tokens"]
+
+    async def close_session(self, sid: str) -> None:
+        """End a session: its source stops, its pages return to the pool, ``SessionClosed`` is published."""
+        handle = self.sessions.pop(sid, None)
+        if handle is None:
+            return
+        handle.closed = True
+        pump = self._pumps.pop(sid, None)
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        if self.lost is None:
+            await self._request(CloseSession(sid))
+
+    def check_update(self, session: SessionHandle, diffp_threshold: float | None | object = ...,
+                     sampling: Sampling | None = None, **fields) -> SessionSettings:
+        """The live settings :meth:`update` would set (``EngineError`` if any of it is refused); changes
+        nothing."""
         try:
-            stream = await self._on_worker(lambda: StreamSession(self.lm, cfg, self.pool, self.executor))
-        except PoolFullError as exc:
-            raise EngineError(str(exc), "too_many_sessions") from None
-        if sid in self.sessions:
-            raise EngineError(f"session {sid!r} exists")
-        ec = dataclasses.replace(engine_config or self.config)
-        session = EngineSession(sid, stream, ec, Sampling(max_new_tokens=ec.max_new_tokens), totals=self.frame_totals)
-        session.fresh_len = stream.cache_len
-        self.sessions[sid] = session
-        self._worker.add(session)
-        self.bus.publish(SessionCreated(session=sid, layout=stream.config.layout, max_tokens=stream.max_tokens))
-        return session
-
-    async def reconfigure(self, session: EngineSession, session_config: SessionConfig) -> None:
-        """Rebuild ``session``'s model session with ``session_config`` (layout, budget, frame size...).
-
-        Only while nothing has entered its cache yet: the cache is shaped by these settings, so a
-        started session refuses (open a new one instead). Queued questions and the standing
-        instruction carry over.
-        """
-        def rebuild() -> StreamSession:
-            if session.processed or session.stream.cache_len != session.fresh_len or self._worker.busy(session) \
-                    or session.in_step:
-                raise EngineError("layout, budget and frame size can only change before the first frame "
-                                  "or question; open a new session to change them", "session_started")
-            old = session.stream
-            old.close()  # its pages make room for the new budget
-            try:
-                return StreamSession(self.lm, session_config, self.pool, self.executor)
-            except PoolFullError as exc:
-                session.stream = StreamSession(self.lm, old.config, self.pool, self.executor)  # as it was
-                raise EngineError(str(exc), "too_many_sessions") from None
-            except BaseException:
-                session.stream = StreamSession(self.lm, old.config, self.pool, self.executor)
-                raise
-
-        stream = await self._on_worker(rebuild)
-        with self._worker.condition:
-            session.stream = stream
-            session.fresh_len = stream.cache_len
-
-    def check_update(self, session: EngineSession, diffp_threshold: float | None | object = ...,
-                     sampling: Sampling | None = None, **engine_fields) -> EngineConfig:
-        """What :meth:`update` would set (``EngineError`` if any of it is refused); changes nothing."""
-        try:
-            cfg = dataclasses.replace(session.cfg, **engine_fields)
+            settings = session.settings.replace(**fields)
         except (TypeError, ValueError) as exc:
             raise EngineError(str(exc)) from None
         if sampling is not None and sampling.max_new_tokens > self.config.max_new_tokens:
@@ -205,98 +330,48 @@ class Engine:
                 isinstance(diffp_threshold, bool) or not isinstance(diffp_threshold, (int, float))
                 or not 0 <= diffp_threshold < float("inf")):
             raise EngineError(f"diffp_threshold must be a finite number >= 0, got {diffp_threshold!r}")
-        return cfg
+        return settings
 
-    def update(self, session: EngineSession, diffp_threshold: float | None | object = ...,
-               sampling: Sampling | None = None, **engine_fields) -> None:
-        """Change live settings of ``session``: engine fields (fps, proactive_threshold...), the DiffFP
-        threshold, and how its answers are generated (``sampling``). Checked first, all or nothing."""
-        cfg = self.check_update(session, diffp_threshold, sampling, **engine_fields)
-        with self._worker.condition:
-            if cfg.fps != session.cfg.fps:
-                session.sampler = FpsSampler(cfg.fps, last=session.sampler.last)  # the clock goes on
-            session.cfg = cfg
-            if sampling is not None:
-                session.sampling = sampling
-            if diffp_threshold is not ...:
-                session.stream.set_diffp_threshold(diffp_threshold)
-
-    def counters(self, session: EngineSession) -> FrameCounts:
-        """``session``'s counters as one consistent snapshot (they add up: see ``EngineSession.pending``)."""
-        with self._worker.condition:
-            return session.counters()
-
-    def frame_counts(self) -> FrameCounts:
-        """Frames by outcome over every session, closed ones included, and those pending now."""
-        with self._worker.condition:
-            counts = {k: self.frame_totals[k] for k in ("accepted", "source_frames", *FRAME_OUTCOMES)}
-            pending = sum(session.pending for session in [*self.sessions.values(), *self._closing.values()])
-        return FrameCounts(**counts, pending=pending)
-
-    def get(self, sid: str) -> EngineSession:
-        try:
-            return self.sessions[sid]
-        except KeyError:
-            raise EngineError(f"no session {sid!r}") from None
-
-    async def close_session(self, sid: str) -> None:
-        session = self.sessions.pop(sid, None)
-        if session is None:
-            return
-        self._closing[sid] = session  # its pending frames still count until the worker has let go of it
-        try:
-            pump = self._pumps.pop(sid, None)
-            if pump is not None:
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
-            await asyncio.to_thread(self._worker.remove, session)
-        finally:
-            self._closing.pop(sid, None)
-        self.bus.publish(SessionClosed(session=sid, counts=self.counters(session)))
+    def update(self, session: SessionHandle, diffp_threshold: float | None | object = ...,
+               sampling: Sampling | None = None, **fields) -> None:
+        """Change live settings of ``session``: fps and the proactive ones, the DiffFP threshold, and how its
+        answers are generated (``sampling``). Checked first, all or nothing."""
+        settings = self.check_update(session, diffp_threshold, sampling, **fields)
+        threshold = UNSET if diffp_threshold is ... else diffp_threshold
+        self._send(UpdateSettings(session.id, settings, sampling, threshold))
+        session.settings = settings
+        if sampling is not None:
+            session.sampling = sampling
+        if threshold != UNSET:
+            session.config = dataclasses.replace(session.config, diffp_threshold=threshold)
 
     # -- frames -----------------------------------------------------------------------------------
-    def arrival_time(self, session: EngineSession) -> float:
-        """The stream time of a frame without pts arriving now (:class:`ArrivalClock`)."""
-        with self._worker.condition:
-            return session.clock.now(session.sampler.last, session.sampler.period)
-
-    def push_frame(self, session: EngineSession, frame: Frame, event_id: str | None = None, source: bool = False) -> bool:
-        """Offer one frame; returns whether the sampler took it. Never blocks, never queues more than one.
-
-        Every frame offered gets exactly one outcome (``FRAME_OUTCOMES``); ``event_id`` is carried on
-        its error if the model session refuses it; ``source``: it came from an attached source."""
+    def push_frame(self, session: SessionHandle, frame: Frame | np.ndarray, event_id: str | None = None,
+                   source: int = 0, continue_clock: bool = False) -> None:
+        """Offer one frame (a ``Frame`` with its pts, or an RGB array stamped with its arrival time). Never
+        blocks, never queues more than one per session in the core: every frame gets exactly one outcome
+        in the counters (``FRAME_OUTCOMES``); ``event_id`` is carried on its error if it is refused."""
         if session.closed:
             raise EngineError(f"session {session.id!r} is closed")
-        session.fps_in.tick()
-        with self._worker.condition:
-            session.count("accepted")
-            if source:
-                session.count("source_frames")
-            if not session.sampler.accept(frame.pts_seconds):
-                session.count("sampled_out")
-                return False
-            if session.incoming is not None:
-                session.count("dropped")
-            session.incoming = PendingFrame(frame, time.monotonic(), event_id, prepared_by=session.stream)
-            self._prep.feed(session)
-            self._worker.condition.notify_all()
-        return True
+        pts, rgb = (None, frame) if isinstance(frame, np.ndarray) else (frame.pts_seconds, frame.rgb)
+        self._send(PushFrame(session.id, rgb, pts, time.monotonic(), event_id, source, continue_clock))
 
-    def attach(self, session: EngineSession, source: AsyncIterator[Frame], continue_clock: bool = False) -> asyncio.Task:
+    def attach(self, session: SessionHandle, source: AsyncIterator[Frame], continue_clock: bool = False
+               ) -> asyncio.Task:
         """Feed ``source`` into ``session`` until it ends, it fails, or the session closes.
 
         With ``continue_clock`` the source's pts are shifted so its first frame comes one sampling
         period after the newest frame the session took (a file or camera that starts at 0 joining a
         session that already ran)."""
-        if session.id in self._pumps and not self._pumps[session.id].done():
+        if self.has_source(session):
             raise EngineError(f"session {session.id!r} already has a source", "source_busy")
-        if continue_clock:
-            source = continued(source, session.sampler)
-        task = asyncio.create_task(self._pump(session, source), name=f"pump:{session.id}")
+        session.source_seq += 1
+        task = asyncio.create_task(self._pump(session, source, session.source_seq, continue_clock),
+                                   name=f"pump:{session.id}")
         self._pumps[session.id] = task
         return task
 
-    async def detach(self, session: EngineSession) -> bool:
+    async def detach(self, session: SessionHandle) -> bool:
         """Stop ``session``'s attached source; False if it had none running."""
         task = self._pumps.pop(session.id, None)
         if task is None or task.done():
@@ -305,91 +380,122 @@ class Engine:
         await asyncio.gather(task, return_exceptions=True)
         return True
 
-    def has_source(self, session: EngineSession) -> bool:
+    def has_source(self, session: SessionHandle) -> bool:
         task = self._pumps.get(session.id)
         return task is not None and not task.done()
 
-    async def _pump(self, session: EngineSession, source: AsyncIterator[Frame]) -> str | None:
+    async def _pump(self, session: SessionHandle, source: AsyncIterator[Frame], seq: int,
+                    continue_clock: bool) -> str | None:
         """Feed ``source`` into ``session``; the task's result is why the source failed (None: it ended)."""
         try:
             async for frame in source:
-                if session.closed:
+                if session.closed or self.lost is not None:
                     break
-                self.push_frame(session, frame, source=True)
-            self.bus.publish(SourceEnded(session=session.id, counts=self.counters(session)))
+                self.push_frame(session, frame, source=seq, continue_clock=continue_clock)
+            await self._settle_counts(session)
+            self.bus.publish(SourceEnded(session=session.id, counts=session.state.counts))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the source is gone: say why, then that it ended
             log.info("session %s: source failed: %s", session.id, exc)  # the error event says it to listeners
             self.bus.publish(Error(session=session.id, code="source", message=str(exc)))
-            self.bus.publish(SourceEnded(session=session.id, counts=self.counters(session), error=str(exc)))
+            await self._settle_counts(session)
+            self.bus.publish(SourceEnded(session=session.id, counts=session.state.counts, error=str(exc)))
             return str(exc)
         finally:
             close = getattr(source, "aclose", None)
             if close is not None:
                 await close()
+        return None
+
+    async def _settle_counts(self, session: SessionHandle) -> None:
+        """Bring the mirror's counts up to every frame sent (a snapshot after them)."""
+        if not session.closed and self.lost is None:
+            try:
+                await self.snapshot(session)
+            except EngineError:
+                pass
 
     # -- questions --------------------------------------------------------------------------------
-    def ask(self, session: EngineSession, text: str, sampling: Sampling | None = None,
+    def ask(self, session: SessionHandle, text: str, sampling: Sampling | None = None,
             event_id: str | None = None) -> str:
         """Queue a question, answered with ``sampling`` (default: the session's); returns its response id.
-        Answers arrive as ``ResponseCreated`` / ``ResponseDelta`` / ``ResponseDone`` events."""
-        cfg = session.cfg
-        check_text(text, cfg.max_question_chars)
+        Answers arrive as ``ResponseCreated`` / ``ResponseDelta`` / ``ResponseDone`` events; a question the
+        full queue refuses raises ``queue_full`` here or, if the queue filled meanwhile, comes back as an
+        ``Error`` event with its ``event_id``."""
+        check_text(text, self.config.max_question_chars)
         sampling = sampling or session.sampling
         if sampling.max_new_tokens > self.config.max_new_tokens:
             raise EngineError(f"max_new_tokens must be in 1..{self.config.max_new_tokens}")
+        limit = self.config.max_queued_questions
+        if session.state.counts.questions_waiting + session.sent_questions >= limit:
+            raise EngineError(f"{limit} questions are already waiting in session {session.id!r}", "queue_full")
         rid = f"r{next(self._responses)}"
-        with self._worker.condition:
-            if len(session.questions) >= cfg.max_queued_questions:
-                raise EngineError(f"{cfg.max_queued_questions} questions are already waiting in session "
-                                  f"{session.id!r}", "queue_full")
-            session.questions.append(PendingQuestion(rid, text, sampling, event_id))
-            self._worker.condition.notify_all()
+        self._send(Ask(session.id, rid, text, sampling, event_id, time.monotonic()))
+        session.sent_questions += 1
         return rid
 
-    async def settled(self, session: EngineSession, timeout: float = 60.0) -> None:
+    async def settled(self, session: SessionHandle, timeout: float = 60.0) -> None:
         """Wait until ``session`` has no frame, question or answer left and its events are published."""
         end = asyncio.get_running_loop().time() + timeout
-        while not self._worker.idle(session):
+        while not (await self.snapshot(session)).state.idle:
             if asyncio.get_running_loop().time() > end:
                 raise TimeoutError(f"session {session.id!r} still busy after {timeout} s")
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0)  # events handed over with call_soon_threadsafe run before this returns
-        await asyncio.sleep(0)
 
-    def answering(self, session: EngineSession) -> bool:
-        """Whether an answer is being generated in ``session`` now."""
-        return self._worker.answering(session)
+    def cancel(self, session: SessionHandle) -> bool:
+        """End the answer being generated now (it stays in the cache as far as it got); False when none is
+        (as of the last batch)."""
+        if not session.state.answering:
+            return False
+        self._send(Cancel(session.id))
+        return True
 
-    def cancel(self, session: EngineSession) -> bool:
-        """End the answer being generated now (it stays in the cache as far as it got)."""
-        return self._worker.cancel(session)
-
-    @staticmethod
-    def check_instruction(session: EngineSession, text: str | None) -> None:
+    def check_instruction(self, session: SessionHandle, text: str | None) -> None:
         """``EngineError`` if ``text`` cannot be a standing instruction (None clears it)."""
         if text is not None:
-            check_text(text, session.cfg.max_question_chars, "instruction")
+            check_text(text, self.config.max_question_chars, "instruction")
 
-    def set_instruction(self, session: EngineSession, text: str | None) -> None:
+    def set_instruction(self, session: SessionHandle, text: str | None) -> None:
         """Set (or clear with None) the standing instruction the model answers by itself.
 
-        ``stream`` layout: the instruction is asked once and pinned in the cache; after every frame
-        the model's own ``respond_probability()`` decides (threshold and cooldown in
-        ``engine``). ``video-turn``: it is asked again every ``engine.proactive_every`` seconds
-        of stream time and an alert goes out only when the answer says something new.
+        ``stream`` layout: the instruction is asked once and pinned in the cache (a new one replaces it;
+        clearing unpins it); after every frame the model's own ``respond_probability()`` decides
+        (threshold and cooldown in ``engine``). ``video-turn``: it is asked again every
+        ``engine.proactive_every`` seconds of stream time and an alert goes out only when the answer
+        says something new.
         """
         self.check_instruction(session, text)
-        with self._worker.condition:
-            session.instruction = text
-            session.last_instruction_t = None
-            session.last_alert_t = None  # the cooldown is between answers to one instruction
-            session.last_alert_text = ""
-            if session.stream.config.layout == "stream":
-                session.stream.unpin()
-                session.instruction_queued = text is not None
-                if text is not None:
-                    pinned = Sampling(max_new_tokens=min(16, self.config.max_new_tokens))  # greedy: an ack
-                    session.questions.append(PendingQuestion(f"r{next(self._responses)}", text, pinned, pin=True))
-            self._worker.condition.notify_all()
+        self._send(SetInstruction(session.id, text, f"r{next(self._responses)}", time.monotonic()))
+        session.instruction = text
+
+
+class Engine(EngineClient):
+    """The engine core on a thread of this process: ``async with Engine(lm, engine_cfg, session_cfg) as e:``."""
+
+    def __init__(self, lm: object, config: EngineConfig | None = None, session_config: SessionConfig | None = None,
+                 max_sessions: int = 16, bus: EventBus | None = None):
+        super().__init__(config, session_config, max_sessions, bus)
+        self.lm = lm
+        self._core = None
+
+    async def _start_core(self) -> None:
+        if self._core is None:
+            from .core.engine_core import build_core
+
+            self._core = await asyncio.to_thread(build_core, self.lm, self.config, self.session_config,
+                                                 self.max_sessions, self._deliver)
+            self._engine = self._core.engine_state()
+            self._print_pool(self._engine.pool, self.lm.device)
+        self._core.start()
+
+    def _post(self, request: int | None, command: object) -> None:
+        self._core.post(request, command)
+
+    async def _stop_core(self) -> None:
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop)
+
+    @property
+    def alive(self) -> bool:
+        return self._core is not None and self._core.alive

@@ -19,6 +19,9 @@ class Event:
     seq: int = field(default=0, compare=False)
 
 
+MAX_PENDING = 4  # frames without an outcome yet: being preprocessed, the newest waiting for that, the slot, a step
+
+
 @dataclass(frozen=True)
 class FrameCounts:
     """A session's frame counters, one consistent snapshot: at all times
@@ -30,7 +33,7 @@ class FrameCounts:
     dropped: int = 0  # overwritten by a newer frame before the model took them (or left at close)
     processed: int = 0  # appended to the KV cache
     refused: int = 0  # refused by the model session (a bad frame, a full cache)
-    pending: int = 0  # being preprocessed, in the latest-frame slot, or inside a model step (0-4)
+    pending: int = 0  # 0-4: being preprocessed, the newest waiting for that, in the slot, inside a step
     errors: int = 0
     fps_in: float = 0.0
     fps_processed: float = 0.0

@@ -50,10 +50,11 @@ async def main(screenshot: str) -> dict:
                     await asyncio.sleep(0.2)
                 await page.screenshot(path=screenshot)
                 status = await page.inner_text("#status")
+                snap = await engine.snapshot(session)
                 await browser.close()
         await ingest.close()
-        return {"session": sid, "processed": session.processed, "cache_len": session.stream.cache_len,
-                "last_t": session.stream.last_t, "errors": session.errors, "status": status}
+        return {"session": sid, "processed": snap.state.counts.processed, "cache_len": snap.stats.cache_len,
+                "last_t": snap.state.last_t, "errors": snap.state.counts.errors, "status": status}
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ class _Driver:
 
     async def open(self, name: str, seed: int) -> None:
         cfg, (h, w) = SPECS[name]
-        session = await self.eng.open_session(cfg)
-        session.stream.logit_log = []
+        session = await self.eng.open_session(cfg, record_logits=True)
         self.sessions[name], self.log[name] = session, []
         self.sub[name] = self.eng.bus.subscribe(session.id, maxsize=100000)
         if name == "evict":  # noise: every token survives DiffFP, so the budget evicts
@@ -63,7 +62,7 @@ class _Driver:
         i = sum(what == "frame" for what, _, _ in self.log[name])
         f, t = self.frames[name][i], 0.5 * i + 0.25
         self.log[name].append(("frame", f, t))
-        assert self.eng.push_frame(self.sessions[name], Frame(t, f))
+        self.eng.push_frame(self.sessions[name], Frame(t, f))
 
     def ask(self, name: str, q: str, n: int) -> None:
         self.log[name].append(("ask", q, n))
@@ -101,7 +100,7 @@ async def _scenario(eng: Engine) -> _Driver:
                 d.push(name)
             await d.settled()
         if r == 6:  # its early frames are evicted by now: recall brings some back
-            assert d.sessions["evict"].stream.stats().evicted_frames > 0
+            assert (await eng.snapshot(d.sessions["evict"])).stats.evicted_frames > 0
             d.ask("evict", "Where was the bright patch?", 6)
             await d.settled()
     await d.settled()
@@ -120,19 +119,20 @@ def _alone(lm, name: str, log: list) -> StreamSession:
     return s
 
 
-@pytest.mark.parametrize("engine", [
-    {},  # defaults: everything of a step in one pack
-    {"max_step_tokens": 24, "min_chunk_tokens": 8},  # every frame and question prefill chunked
-    {"batching": False},
-], ids=["packed", "chunked", "off"])
-def test_batched_sessions_equal_each_session_alone(lm, engine):
+@pytest.mark.parametrize("engine, transport", [
+    ({}, "thread"),  # defaults: everything of a step in one pack
+    ({"max_step_tokens": 24, "min_chunk_tokens": 8}, "thread"),  # every frame and question prefill chunked
+    ({"batching": False}, "thread"),
+    ({}, "process"),  # the core in a child process: only commands and outputs cross
+], ids=["packed", "chunked", "off", "packed-process"])
+def test_batched_sessions_equal_each_session_alone(lm, engine, transport):
     async def main():
-        async with engine_for(lm, _config(**engine)) as eng:
+        async with engine_for(lm, _config(**engine), transport) as eng:
             d = await _scenario(eng)
-            steps = eng.recent_steps()
-            return d, steps, eng.stats()
+            snaps = {name: await eng.snapshot(s, detail=True) for name, s in d.sessions.items()}
+            return d, await eng.recent_steps(), eng.stats(), snaps
 
-    d, steps, pool = asyncio.run(main())
+    d, steps, pool, snaps = asyncio.run(main())
     mean_batch = pool.step_items / pool.steps
     if engine.get("batching", True):
         assert mean_batch > 1.5, f"steps were not packed: {mean_batch:.2f} items per step"
@@ -143,16 +143,16 @@ def test_batched_sessions_equal_each_session_alone(lm, engine):
     if limit:
         assert all(sum(rows.values()) <= limit for _, rows, _ in steps)
     for name in SPECS:
-        s, alone = d.sessions[name].stream, _alone(lm, name, d.log[name])
-        assert s.token_ids() == alone.token_ids(), name
-        assert len(s.logit_log) == len(alone.logit_log)
-        assert s.logit_log or name == "watch"  # the others answered
-        for got, want in zip(s.logit_log, alone.logit_log):
+        s, alone = snaps[name], _alone(lm, name, d.log[name])
+        assert list(s.token_ids) == alone.token_ids(), name
+        assert len(s.logits) == len(alone.logit_log)
+        assert s.logits or name == "watch"  # the others answered
+        for got, want in zip(s.logits, alone.logit_log):
             assert (got - want).abs().max().item() <= 1e-4, name
-        assert s.stats() == alone.stats(), name
-        assert s.frames_in_cache() == alone.frames_in_cache()
-    assert d.sessions["evict"].stream.stats().recalled_frames > 0
-    assert d.sessions["evict"].stream.stats().evicted_frames > 0
+        assert s.stats == alone.stats(), name
+        assert list(s.frames_in_cache) == alone.frames_in_cache()
+    assert snaps["evict"].stats.recalled_frames > 0
+    assert snaps["evict"].stats.evicted_frames > 0
 
 
 def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
@@ -163,10 +163,8 @@ def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
 
     async def main():
         async with engine_for(lm, _config()) as eng:
-            a, b = await eng.open_session(ok), await eng.open_session(ok)
+            a, b = await eng.open_session(ok, record_logits=True), await eng.open_session(ok, record_logits=True)
             bad, tight = await eng.open_session(ok), await eng.open_session(full)
-            for session in (a, b):
-                session.stream.logit_log = []
             sub = eng.bus.subscribe(maxsize=100000)
             frames = scene_frames(3, 100, 140, seed=3)
             for session in (a, b, bad, tight):
@@ -182,9 +180,10 @@ def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
             events = []
             while (e := sub.get_nowait()) is not None:
                 events.append(e)
-            return a, b, bad, tight, events, frames
+            snaps = {s.id: await eng.snapshot(s, detail=True) for s in (a, b)}
+            return a, b, bad, tight, events, frames, snaps
 
-    a, b, bad, tight, events, frames = asyncio.run(main())
+    a, b, bad, tight, events, frames, snaps = asyncio.run(main())
     errors = {e.session: e.code for e in events if isinstance(e, Error)}
     assert errors == {bad.id: "bad_frame", tight.id: "cache_limit"}
     assert bad.refused == tight.refused == 1 and bad.processed == tight.processed == 1
@@ -194,8 +193,8 @@ def test_a_bad_frame_and_a_full_cache_fail_only_their_own_session(lm):
         alone.logit_log = []
         alone.add_frame(frames[0], 0.0)
         assert done[session.id] == alone.answer(q, Sampling(max_new_tokens=12))
-        assert session.stream.token_ids() == alone.token_ids()
-        assert all((x - y).abs().max() <= 1e-4 for x, y in zip(session.stream.logit_log, alone.logit_log))
+        assert list(snaps[session.id].token_ids) == alone.token_ids()
+        assert all((x - y).abs().max() <= 1e-4 for x, y in zip(snaps[session.id].logits, alone.logit_log))
 
 
 def test_a_packed_step_that_fails_reruns_its_items_alone(lm):
@@ -233,7 +232,7 @@ def test_the_pool_admits_sessions_by_their_budget_and_takes_them_back(lm):
 
     async def main():
         async with engine_for(lm, cfg) as eng:
-            assert eng.pool.tokens == 992 and eng.pool.bytes_per_token > 0  # whole pages of 16
+            assert eng.stats().pool.pool_tokens == 992 and eng.stats().pool.bytes_per_token > 0  # pages of 16
             a = await eng.open_session()
             await eng.open_session()
             with pytest.raises(EngineError, match="KV pool cannot hold another session") as err:
@@ -298,16 +297,17 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
             await eng.settled(b, timeout=300)
             feed.cancel()
             await asyncio.gather(feed, return_exceptions=True)
-            return a, b, eng.recent_steps(), a.stream.stats()
+            snap = await eng.snapshot(a)
+            return a, b, await eng.recent_steps(), snap.stats, snap.frames_prepared_here
 
-    a, b, steps, a_stats = asyncio.run(main())
+    a, b, steps, a_stats, prepared_here = asyncio.run(main())
     with_b = [i for i, (_, rows, _) in enumerate(steps) if b.id in rows]
     answer = steps[with_b[1]: with_b[-1] + 1]  # after b's first frame: its question and every answer token
     assert len(answer) >= 5 and all(b.id in rows for _, rows, _ in answer), "b's answer skipped a step"
     assert sum(a.id in rows for _, rows, _ in answer) >= 2, "a's frames did not run during b's answer"
     assert all(sum(rows.values()) <= 512 for _, rows, _ in steps)
     assert a_stats.cache_len > 2 * 512  # a's frames are far bigger than a step: they were chunked
-    assert a.stream.frames_prepared_here == 0  # every 4K frame was resized on a preprocessing thread
+    assert prepared_here == 0  # every 4K frame was resized on a preprocessing thread
 
 
 @pytest.mark.parametrize("attn, attention", [("sdpa", "masked"), ("eager", "masked")])

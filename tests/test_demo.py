@@ -68,7 +68,8 @@ def test_frames_in_give_stats_overlay_and_streamed_answers(handlers):
         assert h.frame(shot, sid) == sid
     session = b.engine.get(sid)
     _until(lambda: session.processed >= 4 and session.pending == 0)  # every frame has its outcome
-    chat, stats, overlay = _until(lambda: (t := h.tick(sid)) and _cache_shown(t[1]) == session.stream.cache_len and t)
+    cache_len = b.snapshot(sid).stats.cache_len
+    chat, stats, overlay = _until(lambda: (t := h.tick(sid)) and _cache_shown(t[1]) == cache_len and t)
     assert "fps in / processed" in stats and "tokens kept" in stats
     assert overlay.shape == shots[0].shape and overlay.dtype == np.uint8
     question = "What is in the picture?"
@@ -91,10 +92,11 @@ def test_settings_file_source_and_bad_input(handlers, tmp_path):
     h, b = handlers, handlers.b
     sid = h.frame(ws_rig.frames(1)[0], None)
     sid2, _ = h.settings("video-turn", 3.0, 16384, 4.0, sid)  # live settings: same session
-    assert sid2 == sid and b.engine.get(sid).stream.config.threshold == 3.0 and b.engine.get(sid).cfg.fps == 4.0
+    snap = b.snapshot(sid)
+    assert sid2 == sid and snap.config.threshold == 3.0 and snap.settings.fps == 4.0
     sid3, chat = h.settings("stream", 3.0, 8192, 2.0, sid)  # a new layout: a new session
     assert sid3 != sid and not b.alive(sid) and chat == []
-    cfg = b.engine.get(sid3).stream.config
+    cfg = b.snapshot(sid3).config
     assert (cfg.layout, cfg.budget.max_tokens, cfg.threshold) == ("stream", 8192, 3.0)
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=2.0)
     assert h.source(str(clip), "", sid3) == sid3
@@ -188,7 +190,7 @@ def test_rtsp_source_and_model_reload(handlers, tmp_path):
         sid = h.frame(ws_rig.frames(1)[0], None)
         assert h.source(None, f"rtsp://127.0.0.1:{port}/cam", sid) == sid
         _until(lambda: b.engine.get(sid).processed >= 4, timeout=60)  # the camera's frames reach the session
-        times = b.engine.get(sid).stream.frames_in_cache()
+        times = b.snapshot(sid).frames_in_cache
         assert all(later > earlier for earlier, later in zip(times, times[1:]))
     finally:
         _stop(camera)

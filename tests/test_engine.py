@@ -21,7 +21,7 @@ from streamer.events import (
 )
 from streamer.sources import Frame
 from tests.conftest import eventually
-from tests.engines import engine_for
+from tests.engines import TRANSPORTS, engine_for
 from vl3live.bench import rss_mb
 from vl3live.config import Config
 
@@ -70,7 +70,7 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
             assert c.dropped == c.accepted - c.processed
             assert c.processed >= 10 and c.dropped >= 9 * c.processed  # produced >= 10x processed
             assert grown < 150, f"RSS grew {grown:.0f} MB over 1500 frames of 0.45 MB"
-            assert session.stream.last_t == pytest.approx(1499 / 1000.0)  # the newest frame won
+            assert (await eng.snapshot(session)).state.last_t == pytest.approx(1499 / 1000.0)  # the newest won
     asyncio.run(main())
 
 
@@ -108,7 +108,7 @@ def test_a_long_answer_does_not_hold_another_stream_back(lm):
             assert all(e.t == 0.0 for e in deltas)  # tagged with the stream time asked about (a's last frame)
             # a's answer and b's frames share the steps: a decodes in every one of them, and b (whose next
             # frame is preprocessed on its own thread meanwhile) ingests in nearly all
-            steps = [rows for _, rows, _ in eng.recent_steps()]
+            steps = [rows for _, rows, _ in await eng.recent_steps()]
             first = next(i for i, rows in enumerate(steps) if a.id in rows and b.id in rows)
             last = max(i for i, rows in enumerate(steps) if a.id in rows)
             answer = steps[first: last + 1]
@@ -138,20 +138,21 @@ def test_frames_arriving_during_an_answer_go_in_right_after_it(lm):
     asyncio.run(main())
 
 
-def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_requests_are_refused_and_the_stream_goes_on(lm, transport):
     async def main():
-        async with engine_for(lm, _config(max_queued_questions=2, max_question_chars=50)) as eng:
+        async with engine_for(lm, _config(max_queued_questions=2, max_question_chars=50), transport) as eng:
             session = await eng.open_session()
             sub = eng.bus.subscribe(session.id)
             with pytest.raises(EngineError, match="limit is 50"):
                 eng.ask(session, "x" * 51)
             with pytest.raises(EngineError, match="non-empty"):
                 eng.ask(session, "  ")
-            with eng.hold():  # queued at once: the worker starts none of them before the third is refused
-                eng.ask(session, "one?", Sampling(max_new_tokens=2))
-                eng.ask(session, "two?", Sampling(max_new_tokens=2))
-                with pytest.raises(EngineError, match="already waiting"):
-                    eng.ask(session, "three?")
+            # queued at once: the third is refused before the core has started any
+            eng.ask(session, "one?", Sampling(max_new_tokens=2))
+            eng.ask(session, "two?", Sampling(max_new_tokens=2))
+            with pytest.raises(EngineError, match="already waiting"):
+                eng.ask(session, "three?")
             eng.push_frame(session, Frame(0.0, np.zeros((84, 112, 3), np.float32)))  # wrong dtype
             assert await eventually(lambda: session.errors >= 1)
             eng.push_frame(session, Frame(1.0, np.zeros((84, 112, 3), np.uint8)))
@@ -173,9 +174,10 @@ def test_bad_requests_are_refused_and_the_stream_goes_on(lm):
                 eng.update(session, fps=0)
             with pytest.raises(EngineError, match="unexpected keyword"):
                 eng.update(session, colour="red")
-            assert session.sampling == Sampling(max_new_tokens=256) and session.cfg.fps == 1.0  # nothing changed
+            assert session.sampling == Sampling(max_new_tokens=256) and session.settings.fps == 1.0  # nothing changed
             eng.update(session, sampling=session.sampling.replace(do_sample=True, temperature=0.7, seed=1), fps=4.0)
-            assert session.sampling.temperature == 0.7 and session.cfg.fps == 4.0
+            assert session.sampling.temperature == 0.7 and session.settings.fps == 4.0
+            assert (await eng.snapshot(session)).settings.fps == 4.0  # the core has them too
     asyncio.run(main())
 
 
@@ -190,11 +192,12 @@ async def _run_with_instruction(eng, instruction, seconds):
     return session, _drain(sub)
 
 
-def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm, transport):
     async def main():
         cfg = _config(fps=1000.0, proactive_threshold=0.0, proactive_cooldown=3.0, proactive_max_new_tokens=3)
         cfg.session.layout = "stream"
-        async with engine_for(lm, cfg) as eng:
+        async with engine_for(lm, cfg, transport) as eng:
             session, events = await _run_with_instruction(eng, "Tell me when something red appears.", 12)
             alerts = [e for e in events if isinstance(e, Alert)]
             assert len(alerts) >= 3 and all(b.t - a.t >= 3.0 for a, b in zip(alerts, alerts[1:]))
@@ -202,7 +205,7 @@ def test_proactive_stream_layout_speaks_on_its_own_decision_with_a_cooldown(lm):
             created = [e for e in events if isinstance(e, ResponseCreated)]
             assert created[0].question == "Tell me when something red appears."  # asked once, pinned
             assert all(e.proactive for e in created[1:])
-            assert session.stream.stats().pinned_tokens > 0  # the instruction stays in the cache
+            assert (await eng.snapshot(session)).stats.pinned_tokens > 0  # the instruction stays in the cache
             # a new instruction is answered at once: the cooldown is between answers to one instruction
             sub = eng.bus.subscribe(session.id, maxsize=100000)
             eng.set_instruction(session, "Tell me when something blue appears.")
@@ -295,9 +298,14 @@ def test_an_attached_source_continues_the_session_clock(lm):
             await eng.settled(session)
             await eng.attach(session, _camera(3, 2.0, pace=0.3), continue_clock=True)  # a source whose pts start at 0
             await eng.settled(session)
-            assert session.stream.frames_in_cache() == [10.0, 10.5, 11.0, 11.5] and session.sampled_out == 0
+            snap = await eng.snapshot(session)
+            assert snap.frames_in_cache == (10.0, 10.5, 11.0, 11.5) and snap.state.counts.sampled_out == 0
             eng.update(session, fps=4.0)  # a new sampler keeps the clock: an old pts is still refused
-            assert not eng.push_frame(session, Frame(11.5, shot)) and eng.push_frame(session, Frame(11.75, shot))
+            eng.push_frame(session, Frame(11.5, shot))
+            await eng.settled(session)
+            eng.push_frame(session, Frame(11.75, shot))
+            await eng.settled(session)
+            assert (await eng.snapshot(session)).frames_in_cache[-2:] == (11.5, 11.75) and session.sampled_out == 1
     asyncio.run(main())
 
 
@@ -327,11 +335,12 @@ def test_a_cancelled_reader_stops_even_when_an_event_arrives_at_the_same_moment(
     asyncio.run(main())
 
 
-def test_closing_sessions_never_disturbs_the_others(lm):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_closing_sessions_never_disturbs_the_others(lm, transport):
     """The worker frees a closed session between two steps; the answer running in one session and the
     frames streaming into another go on as if nothing happened (no error, no frame run twice)."""
     async def main():
-        async with engine_for(lm, _config(fps=1000.0, max_new_tokens=250)) as eng:
+        async with engine_for(lm, _config(fps=1000.0, max_new_tokens=250), transport) as eng:
             a, c = await eng.open_session(), await eng.open_session()
             sub = eng.bus.subscribe(maxsize=100000)
             eng.push_frame(a, Frame(0.0, SyntheticCamera(84, 112).frame(0.0)))
@@ -354,4 +363,22 @@ def test_closing_sessions_never_disturbs_the_others(lm):
             counts = eng.counters(c)
             assert counts.refused == 0 and counts.accepted == 400
             assert counts.processed == sum(isinstance(e, FrameStats) and e.session == c.id for e in events)
+    asyncio.run(main())
+
+
+def test_frames_faster_than_the_core_wait_one_per_session_and_each_is_counted(lm):
+    """Frames that reach the core's inbox while the session's previous one still waits there replace it:
+    the inbox never holds more than one frame per session, and each replaced frame still passes the
+    sampler and is counted (dropped, or sampled out)."""
+    async def main():
+        async with engine_for(lm, _config(fps=10.0)) as eng:
+            session = await eng.open_session()
+            shot = SyntheticCamera(84, 112).frame(0.0)
+            for k in range(200):  # one turn of the loop: the core sees them all in one inbox
+                eng.push_frame(session, Frame(k * 0.05, shot))
+            await eng.settled(session)
+            c = (await eng.snapshot(session)).state.counts
+            assert c.accepted == 200 and c.accepted == c.sampled_out + c.dropped + c.processed + c.refused
+            assert c.processed == 1 and c.sampled_out == 100 and c.dropped == 99  # 10 fps of 20 fps pts
+            assert (await eng.snapshot(session)).frames_in_cache == (9.9,)  # the newest won
     asyncio.run(main())

@@ -114,3 +114,20 @@ def test_the_readme_layout_map_matches_the_tree():
     assert "websocket/" in block and (ROOT / "streamer" / "websocket").is_dir()
     for name in set(re.findall(r"`((?:model|streamer|training|ui|vl3live)/[\w/]+\.py)`", section)):
         assert (ROOT / name).is_file(), f"the README's walk names {name}, which is not there"
+
+
+CORE_STATE = ("streamer.core.state", "streamer.core.engine_core", "streamer.core.prep", "streamer.core.answers",
+              "streamer.core.scheduler")
+
+
+def test_front_ends_talk_to_the_client_never_to_the_cores_state():
+    """The websocket layer, the demo, the sources and the commands import the client (``streamer.engine``,
+    ``streamer.core.process``), the commands and the events: never the core or its state classes. Only the
+    transports build a core (``streamer/engine.py`` and ``streamer/core/process.py``)."""
+    front = [p for p in _files() if _module(p).startswith(("streamer.websocket", "streamer.sources", "ui", "vl3live"))]
+    bad = [f"{p.relative_to(ROOT)}:{line}: {mod}" for p in front for line, mod in _imports(p)
+           if mod.startswith(CORE_STATE)]
+    assert not bad, "front ends reach into the engine core:\n" + "\n".join(bad)
+    builders = sorted(str(p.relative_to(ROOT)) for p in _files() for _, mod in _imports(p)
+                      if mod.startswith("streamer.core.engine_core") and not _module(p).startswith("streamer.core.e"))
+    assert builders == ["streamer/core/process.py", "streamer/engine.py"], builders

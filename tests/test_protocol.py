@@ -259,3 +259,15 @@ def test_frame_stats_become_stats_and_acks_that_add_up():
     assert (ack.last_pts, ack.tokens_kept, ack.cache_len, ack.last_event_id) == (4.0, 30, 900, "f8")
     empty = translate.frame_ack(_counts(), None, 0, 0, 0, None)
     assert empty.last_pts is None and empty.tokens_kept is None
+
+
+def test_pending_has_one_documented_range():
+    """``pending`` counts the frames without an outcome: the code's bound, the schema and the docs agree."""
+    from streamer.core.state import CoreSession
+    from streamer.events import MAX_PENDING
+
+    slots = [f for f in ("incoming", "preparing", "frame") if f in CoreSession.__dataclass_fields__]
+    assert MAX_PENDING == len(slots) + 1  # the three frame slots and the one inside a step
+    assert P.FrameAck.model_json_schema()["properties"]["pending"]["maximum"] == MAX_PENDING
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert f"`pending` (0 to {MAX_PENDING})" in doc and "(0 to 2)" not in doc

@@ -58,10 +58,13 @@ def test_engine_stamps_frames_without_pts_after_an_attached_source(lm):
         async with engine_for(lm, cfg) as eng:
             session = await eng.open_session()
             shot = scene_frames(1, 84, 112)[0]
-            assert eng.push_frame(session, Frame(20.0, shot))  # a source that ran the clock to 20 s
-            t = eng.arrival_time(session)
-            assert t == pytest.approx(20.5) and eng.push_frame(session, Frame(t, shot))  # never refused as old
-            assert eng.arrival_time(session) > t
+            eng.push_frame(session, Frame(20.0, shot))  # a source that ran the clock to 20 s
+            await eng.settled(session)
+            eng.push_frame(session, shot)  # no pts: stamped on arrival, one period after the newest
+            await eng.settled(session)
+            snap = await eng.snapshot(session)
+            assert snap.state.counts.sampled_out == 0  # never refused as old
+            assert snap.frames_in_cache == (20.0, pytest.approx(20.5))
     asyncio.run(main())
 
 
@@ -99,3 +102,16 @@ def test_stdin_lines_reach_the_handler_and_a_refusal_is_one_line(monkeypatch):
     asyncio.run(main())
     assert got == [("ask", "first?"), ("cancel", None), ("instruct", "watch")]
     assert err.getvalue() == "error: question is too long\n"
+
+
+def test_one_rule_for_the_case_of_a_source_scheme():
+    """URL schemes are case-insensitive: the allow-list and the source kind agree, so an allowed
+    ``RTSP://`` URL is opened as the RTSP source it is (not refused later as an unknown kind)."""
+    from streamer.sources.spec import normalized, source_allowed, source_kind
+
+    for url in ("RTSP://127.0.0.1:8554/cam", "Rtsps://127.0.0.1/cam", "rtsp://127.0.0.1:8554/cam"):
+        assert source_allowed(url, ["rtsp://127.0.0.1:*", "rtsps://127.0.0.1"])
+        assert source_kind(url) == "rtsp" and normalized(url).startswith(("rtsp://", "rtsps://"))
+    assert normalized("RTSP://Host/Path") == "rtsp://Host/Path"  # only the scheme: hosts and paths keep theirs
+    with pytest.raises(ValueError, match="unsupported source URL"):
+        source_kind("HTTP://127.0.0.1/cam")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from streamer.scheduler import Want, plan_step
+from streamer.core.scheduler import Want, plan_step
 
 
 def test_everything_fits_one_step_decode_then_frames_then_prefills():

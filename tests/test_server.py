@@ -27,6 +27,7 @@ from streamer.websocket.config import ServerConfig
 from streamer.websocket.server import Server
 from tests import ws_rig
 from tests.conftest import eventually, wait_for_line
+from tests.engines import TRANSPORTS
 from tests.test_sources import _free_port, _start_server, _stop
 
 
@@ -62,13 +63,14 @@ async def _ack(c: Client, pred, timeout: float = 60.0, log: list | None = None) 
     return await asyncio.wait_for(find(), timeout)
 
 
-def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_path, transport):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=6.0)
     cfg = ws_rig.config()
     cfg.engine.proactive_every = 2.0
 
     async def main():
-        async with ws_rig.serving(lm, cfg) as (engine, server, url), Client(url) as c:
+        async with ws_rig.serving(lm, cfg, transport) as (engine, server, url), Client(url) as c:
             assert c.session.protocol == P.PROTOCOL_VERSION and not c.session.resumed
             updated = await c.update(instruction="Tell me when the red ball moves.", fps=2)
             assert updated.settings["instruction"] == "Tell me when the red ball moves." and updated.settings["fps"] == 2
@@ -291,31 +293,34 @@ def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
     asyncio.run(main())
 
 
-def test_session_update_reshapes_a_fresh_session_and_tunes_a_live_one(lm):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_session_update_reshapes_a_fresh_session_and_tunes_a_live_one(lm, transport):
     async def main():
-        async with ws_rig.serving(lm) as (engine, server, url), Client(url) as c:
+        async with ws_rig.serving(lm, transport=transport) as (engine, server, url), Client(url) as c:
             session = engine.get(c.session.session_id)
             up = await c.update(layout="stream", memory_budget=4096, frame_pixels=28 * 28 * 6, diffp_threshold=3.0,
                                 proactive_threshold=0.8, generation={"do_sample": True, "temperature": 0.5, "seed": 3,
                                                                      "max_new_tokens": 5})
             assert up.settings["layout"] == "stream" and up.settings["memory_budget"] == 4096
-            cfg = session.stream.config
+            snap = await engine.snapshot(session)  # what the core holds
+            cfg = snap.config
             assert (cfg.layout, cfg.budget.max_tokens, cfg.frame_pixels, cfg.threshold) == ("stream", 4096, 4704, 3.0)
-            assert session.cfg.proactive_threshold == 0.8 and session.sampling.max_new_tokens == 5
-            assert session.sampling == Sampling(max_new_tokens=5, do_sample=True, temperature=0.5, seed=3)
+            assert snap.settings.proactive_threshold == 0.8 and snap.sampling.max_new_tokens == 5
+            assert snap.sampling == Sampling(max_new_tokens=5, do_sample=True, temperature=0.5, seed=3)
             with pytest.raises(ClientError, match="budget") as info:
                 await c.update(memory_budget=10)  # below the minimum: refused, nothing changed
-            assert info.value.code == "invalid_field" and session.stream.config.budget.max_tokens == 4096
+            assert info.value.code == "invalid_field" and (await engine.snapshot(session)).config.budget.max_tokens == 4096
             with pytest.raises(ClientError) as info:
                 await c.update(generation={"max_new_tokens": 10_000})  # over the server's limit
             assert info.value.code == "invalid_field"
             await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
             await c.next_event("frame.ack")
             await c.update(diffp_threshold=9.0, fps=4)  # live settings change on a started session
-            assert session.stream.config.threshold == 9.0 and session.cfg.fps == 4
+            snap = await engine.snapshot(session)
+            assert snap.config.threshold == 9.0 and snap.settings.fps == 4
             with pytest.raises(ClientError) as info:
                 await c.update(layout="video-turn")
-            assert info.value.code == "session_started" and session.stream.config.layout == "stream"
+            assert info.value.code == "session_started" and (await engine.snapshot(session)).config.layout == "stream"
             done = [ev async for ev in c.ask("What now?")][-1]
             assert isinstance(done, P.ResponseDone)
     asyncio.run(main())
@@ -371,7 +376,7 @@ def test_source_attach_pulls_an_allowed_rtsp_camera(lm):
                     await asyncio.sleep(0.3)
             assert messages[0] == messages[1]  # refused or silent: the client cannot tell (no port scanning)
             session = next(iter(engine.sessions.values()))
-            times = session.stream.frames_in_cache()
+            times = (await engine.snapshot(session)).frames_in_cache
             assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))  # camera continues the clock
             n = session.processed
             await c.send_frame(shot, pts=times[-1] + 1.0)

@@ -32,10 +32,10 @@ def test_a_setting_out_of_range_is_refused_and_a_failed_answer_never_bricks_the_
                 with pytest.raises(ClientError) as info:
                     await c.update(generation={"do_sample": True, **bad})
                 assert info.value.code == "invalid_field"
-            assert session.sampling == before and not before.do_sample  # nothing of those was applied
+            assert (await engine.snapshot(session)).sampling == before and not before.do_sample  # none applied
             with pytest.raises(ClientError) as info:  # all or nothing: a good fps with a bad seed changes neither
                 await c.update(fps=4, generation={"seed": 2**64})
-            assert info.value.code == "invalid_field" and session.cfg.fps == 2.0
+            assert info.value.code == "invalid_field" and (await engine.snapshot(session)).settings.fps == 2.0
             await c.update(generation={"do_sample": True, "seed": 2**63 - 1})  # the largest seed works
             await c.send_frame(ws_rig.png(ws_rig.frames(1)[0]), pts=0.0)
             await _ack(c, lambda a: a.processed == 1)
@@ -109,7 +109,7 @@ def test_a_session_cannot_ask_for_frames_larger_than_the_server_allows(lm):
             with pytest.raises(ClientError, match="max_session_frame_pixels") as info:
                 await c.update(frame_pixels=cap + 1)
             assert info.value.code == "invalid_field"
-            assert engine.get(c.session.session_id).stream.config.frame_pixels == cfg.session.frame_pixels
+            assert (await engine.snapshot(engine.get(c.session.session_id))).config.frame_pixels == cfg.session.frame_pixels
             up = await c.update(frame_pixels=cap)
             assert up.settings["frame_pixels"] == cap
     asyncio.run(main())
@@ -230,14 +230,14 @@ def test_pts_jumps_blank_instructions_and_the_server_wide_recall_bound(lm):
                 with pytest.raises(ClientError) as info:
                     await c.update(instruction=text)
                 assert info.value.code == code, text
-            assert session.instruction is None
+            assert (await engine.snapshot(session)).instruction is None
             # each session's recall store gets server.recall_memory_mb / max_sessions at most
-            assert session.stream.config.budget.recall_memory_mb == pytest.approx(0.02)
+            assert (await engine.snapshot(session)).config.budget.recall_memory_mb == pytest.approx(0.02)
             rng = np.random.default_rng(0)
             for i in range(40):  # enough to evict frames into the (tiny) store and past its cap
                 await c.send_frame(ws_rig.png(rng.integers(0, 256, (84, 112, 3), dtype=np.uint8)), pts=51.0 + i)
                 await _ack(c, lambda a, n=3 + i: a.processed + a.refused + a.dropped + a.sampled_out >= n)
-            st = session.stream.stats()
+            st = (await engine.snapshot(session)).stats
             assert st.evicted_frames > 0 and st.recall_stored > 0 and st.recall_dropped > 0
             assert st.recall_mb <= 0.02
     asyncio.run(main())
@@ -303,4 +303,35 @@ def test_a_session_the_kv_pool_cannot_hold_is_refused_with_1013_until_another_cl
             assert await eventually(lambda: not engine.sessions, timeout=10)
             async with websockets.connect(url) as third:  # the pages came back
                 assert (await ws_rig.recv_json(third, ("session.created",)))["type"] == "session.created"
+    asyncio.run(main())
+
+
+def test_a_rate_limited_frame_is_counted_once_with_its_event_id(lm):
+    """Frames over the message rate (binary with their meta, or input_frame with its image inline) are
+    received and rate-dropped in the counts, and their error carries their event_id."""
+    cfg = ws_rig.config(max_messages_per_second=5.0, max_fps=1000.0)
+
+    async def main():
+        async with ws_rig.serving(lm, cfg) as (engine, server, url):
+            async with websockets.connect(url, max_size=None) as ws:
+                await ws_rig.recv_json(ws, ("session.created",))
+                png = ws_rig.png(ws_rig.frames(1)[0])
+                b64 = __import__("base64").b64encode(png).decode().ljust(70000)  # a big text message
+                for i in range(12):  # 36 messages at once: the bucket (burst 10) refuses most of them
+                    await ws.send(f'{{"type": "input_frame.meta", "pts": {i}, "event_id": "b{i}"}}')
+                    await ws.send(png)
+                    await ws.send(f'{{"type": "input_frame", "image": "{b64.strip()}", "event_id": "t{i}"}}')
+                limited = []
+                while True:  # until an ack counts them all (acks are coalesced)
+                    ev = await ws_rig.recv_json(ws, ("error", "frame.ack"), timeout=10)
+                    if ev["type"] == "error":
+                        assert ev["code"] == "rate_limited", ev
+                        limited.append(ev)
+                    elif ev["received"] >= 24 and ev["pending"] == 0:
+                        break
+                ack = P.FrameAck.model_validate(ev)
+                assert ack.received == 24, ack  # every frame that reached the server, once
+                assert _adds_up(ack) and ack.rate_dropped >= 10
+                frame_ids = {e["event_id"] for e in limited if e["code"] == "rate_limited"} - {None}
+                assert any(i.startswith("b") for i in frame_ids) and any(i.startswith("t") for i in frame_ids)
     asyncio.run(main())

@@ -63,7 +63,7 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
             ts = [e.t for e in sub.peek() if isinstance(e, FrameStats)]
             steps = np.diff(ts)
             assert np.allclose(steps, 0.5, atol=0.051), ts  # 2 fps of the camera's own 10 fps pts
-            cache_before, processed_before = session.stream.cache_len, session.processed
+            cache_before, processed_before = session.state.cache_len, session.processed
 
             _stop(server)  # the camera disappears ...
             down = time.monotonic()
@@ -72,7 +72,7 @@ def test_rtsp_camera_is_sampled_by_pts_and_survives_a_restart(lm):
             back = time.monotonic()
             assert await eventually(lambda: session.processed >= processed_before + 3, 15), "no frames after the restart"
             reconnect_s = time.monotonic() - back
-            assert stats.reconnects >= 1 and session.stream.cache_len > cache_before  # same session, same cache
+            assert stats.reconnects >= 1 and session.state.cache_len > cache_before  # same session, same cache
             ts = [e.t for e in sub.peek() if isinstance(e, FrameStats)]
             assert all(b > a for a, b in zip(ts, ts[1:]))  # monotonic across the reconnect
             gap = max(np.diff(ts))

@@ -72,7 +72,7 @@ def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice):
             ts = [e.t for e in sub.peek() if isinstance(e, FrameStats) and e.session == session.id]
             assert all(b > a for a, b in zip(ts, ts[1:])) and ts[0] < 1.0
             assert np.allclose(np.diff(ts), 0.25, atol=0.04)  # sampled at 4 fps by the track's pts
-            assert session.stream.cache_len > 0 and session.errors == 0
+            assert session.state.cache_len > 0 and session.errors == 0
             await client.close()
             end = time.monotonic() + 30
             while session.id in engine.sessions:  # the peer left: its session (and KV cache) is freed

@@ -37,9 +37,9 @@ def config(**server) -> Config:
 
 
 @asynccontextmanager
-async def serving(lm, cfg: Config | None = None):
+async def serving(lm, cfg: Config | None = None, transport: str = "thread"):
     cfg = cfg or config()
-    async with engine_for(lm, cfg) as engine, Server(engine, cfg.server) as server:
+    async with engine_for(lm, cfg, transport) as engine, Server(engine, cfg.server) as server:
         yield engine, server, f"ws://127.0.0.1:{server.port}/"
 
 

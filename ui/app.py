@@ -99,7 +99,7 @@ class Handlers:
     def settings(self, layout: str, threshold: float, budget: float, fps: float, sid, request: gr.Request = None):
         """Live settings apply at once; a new layout or budget starts a new session."""
         view = self.b.views.get(sid) if sid else None
-        cfg = self.b.engine.get(sid).stream.config if view else self.b.config.session
+        cfg = self.b.engine.get(sid).config if view else self.b.config.session
         if view is None or layout != cfg.layout or int(budget) != cfg.budget.max_tokens:
             self.b.close_session(sid)
             sid = self._session(self.b.open_session(layout, int(budget)), request)

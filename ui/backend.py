@@ -26,7 +26,6 @@ from streamer.events import (
     ResponseDone,
     SourceEnded,
 )
-from streamer.sources import Frame
 from streamer.sources.spec import open_source, source_kind
 
 from .config import Settings
@@ -153,16 +152,13 @@ class DemoBackend:
         """A webcam frame, timed by its arrival."""
         rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
 
-        def push() -> None:
-            session = self.engine.get(sid)
-            self.engine.push_frame(session, Frame(self.engine.arrival_time(session), rgb))
-        self._call(push)
+        self._call(lambda: self.engine.push_frame(self.engine.get(sid), rgb))  # stamped on arrival
 
     def attach(self, sid: str, spec: str, realtime: bool = True) -> None:
         """Feed a video file or an rtsp:// URL into the session instead of the webcam. A camera that
         cannot be reached says so in the chat (each retry counted on one line); the reader retries."""
         session = self._call(self.engine.get, sid)
-        fps = session.cfg.fps
+        fps = session.settings.fps
         loop, bus = self._loop, self.engine.bus
 
         def failed(message: str) -> None:  # from the reader thread
@@ -203,9 +199,13 @@ class DemoBackend:
             view.apply(ev)
         return view
 
+    def snapshot(self, sid: str, overlay: bool = False):
+        """An exact look at a session (settings, counters, cache statistics) from the engine core."""
+        return self._run(self.engine.snapshot(self.engine.get(sid), overlay=overlay))
+
     def overlay(self, sid: str) -> np.ndarray | None:
         """The last frame in the cache with the patches DiffFP dropped dimmed."""
-        last = self._call(lambda: self.engine.get(sid).last_keep)
+        last = self.snapshot(sid, overlay=True).overlay
         return None if last is None else keep_overlay(*last)
 
     def stats_markdown(self, sid: str) -> str:

@@ -62,6 +62,9 @@ class BenchConfig:
                                                                   "real-time max_streams probe"})
     max_streams_limit: int = field(default=256, metadata={"help": "with --sessions: the most cameras a "
                                                                    "max_streams probe tries"})
+    transport: str = field(default="thread", metadata={
+        "help": "with --sessions: the engine core in a thread of this process or in a child process (process: "
+                "the batched runs also run on a thread, and process_adds_ms is the difference)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object only"})
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class BenchConfig:
         if self.fps <= 0 or (self.stream_hours is not None and self.stream_hours <= 0) or (
                 self.ask_every is not None and self.ask_every <= 0):
             raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
+        if self.transport not in ("thread", "process"):
+            raise ValueError("--transport must be thread or process")
         if self.sessions is not None and (self.sessions < 1 or self.seconds <= 0 or self.probe_seconds <= 0
                                           or self.max_streams_limit < 1 or self.flood_fps <= 0):
             raise ValueError("--sessions, --seconds, --probe-seconds and --max-streams-limit must be > 0")

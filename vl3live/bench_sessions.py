@@ -50,10 +50,13 @@ async def drive_cameras(eng: Engine, n: int, cfg: BenchConfig, seconds: float, f
     latency: list[float] = []
     tokens = [0]
     running = [True]
+    last_delta: dict[int, float] = {}
+    intervals: list[float] = []  # ms between one session's consecutive answer tokens, as the client sees them
 
     def ask(i: int) -> None:
         session = sessions[i]
-        if running[0] and not session.questions and not eng.answering(session):
+        if running[0] and not session.counts.questions_waiting and not session.sent_questions \
+                and not eng.answering(session):
             eng.ask(session, cfg.question, Sampling(max_new_tokens=cfg.max_new_tokens))
 
     def push(i: int) -> None:
@@ -73,7 +76,12 @@ async def drive_cameras(eng: Engine, n: int, cfg: BenchConfig, seconds: float, f
         match ev:
             case ResponseDelta():
                 tokens[0] += 1
+                now = time.perf_counter()
+                if i in last_delta:
+                    intervals.append((now - last_delta[i]) * 1e3)
+                last_delta[i] = now
             case ResponseDone():
+                last_delta.pop(i, None)
                 if ev.ttft_ms is not None:
                     ttft.append(ev.ttft_ms)
                 if keep_asking:
@@ -101,8 +109,12 @@ async def drive_cameras(eng: Engine, n: int, cfg: BenchConfig, seconds: float, f
     for c in cameras:
         c.cancel()
     await asyncio.gather(*cameras, return_exceptions=True)
-    processed = sum(session.processed for session in sessions)
+    processed = sum([(await eng.snapshot(session)).state.counts.processed for session in sessions])
+    snap = await eng.snapshot()
     steps1 = eng.stats()
+    ran = [(sum(rows.values()), host) for (k, rows, _), host in zip(snap.recent_steps, snap.host_ms)
+           if k > steps0.steps and rows]
+    host_us_per_row = [1e3 * host / n for n, host in ran]
     for session in sessions:
         eng.cancel(session)
     for session in sessions:
@@ -116,6 +128,9 @@ async def drive_cameras(eng: Engine, n: int, cfg: BenchConfig, seconds: float, f
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "frame_latency_ms_p50": percentile(latency, 50), "frame_latency_ms_p99": percentile(latency, 99),
             "steps": steps, "items_per_step": round((steps1.step_items - steps0.step_items) / max(steps, 1), 2),
+            "token_interval_ms_p50": percentile(intervals, 50),
+            "host_us_per_row_p50": percentile(host_us_per_row, 50),
+            "host_ms_per_step_p50": percentile([h for _, h in ran], 50),
             "kept_up": processed >= KEEP_UP * sum(offered)}
 
 
@@ -123,10 +138,18 @@ def _ok(run: dict) -> bool:
     return run["kept_up"] and (run["ttft_ms_p99"] is None or run["ttft_ms_p99"] < TTFT_GOAL_MS)
 
 
-async def _engine_run(lm, config: Config, batching: bool, coro):
+async def _engine_run(lm, config: Config, batching: bool, coro, transport: str = "thread"):
     engine_cfg = dataclasses.replace(config.engine, batching=batching, fps=1e6)
-    async with Engine(lm, engine_cfg, config.session, config.server.max_sessions) as eng:
-        return await coro(eng), eng.pool
+    if transport == "process":  # the child loads the same model by its spec
+        from streamer.core.process import ProcessEngine
+
+        model = dataclasses.replace(config.model, spec=lm.spec, device=str(lm.device),
+                                    dtype=str(lm.dtype).removeprefix("torch."))
+        eng = ProcessEngine(model, engine_cfg, config.session, config.server.max_sessions)
+    else:
+        eng = Engine(lm, engine_cfg, config.session, config.server.max_sessions)
+    async with eng:
+        return await coro(eng), eng.stats().pool
 
 
 def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
@@ -147,16 +170,30 @@ def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
                  "frame_size": [cfg.height, cfg.width], "frame_pixels": config.session.frame_pixels,
                  "max_new_tokens": cfg.max_new_tokens, "max_step_tokens": config.engine.max_step_tokens,
                  "torch": torch.__version__}
-    for mode, batching in (("batched", True), ("off", False)):
+    out["transport"] = cfg.transport
+    modes = [("batched", True, cfg.transport), ("off", False, cfg.transport)]
+    if cfg.transport == "process":  # what the process boundary adds, against the core in a thread, same run
+        modes.append(("batched_thread", True, "thread"))
+    for mode, batching, transport in modes:
         for load, fps, keep in (("frames", cfg.flood_fps, False), ("answers", cfg.fps, True)):
-            say(f"bench: {n} sessions, {load}-bound, batching {'on' if batching else 'off'}, {cfg.seconds:g} s ...")
+            say(f"bench: {n} sessions, {load}-bound, batching {'on' if batching else 'off'}, core in a {transport}, "
+                f"{cfg.seconds:g} s ...")
             run, pool = asyncio.run(_engine_run(
-                lm, config, batching, lambda eng, f=fps, k=keep: drive_cameras(eng, n, cfg, cfg.seconds, f, k, asking=k)))
+                lm, config, batching, lambda eng, f=fps, k=keep: drive_cameras(eng, n, cfg, cfg.seconds, f, k, asking=k),
+                transport))
             out.setdefault(mode, {})[load] = run
+    if cfg.transport == "process":
+        p, t = out["batched"], out["batched_thread"]
+
+        def added(load: str, key: str) -> float | None:
+            x, y = p[load][key], t[load][key]
+            return round(x - y, 3) if x is not None and y is not None else None
+        out["process_adds_ms"] = {"per_frame_latency_p50": added("frames", "frame_latency_ms_p50"),
+                                  "per_answer_token_p50": added("answers", "token_interval_ms_p50")}
     out["pool_bytes_per_token"] = pool.bytes_per_token
-    out["pool_tokens"] = pool.tokens
+    out["pool_tokens"] = pool.pool_tokens
     budget = config.session.budget.max_tokens or lm.model.config.text_config.max_position_embeddings
-    out["pool_bytes_per_session"] = pool.pages_for(budget) * pool.page_size * pool.bytes_per_token
+    out["pool_bytes_per_session"] = -(-budget // pool.page_tokens) * pool.page_tokens * pool.bytes_per_token
     b, o = out["batched"], out["off"]
 
     def ratio(load: str, key: str) -> float | None:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import Config, add_dataclass_arguments, dataclass_from_args, load_config
-from .terminal import interruptible, load
+from .terminal import interruptible
 
 
 @dataclass
@@ -20,15 +20,14 @@ class ServeConfig:
 
 
 async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
-    from streamer.engine import Engine
     from streamer.websocket.server import Server
+
+    from .engines import open_engine
 
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
-    lm = load(cfg.model, config, err)
-    async with Engine(lm, config.engine, config.session, server_cfg.max_sessions) as engine, \
-            Server(engine, server_cfg) as server:
+    async with open_engine(config, cfg.model, err, server_cfg.max_sessions) as engine, Server(engine, server_cfg) as server:
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
               f"{'; token required' if server.token else ''}", file=err, flush=True)
         if ready is not None:

@@ -29,11 +29,18 @@ RTSP_SCHEMES = ("rtsp://", "rtsps://")
 SOURCE_KINDS = ("rtsp", "file", "camera", "webrtc")
 
 
+def normalized(spec: str) -> str:
+    """``spec`` with its URL scheme in lower case: schemes are case-insensitive (RFC 3986), here as in the
+    allow-list, so ``RTSP://host/x`` is the same source as ``rtsp://host/x`` everywhere."""
+    scheme, sep, rest = spec.partition("://")
+    return f"{scheme.lower()}{sep}{rest}" if sep and scheme.isalpha() else spec
+
+
 def source_kind(spec: str) -> str:
     """``rtsp``, ``file``, ``camera`` or ``webrtc``; a clear error for anything else."""
     if spec == "webrtc":
         return "webrtc"
-    if spec.startswith(RTSP_SCHEMES):
+    if normalized(spec).startswith(RTSP_SCHEMES):
         return "rtsp"
     if Path(spec).is_file():
         return "file"
@@ -54,7 +61,7 @@ def open_source(spec: str, fps: float, realtime: bool = True, max_seconds: float
 
     kind = source_kind(spec)
     if kind == "rtsp":
-        return rtsp_source(spec, fps=fps, on_failure=on_failure)
+        return rtsp_source(normalized(spec), fps=fps, on_failure=on_failure)
     if kind == "file":
         return file_source(Path(spec), fps=fps, realtime=realtime, max_seconds=max_seconds)
     if kind == "camera":

@@ -120,7 +120,7 @@ class WebRTCIngest:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
-                self.engine.attach(session, track_frames(track, session.cfg.fps))
+                self.engine.attach(session, track_frames(track, session.settings.fps))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:

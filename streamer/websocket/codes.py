@@ -25,6 +25,7 @@ ERROR_CODES = {
     "too_many_sessions": "server.max_sessions reached, or the KV pool cannot hold another session's budget "
                          "(the message says which; the connection is closed, code 1013)",
     "resume_failed": "an empty, malformed, unknown or expired resume token (the connection is closed, code 4001)",
+    "worker_lost": "the engine core serving this session is gone (its process died)",
     "internal": "a bug on the server; the session goes on",
 }
 

@@ -70,7 +70,7 @@ class Handshake:
         path = urlsplit(request.path).path
         if path == "/health":
             alive = self._alive()
-            body = {"status": "ok" if alive else "model worker stopped", "sessions": self._sessions(),
+            body = {"status": "ok" if alive else "engine core stopped", "sessions": self._sessions(),
                     "protocol": P.PROTOCOL_VERSION}
             return _response(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body),
                              "application/json")

@@ -16,15 +16,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from streamer.engine import EngineStats
-from streamer.engine_session import EngineSession
+from streamer.engine import EngineStats, SessionHandle
 from streamer.events import Error, Event, FrameCounts, FrameStats, ResponseDone
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _SessionGauges(Collector):
-    def __init__(self, sessions: Callable[[], list[tuple[EngineSession, bool]]]):
+    def __init__(self, sessions: Callable[[], list[tuple[SessionHandle, bool]]]):
         self._sessions = sessions
 
     def collect(self):
@@ -33,12 +32,12 @@ class _SessionGauges(Collector):
         sessions.add_metric(["connected"], sum(1 for _, connected in pairs if connected))
         sessions.add_metric(["detached"], sum(1 for _, connected in pairs if not connected))
         fps = GaugeMetricFamily("vl3live_fps", "frames per second over all sessions", labels=["stage"])
-        fps.add_metric(["in"], sum(session.fps_in.rate() for session, _ in pairs))
-        fps.add_metric(["processed"], sum(session.fps_processed.rate() for session, _ in pairs))
+        fps.add_metric(["in"], sum(session.counts.fps_in for session, _ in pairs))
+        fps.add_metric(["processed"], sum(session.counts.fps_processed for session, _ in pairs))
         cache = GaugeMetricFamily("vl3live_cache_tokens", "KV cache tokens over all sessions")
-        cache.add_metric([], sum(session.stream.cache_len for session, _ in pairs))
+        cache.add_metric([], sum(session.state.cache_len for session, _ in pairs))
         waiting = GaugeMetricFamily("vl3live_questions_waiting", "questions queued over all sessions")
-        waiting.add_metric([], sum(len(session.questions) for session, _ in pairs))
+        waiting.add_metric([], sum(session.counts.questions_waiting for session, _ in pairs))
         return [sessions, fps, cache, waiting]
 
 
@@ -97,7 +96,7 @@ class Metrics:
     """The server's Prometheus metrics (``GET /metrics``): sessions, frames by outcome, errors, latencies,
     the KV pool."""
 
-    def __init__(self, sessions: Callable[[], list[tuple[EngineSession, bool]]],
+    def __init__(self, sessions: Callable[[], list[tuple[SessionHandle, bool]]],
                  frame_counts: Callable[[], FrameCounts], engine_stats: Callable[[], EngineStats] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry

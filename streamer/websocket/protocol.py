@@ -9,11 +9,13 @@ pydantic models below are the schema: ``docs/protocol.schema.json`` is generated
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from model.sampling import MAX_TEMPERATURE, MAX_TOP_K, Sampling
+from streamer.events import MAX_PENDING
 
 from .codes import CLOSE_CODES, ERROR_CODES
 
@@ -202,8 +204,9 @@ class FrameAck(_Event):
     processed: int = Field(description="appended to the KV cache")
     refused: int = Field(default=0, description="refused by the model session with an error (bad_frame, "
                                                 "cache_limit)")
-    pending: int = Field(default=0, description="accepted but without an outcome yet (waiting for the model or "
-                                                "inside its step; 0-2)")
+    pending: int = Field(default=0, le=MAX_PENDING, description=f"accepted but without an outcome yet (being "
+                         f"preprocessed, waiting for that, in the latest-frame slot or inside the model's step; "
+                         f"0-{MAX_PENDING})")
     last_event_id: str | None = None
     last_pts: float | None = Field(default=None, description="stream time of the last processed frame")
     tokens_kept: int | None = Field(default=None, description="DiffFP-kept tokens of the last processed frame")
@@ -377,10 +380,34 @@ def parse_client_message(text: str) -> _Message:
         raise ProtocolError("invalid_field", f"{kind}: nested too deeply", eid) from None
 
 
-def peek_event_id(message: str | bytes) -> str | None:
-    """The event_id of a message refused before parsing (cheap: only for small JSON objects)."""
-    if isinstance(message, bytes) or len(message) > 64 * 1024:
+_TYPE = re.compile(r'"type"\s*:\s*"([a-z_.]+)"')
+
+
+def peek_type(message: str | bytes) -> str | None:
+    """The type of a message refused before parsing (a large one, an input_frame with its image, is searched
+    for its type field rather than parsed; None when there is none)."""
+    if isinstance(message, bytes):
         return None
+    if len(message) > 64 * 1024:
+        m = _TYPE.search(message)
+        return m.group(1) if m else None
+    try:
+        obj = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    return obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else None
+
+
+_EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{0,256})"')
+
+
+def peek_event_id(message: str | bytes) -> str | None:
+    """The event_id of a message refused before parsing (a large one is searched, not parsed)."""
+    if isinstance(message, bytes):
+        return None
+    if len(message) > 64 * 1024:
+        m = _EVENT_ID.search(message)
+        return m.group(1) if m else None
     try:
         return _event_id(json.loads(message))
     except (ValueError, RecursionError):

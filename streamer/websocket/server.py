@@ -24,8 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamer.bus import Subscription
-from streamer.engine import Engine, EngineError
-from streamer.engine_session import EngineSession
+from streamer.engine import EngineClient, EngineError, SessionHandle
 from streamer.events import Error, Event, FrameStats, SourceEnded
 from streamer.sources import Frame
 from streamer.sources.spec import open_source, parse_pattern, source_allowed
@@ -51,7 +50,7 @@ SOURCE_UNREACHABLE = ("cannot read from the source (unreachable, refused, or not
 class ApiSession:
     """A session as the API sees it: its engine session plus what outlives one connection."""
 
-    session: EngineSession
+    session: SessionHandle
     resume_token: str
     sub: Subscription
     conn: ServerConnection | None = None
@@ -73,7 +72,7 @@ class ApiSession:
 class Server:
     """The websocket API. ``async with Server(engine, config) as srv: await srv.serve_forever()``."""
 
-    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+    def __init__(self, engine: EngineClient, config: ServerConfig | None = None):
         self.engine = engine
         self.config = config or ServerConfig()
         self.token = self.check(self.config)
@@ -243,8 +242,17 @@ class Server:
         bucket = TokenBucket(self.config.max_messages_per_second, 2 * self.config.max_messages_per_second)
         async for message in conn:
             if not bucket.take():
+                eid = P.peek_event_id(message)
+                if isinstance(message, bytes):  # a frame all the same: counted once, with its meta's event_id
+                    eid = s.meta[1] if s.meta is not None else None
+                    s.meta = None
+                    self._received(s, eid)
+                    self._rate_dropped(s)
+                elif P.peek_type(message) == "input_frame":
+                    self._received(s, eid)
+                    self._rate_dropped(s)
                 await self._error(conn, "rate_limited", "too many messages per second; this one was not processed",
-                                  P.peek_event_id(message))
+                                  eid)
                 continue
             try:
                 if isinstance(message, bytes):
@@ -301,15 +309,22 @@ class Server:
         except ValueError as exc:  # a config the session refuses (e.g. a budget below its minimum)
             raise P.ProtocolError("invalid_field", str(exc), eid) from None
 
-    async def _frame(self, s: ApiSession, data: bytes | str, pts: float | None, eid: str | None) -> None:
-        """One frame message: binary JPEG/PNG bytes, or ``input_frame``'s base64 text."""
+    def _received(self, s: ApiSession, eid: str | None) -> None:
+        """A frame reached the server: counted once, whatever becomes of it."""
         s.received += 1
         s.last_event_id = eid
         s.ack_dirty = True
         self.metrics.frames["received"] += 1
+
+    def _rate_dropped(self, s: ApiSession) -> None:
+        s.rate_dropped += 1
+        self.metrics.frames["rate_dropped"] += 1
+
+    async def _frame(self, s: ApiSession, data: bytes | str, pts: float | None, eid: str | None) -> None:
+        """One frame message: binary JPEG/PNG bytes, or ``input_frame``'s base64 text."""
+        self._received(s, eid)
         if not s.fps_bucket.take():  # over server.max_fps: dropped before any decoding
-            s.rate_dropped += 1
-            self.metrics.frames["rate_dropped"] += 1
+            self._rate_dropped(s)
             return
         cfg = self.config
         try:
@@ -317,7 +332,7 @@ class Server:
                 raise P.ProtocolError("source_busy", "a source is attached to this session; detach it to send "
                                                      "frames")
             if pts is not None:  # a client's own clock: bounded jumps (the timestamp text and the clock)
-                newest = s.session.sampler.last or 0.0
+                newest = s.session.newest_pts or 0.0
                 if pts > newest + cfg.max_pts_jump:
                     raise P.ProtocolError("invalid_field", f"pts {pts:g} is more than server.max_pts_jump "
                                                            f"({cfg.max_pts_jump:g} s) past the session's newest "
@@ -328,9 +343,8 @@ class Server:
                 rgb = await asyncio.to_thread(images.decode_image, raw, cfg.max_frame_bytes, cfg.max_frame_pixels)
             finally:
                 s.decoding -= 1
-            t = pts if pts is not None else self.engine.arrival_time(s.session)
-            # from here every frame has exactly one outcome in the engine's counters
-            self.engine.push_frame(s.session, Frame(t, rgb), event_id=eid)
+            # from here every frame has exactly one outcome in the engine's counters (no pts: stamped on arrival)
+            self.engine.push_frame(s.session, Frame(pts, rgb) if pts is not None else rgb, event_id=eid)
         except (P.ProtocolError, EngineError) as exc:
             s.rejected += 1
             self.metrics.frames["rejected"] += 1
@@ -355,7 +369,7 @@ class Server:
                                                                      message=SOURCE_UNREACHABLE, event_id=eid))
 
         try:
-            source = open_source(url, s.session.cfg.fps, on_failure=failed)
+            source = open_source(url, s.session.settings.fps, on_failure=failed)
         except (ValueError, FileNotFoundError) as exc:  # allowed, but not a kind of source there is
             raise P.ProtocolError("invalid_field", str(exc), eid) from None
         s.source_url = url

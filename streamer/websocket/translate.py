@@ -8,9 +8,9 @@ on their intervals. Tested on raw events (``tests/test_protocol.py``).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from streamer.config import EngineConfig
-from streamer.engine_session import EngineSession
 from streamer.events import (
     Alert,
     Error,
@@ -25,6 +25,9 @@ from streamer.events import (
 
 from . import protocol as P
 from .config import ServerConfig
+
+if TYPE_CHECKING:  # (the client's module loads torch; a handle is all this reads)
+    from streamer.engine import SessionHandle
 
 
 def message(ev: Event, source_url: str | None = None) -> P._Event | None:
@@ -72,9 +75,9 @@ def frame_ack(counts: FrameCounts, last: FrameStats | None, received: int, rate_
                       cache_len=last.cache_len if last is not None else None)
 
 
-def settings(session: EngineSession) -> dict:
+def settings(session: SessionHandle) -> dict:
     """A session's settings as ``session.created`` / ``session.updated`` report them."""
-    c, cfg, sampling = session.stream.config, session.cfg, session.sampling
+    c, cfg, sampling = session.config, session.settings, session.sampling
     return {"fps": cfg.fps, "layout": c.layout, "diffp_threshold": c.threshold,
             "memory_budget": c.budget.max_tokens, "frame_pixels": c.frame_pixels, "instruction": session.instruction,
             "proactive_threshold": cfg.proactive_threshold, "proactive_cooldown": cfg.proactive_cooldown,

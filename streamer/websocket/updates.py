@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from streamer.engine import Engine
-from streamer.engine_session import EngineSession
+from streamer.engine import EngineClient, SessionHandle
 
 from . import protocol as P
 
 
-async def apply_update(engine: Engine, session: EngineSession, new: P.SessionSettings, max_fps: float,
+async def apply_update(engine: EngineClient, session: SessionHandle, new: P.SessionSettings, max_fps: float,
                        max_frame_pixels: int) -> None:
     """Apply ``new`` to ``session`` (``ProtocolError`` / ``EngineError`` / ``ValueError`` refuse all of it).
     ``max_fps`` and ``max_frame_pixels`` are the server's limits on what a client may ask for."""
@@ -30,7 +29,7 @@ async def apply_update(engine: Engine, session: EngineSession, new: P.SessionSet
         sampling = session.sampling.replace(**gen.model_dump(exclude_none=True))  # ValueError: invalid_field
     threshold = new.diffp_threshold if "diffp_threshold" in new.model_fields_set else ...
     engine.check_update(session, diffp_threshold=threshold, sampling=sampling, **fields)
-    old = session.stream.config
+    old = session.config
     shaped = dataclasses.replace(
         old, layout=new.layout or old.layout, frame_pixels=new.frame_pixels or old.frame_pixels,
         budget=dataclasses.replace(old.budget, max_tokens=new.memory_budget or old.budget.max_tokens))

@@ -1,7 +1,7 @@
 """Answers as the engine tells them: what each token, each end and each proactive moment publishes.
 
 Pure bookkeeping over one answer (:class:`Answer`) and one decision (:func:`proactive_question`); the
-model worker runs the model and hands what these return to the bus.
+core runs the model and hands what these return to the bus.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import time
 
-from .engine_session import EngineSession, PendingQuestion
-from .events import Alert, Event, ResponseCreated, ResponseDelta, ResponseDone
+from ..events import Alert, Event, ResponseCreated, ResponseDelta, ResponseDone
+from .state import CoreSession, PendingQuestion
 
 
 def _normalized(text: str) -> str:
@@ -46,7 +46,7 @@ class Answer:
             return []
         return [ResponseDelta(session=session_id, t=self.t, response_id=self.q.response_id, text=text)]
 
-    def done(self, session: EngineSession) -> list[Event]:
+    def done(self, session: CoreSession) -> list[Event]:
         """The answer ended: its end, and an alert if it is a proactive one that says something new. A
         video-turn re-ask that says nothing new is suppressed (counted), never published."""
         q, text, sid = self.q, "".join(self.parts), session.id
@@ -65,15 +65,15 @@ class Answer:
         return out
 
 
-def proactive_question(session: EngineSession, t: float) -> PendingQuestion | None:
+def proactive_question(session: CoreSession, t: float) -> PendingQuestion | None:
     """After a frame at stream time ``t``: whether the standing instruction makes the model speak now.
 
     ``stream`` layout: when ``respond_probability()`` reaches ``engine.proactive_threshold`` (past the
     cooldown), the model speaks by itself. ``video-turn``: the instruction is asked again every
     ``engine.proactive_every`` seconds of stream time."""
-    if not session.instruction or session.instruction_queued:
+    if not session.instruction or session.pinned_question is not None:  # (stream: not in the cache yet)
         return None
-    cfg = session.cfg
+    cfg = session.settings
     sampling = session.sampling.replace(max_new_tokens=cfg.proactive_max_new_tokens)
     rid = f"alert-{session.id}-{t:.3f}"
     if session.stream.config.layout == "stream":
