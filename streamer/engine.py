@@ -84,6 +84,11 @@ class SessionHandle:
         self.sent_questions = 0  # asked since the last state (the mirror's queue length lags by these)
         self.source_seq = 0  # attached sources so far (their frames carry the number)
 
+    def mirror(self, state: SessionState) -> None:
+        """Take ``state`` unless the mirror already holds a newer one."""
+        if state.version >= self.state.version:
+            self.state = state
+
     @property
     def counts(self) -> FrameCounts:
         return self.state.counts
@@ -193,7 +198,7 @@ class EngineClient:
         for st in out.states:
             handle = self.sessions.get(st.sid)
             if handle is not None:
-                handle.state = st
+                handle.mirror(st)
                 handle.sent_questions = 0
         for ev in out.events:
             self.bus.publish(ev)
@@ -253,9 +258,7 @@ class EngineClient:
         and DiffFP mask; ``detail``: every token id in its cache and the recorded logits) or at the engine."""
         snap = await self._request(Snapshot(session.id if session is not None else None, overlay, detail))
         if session is not None:
-            session.state = snap.state
-        else:
-            self._engine = snap.state
+            session.mirror(snap.state)  # (a batch that came in meanwhile may be newer: the newest stays)
         return snap
 
     async def recent_steps(self) -> list[tuple[int, dict[str, int], float]]:
@@ -293,7 +296,7 @@ class EngineClient:
         opened = await self._request(OpenSession(sid, session_config or self.session_config, settings, sampling,
                                                  record_logits))
         handle = SessionHandle(sid, opened["config"], settings, sampling, opened["max_tokens"])
-        handle.state = opened["state"]
+        handle.mirror(opened["state"])
         self.sessions[sid] = handle
         return handle
 

@@ -153,6 +153,7 @@ class SessionState:
     answering: bool
     idle: bool  # nothing to do and nothing in progress
     cache_len: int
+    version: int = 0  # the core's iteration when it was taken: a mirror keeps the newest it has seen
 
 
 @dataclass(frozen=True)

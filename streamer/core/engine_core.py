@@ -95,6 +95,7 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.step_items = 0
+        self.iterations = 0  # of the loop: what orders the states a client mirrors
         self.history: deque = deque(maxlen=512)  # (step, {sid: rows}, model ms, host ms) per step
         self._ran: tuple | None = None  # this iteration's step: (rows, ms in the executor)
         self.owner: int | None = None  # the core thread's ident (checked by tests)
@@ -175,6 +176,7 @@ class EngineCore:
                     self._admitted = set()
                 started = time.perf_counter()
                 self._ran = None
+                self.iterations += 1
                 for request, command in inbox:
                     self._apply(request, command)
                 try:
@@ -235,7 +237,7 @@ class EngineCore:
             counts = session.counters(waiting)
         idle = task is None and not self._startable(session) and session.preparing is None \
             and session.incoming is None and not waiting
-        return session.state(counts, task is not None and task.answer is not None, idle)
+        return session.state(counts, task is not None and task.answer is not None, idle, self.iterations)
 
     def engine_state(self) -> EngineState:
         with self._wake:

@@ -205,6 +205,6 @@ class CoreSession:
                            fps_processed=round(self.fps_processed.rate(), 2),
                            proactive_suppressed=self.proactive_suppressed, questions_waiting=len(self.questions))
 
-    def state(self, counts: FrameCounts, answering: bool, idle: bool) -> SessionState:
+    def state(self, counts: FrameCounts, answering: bool, idle: bool, version: int) -> SessionState:
         return SessionState(self.id, counts, self.admission.sampler.last, self.stream.last_t, answering, idle,
-                            self.stream.cache_len)
+                            self.stream.cache_len, version)
