@@ -10,8 +10,8 @@ import importlib
 
 _EXPORTS = {
     "BudgetConfig": "config", "ModelConfig": "config", "SessionConfig": "config", "DiffPruner": "diffp", "FramePreprocessor": "frames", "PixelFrame": "frames",
-    "ChatPieces": "layout", "LayoutRenderer": "layout", "LoadedModel": "loading", "load_configured": "loading",
-    "load_model": "loading", "CacheLimitError": "session", "FrameResult": "session", "StreamSession": "session",
+    "ChatPieces": "layout", "LayoutRenderer": "layout", "LoadedModel": "checkpoints.loading", "load_configured": "checkpoints.loading",
+    "load_model": "checkpoints.loading", "CacheLimitError": "session", "FrameResult": "session", "StreamSession": "session",
     "TokenDelta": "session", "GREEDY": "sampling", "Sampling": "sampling",
 }
 

@@ -35,6 +35,7 @@ import torch
 from . import upstream
 from .answering import Answering, Op, TokenDelta
 from .budget import EXCHANGE, FRAME, SINK, CacheLimitError, KVBudget, Ledger, Unit
+from .checkpoints.loading import LoadedModel
 from .config import SessionConfig
 from .diffp import DiffPruner
 from .driver import drive
@@ -43,7 +44,6 @@ from .frames import MERGE, FramePreprocessor, PixelFrame
 from .kvcache import RopeMover
 from .kvpool import KVPool
 from .layout import STREAM_START, ChatPieces, LayoutRenderer, timestamp
-from .loading import LoadedModel
 from .memory import Memory
 from .recall import RecallStore
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.asr import SAMPLE_RATE
+from model.checkpoints.asr import SAMPLE_RATE
 from streamer.config import AudioConfig
 
 from .sources import iterate_in_thread

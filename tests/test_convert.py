@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from model import StreamSession, load_model
+from model.checkpoints.convert import PREFIXES, ConvertError, convert, is_official
 from model.config import SessionConfig
-from model.convert import PREFIXES, ConvertError, convert, is_official
 from model.frames import FramePreprocessor
 from tests.conftest import assert_answers
 
@@ -100,7 +100,7 @@ def test_a_missing_or_extra_key_fails_naming_it(lm, tmp_path, bad):
 def test_load_model_converts_once_and_reuses_the_cache(lm, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("VL3LIVE_CACHE", str(tmp_path / "cache"))
     src = write_official(lm, tmp_path / "official")
-    with caplog.at_level("INFO", logger="model.convert"):
+    with caplog.at_level("INFO", logger="model.checkpoints.convert"):
         first = load_model(str(src), device="cpu")
         converted_once = sum("converting official checkpoint" in r.message for r in caplog.records)
         second = load_model(str(src), device="cpu")

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from model.synthetic import SyntheticCamera
+from model.checkpoints.synthetic import SyntheticCamera
 from streamer.engine import EngineError
 from streamer.events import Error, FrameStats
 from streamer.websocket.client import Client

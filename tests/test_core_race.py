@@ -6,8 +6,8 @@ The interpreter's thread switch interval is shortened, the usual way to make a r
 import asyncio
 import sys
 
+from model.checkpoints.synthetic import SyntheticCamera
 from model.sampling import Sampling
-from model.synthetic import SyntheticCamera
 from streamer.events import Error, ResponseDone
 from streamer.sources import Frame
 from tests.conftest import eventually

@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
+from model.checkpoints.synthetic import SyntheticCamera
 from model.sampling import Sampling
-from model.synthetic import SyntheticCamera
 from streamer.bus import EventBus
 from streamer.engine import EngineError
 from streamer.events import (
@@ -62,7 +62,7 @@ def test_backpressure_keeps_the_latest_frame_and_counts_every_drop(lm):
             before = rss_mb()
             # 0.45 MB frames, at least 10x faster than the model takes them
             await eng.attach(session, _camera(1500, 1000.0, size=(336, 448), pace=0.0005, burst=4))
-            assert await eventually(lambda: session.processed + session.dropped == session.accepted)
+            assert await eventually(lambda: session.processed + session.dropped == session.accepted), session.counters()
             grown = rss_mb() - before
             c = session.counters()
             assert c.accepted == 1500 and c.sampled_out == 0 and c.refused == c.pending == 0

@@ -1,7 +1,7 @@
 """The floors of the house, checked by parsing every import (``README.md`` "Layout of the code").
 
 - ``model/``: the model layer; imports nothing of ours but itself, and no asyncio, sockets or servers
-  (fetching a checkpoint from the hub, ``model/hub.py``, is loading, not serving).
+  (fetching a checkpoint from the hub, ``model/checkpoints/hub.py``, is loading, not serving).
 - ``streamer/``: the engine floor (sources, engine, worker, bus) -> ``model``; its websocket layer
   ``streamer/websocket/`` sits on the engine, and nothing else in ``streamer`` imports it.
 - ``training/`` -> ``model``.

@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
+from model.checkpoints.tiny import build_config
 from model.layout import ChatPieces, FrameText, LayoutRenderer
-from model.tiny import build_config
 
 
 def test_pieces_come_from_the_checkpoint_chat_template(lm):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from model.asr import SAMPLE_RATE, load_asr
+from model.checkpoints.asr import SAMPLE_RATE, load_asr
 from streamer.audio import EnergyVad, import_sounddevice
 from streamer.config import AudioConfig
 

@@ -3,7 +3,7 @@ import torch
 from transformers import VideoLlama3ForConditionalGeneration, VideoLlama3Processor
 
 from model import load_model
-from model.loading import choose_attention
+from model.checkpoints.loading import choose_attention
 
 
 def test_tiny_model_shape_and_parts(lm):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from model import SessionConfig, StreamSession, load_model
+from model.checkpoints.synthetic import SyntheticCamera
 from model.config import BudgetConfig
 from model.executor import Executor
 from model.recall import FRAME_OVERHEAD_BYTES, RecallStore
 from model.sampling import Sampling
-from model.synthetic import SyntheticCamera
 from tests.conftest import assert_answers
 
 H, W = 168, 224  # 48 visual tokens per frame

@@ -106,7 +106,7 @@ def test_misuse_is_a_clear_runtime_error(session, lm):
 def test_stream_layout_needs_stream_tokens(lm):
     from transformers import AutoTokenizer
 
-    from model.tiny import qwen2_tokenizer_dir
+    from model.checkpoints.tiny import qwen2_tokenizer_dir
 
     plain = copy.copy(lm)
     plain.tokenizer = AutoTokenizer.from_pretrained(str(qwen2_tokenizer_dir()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.synthetic import SyntheticCamera
+from model.checkpoints.synthetic import SyntheticCamera
 from model.video import write_video_file
 from streamer.websocket.server import Server
 from tests.engines import engine_for

@@ -298,8 +298,8 @@ def _load_4bit(spec: str):
     """QLoRA: the LLM in 4-bit NF4, the vision encoder and projector in bf16."""
     from transformers import AutoProcessor, BitsAndBytesConfig, VideoLlama3ForConditionalGeneration
 
-    from model.hub import resolve
-    from model.loading import LoadedModel
+    from model.checkpoints.hub import resolve
+    from model.checkpoints.loading import LoadedModel
 
     spec = resolve(spec)
 

@@ -36,7 +36,7 @@ class AskConfig:
 
 def run_ask(cfg: AskConfig, config: Config, out=sys.stdout, err=sys.stderr) -> str:
     from model import CacheLimitError, StreamSession
-    from model.loading import preflight
+    from model.checkpoints.loading import preflight
     from streamer.sources import read_video_file
 
     preflight(config.model, cfg.model)  # settings and checkpoint, then the input: before minutes of loading

@@ -1,6 +1,6 @@
 """``vl3live bench``: streaming session vs the stock transformers path, measured in the same run.
 
-Frames come from :class:`model.synthetic.SyntheticCamera`. The streaming side ingests them one by
+Frames come from :class:`model.checkpoints.synthetic.SyntheticCamera`. The streaming side ingests them one by
 one into a :class:`StreamSession`; the stock side answers the same question over the same frames
 the way transformers does it offline: ``VideoLlama3VideoProcessor`` on all frames, then
 ``generate`` re-encoding every frame and re-prefilling the whole prompt (same token sequence and
@@ -184,10 +184,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     import torch
     import transformers
 
+    from model.checkpoints.loading import load_model
+    from model.checkpoints.synthetic import SyntheticCamera
     from model.config import BudgetConfig, SessionConfig
-    from model.loading import load_model
     from model.session import StreamSession
-    from model.synthetic import SyntheticCamera
 
     say = progress or (lambda msg: None)
     spec = f"random-{cfg.size}" if cfg.size else cfg.model

@@ -17,11 +17,11 @@ import time
 import torch
 import transformers
 
+from model.checkpoints.loading import load_model
+from model.checkpoints.synthetic import SyntheticCamera
 from model.config import SessionConfig
-from model.loading import load_model
 from model.sampling import Sampling
 from model.session import StreamSession
-from model.synthetic import SyntheticCamera
 from vl3live.bench import device_name, rss_mb, sync
 
 

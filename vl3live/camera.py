@@ -39,7 +39,7 @@ async def run_camera(cfg: CameraConfig, config: Config, out=sys.stdout, err=sys.
     """Run until Ctrl-C, the camera ends or ``max_seconds``; returns the number of spoken questions."""
     import dataclasses
 
-    from model.loading import preflight
+    from model.checkpoints.loading import preflight
     from streamer.engine import Engine
     from streamer.sources import camera_source
 
@@ -47,7 +47,7 @@ async def run_camera(cfg: CameraConfig, config: Config, out=sys.stdout, err=sys.
     heard = 0
     preflight(config.model, cfg.model)  # everything that can be checked, before minutes of model loading
     if cfg.mic:
-        from model.asr import load_asr, resolve_asr
+        from model.checkpoints.asr import load_asr, resolve_asr
         from streamer.audio import check_input_device
 
         resolve_asr(audio_cfg.asr)

@@ -15,13 +15,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from model.convert import convert
+    from model.checkpoints.convert import convert
 
     src = Path(args.src).expanduser()
     if not src.is_dir():
         from huggingface_hub import snapshot_download
 
-        from model.hub import resolve
+        from model.checkpoints.hub import resolve
 
         patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"] + (
             ["*.bin"] if args.trust_pickle else [])

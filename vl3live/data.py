@@ -58,7 +58,7 @@ def run(args) -> int:
                 f.write(json.dumps(s) + "\n")
         print(f"{len(samples)} stream samples appended to {out}", file=sys.stderr)
         return 0
-    from model.loading import load_processor
+    from model.checkpoints.loading import load_processor
     from training.data.check import check_dataset
 
     processor = load_processor(args.model or config.model.spec)

@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from model.loading import preflight
+    from model.checkpoints.loading import preflight
     from ui.config import DemoConfig
 
     cfg, config = dataclass_from_args(DemoConfig, args), load_config(args.config, args.overrides)

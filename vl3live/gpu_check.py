@@ -138,7 +138,7 @@ def run_check(cfg: GpuCheckConfig) -> dict:
     """Run every section of the plan; the report's data."""
     import torch
 
-    from model.loading import load_model
+    from model.checkpoints.loading import load_model
 
     from . import gpu_probes as probes
 

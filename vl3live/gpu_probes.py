@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from model import upstream
+from model.checkpoints.synthetic import SyntheticCamera
 from model.config import BudgetConfig, SessionConfig
+from model.driver import DONE, FORWARD, advance
 from model.executor import Executor, Forward
 from model.frames import PATCH, FramePreprocessor, stock_clip_pixels
 from model.kvpool import KVPool, pool_size
 from model.sampling import Sampling
 from model.session import StreamSession
-from model.synthetic import SyntheticCamera
 
 from .bench import _ask_timed, _stateless, peak_rss_mb, percentile, sync
 
@@ -55,16 +56,14 @@ def peak_memory(dev: torch.device) -> dict:
 
 # -- running operations of several sessions together ----------------------------------------------
 def _next_forward(op, item: Forward | None) -> Forward | None:
-    """Send ``item`` (or its error) into ``op`` and run it to its next forward (None: it ended)."""
-    send, value = (op.throw, item.error) if item is not None and item.error is not None else (op.send, item)
+    """Run ``op`` (the one driver, :func:`model.driver.advance`) to its next forward (None: it ended)."""
     while True:
-        try:
-            out = send(value)
-        except StopIteration:
+        kind, out = advance(op, item)
+        if kind == DONE:
             return None
-        if isinstance(out, Forward):
+        if kind == FORWARD:
             return out
-        send, value = op.send, None  # a token delta: nothing to hand back
+        item = None  # a token: nothing to hand back
 
 
 def lockstep(ops: list, executor: Executor, dev: torch.device) -> list[tuple[float, int, bool]]:

@@ -218,7 +218,7 @@ class EngineCore:
         for sid in self._touched:
             session = self._sessions.get(sid)
             if session is not None:
-                out.states.append(self._state(session))
+                out.states.append(self._state(session, final=True))
         self._touched = set()
         out.engine = self.engine_state()
         self._out = Outputs()
@@ -230,14 +230,17 @@ class EngineCore:
         with self._wake:
             return session.counters(session.id in self._frame_at)
 
-    def _state(self, session: CoreSession):
+    def _state(self, session: CoreSession, final: bool = False):
+        """The session's state now; ``final``: at the end of this iteration (newer than any taken during it,
+        which is what orders a reply against the batch that carries it)."""
         task = self._tasks.get(session.id)
         with self._wake:
             waiting = session.id in self._frame_at
             counts = session.counters(waiting)
         idle = task is None and not self._startable(session) and session.preparing is None \
             and session.incoming is None and not waiting
-        return session.state(counts, task is not None and task.answer is not None, idle, self.iterations)
+        return session.state(counts, task is not None and task.answer is not None, idle,
+                             2 * self.iterations + int(final))
 
     def engine_state(self) -> EngineState:
         with self._wake:

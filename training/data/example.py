@@ -2,7 +2,7 @@
 
 Writes ``DIR/train.jsonl`` holding exactly the samples the README shows (one of each kind: an
 image, two images, a video, text only, a stream sample where the assistant speaks up by itself)
-and the images and clips they name, rendered from :class:`model.synthetic.SyntheticCamera`, so
+and the images and clips they name, rendered from :class:`model.checkpoints.synthetic.SyntheticCamera`, so
 ``vl3live data check`` and the CPU recipe (``configs/train/tiny_cpu.yaml``) run as written.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.synthetic import SyntheticCamera
+from model.checkpoints.synthetic import SyntheticCamera
 from model.video import write_video_file
 
 # The README's "Training data" block, line for line (tests/test_training.py checks that they agree).

@@ -86,7 +86,7 @@ def build_tiny_whisper(seed: int = 0):
 
 
 def resolve_asr(spec: str) -> str:
-    """The checkpoint ``load_asr`` would load (``model.hub.resolve``: cached, or the hub answers), checked
+    """The checkpoint ``load_asr`` would load (``model.checkpoints.hub.resolve``: cached, or the hub answers), checked
     without loading it; ``tiny`` as is."""
     if spec == "tiny":
         return spec

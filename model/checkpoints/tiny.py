@@ -22,7 +22,7 @@ from transformers import (
     VideoLlama3VisionConfig,
 )
 
-from . import upstream
+from .. import upstream
 
 STREAM_TOKENS = ("<|stream_start|>", "<|stream_end|>")
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>

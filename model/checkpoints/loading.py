@@ -127,7 +127,7 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
     / ``"random-7b"`` (random weights at real sizes, for benchmarks), a local checkpoint directory
     written by ``save_pretrained``, or a hub id; official remote-code checkpoints
     (``DAMO-NLP-SG/VideoLLaMA3-*``) are converted to the native layout once and cached
-    (``model/convert.py``). ``quant`` (``8bit``/``4bit``, CUDA) loads the LLM through bitsandbytes.
+    (``model/checkpoints/convert.py``). ``quant`` (``8bit``/``4bit``, CUDA) loads the LLM through bitsandbytes.
     Weights load from safetensors only unless ``trust_pickle``; remote code never runs.
     """
     dev, dt, attn_impl = _settings(spec, device, dtype, attn, quant)
@@ -171,7 +171,7 @@ def _settings(spec: str, device, dtype, attn, quant) -> tuple[torch.device, torc
 
 
 def _checkpoint(spec: str) -> str:
-    """A local directory, or a hub id that can be had (cached, or the hub answers): see ``model.hub``."""
+    """A local directory, or a hub id that can be had (cached, or the hub answers): see ``model.checkpoints.hub``."""
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)
