@@ -380,35 +380,31 @@ def parse_client_message(text: str) -> _Message:
         raise ProtocolError("invalid_field", f"{kind}: nested too deeply", eid) from None
 
 
-_TYPE = re.compile(r'"type"\s*:\s*"([a-z_.]+)"')
+_PEEK = {"type": re.compile(r'"type"\s*:\s*"([a-z_.]+)"'), "event_id": re.compile(r'"event_id"\s*:\s*"([^"\\]{0,256})"')}
 
 
-def peek_type(message: str | bytes) -> str | None:
-    """The type of a message refused before parsing (a large one, an input_frame with its image, is searched
-    for its type field rather than parsed; None when there is none)."""
+def _peek(message: str | bytes, key: str) -> str | None:
+    """A string field of a message refused before parsing: a small one is parsed, a large one (an input_frame
+    with its image inline) searched; None when there is none."""
     if isinstance(message, bytes):
         return None
     if len(message) > 64 * 1024:
-        m = _TYPE.search(message)
+        m = _PEEK[key].search(message)
         return m.group(1) if m else None
     try:
         obj = json.loads(message)
     except (ValueError, RecursionError):
         return None
-    return obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else None
+    if key == "event_id":
+        return _event_id(obj)
+    return obj.get(key) if isinstance(obj, dict) and isinstance(obj.get(key), str) else None
 
 
-_EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{0,256})"')
+def peek_type(message: str | bytes) -> str | None:
+    """The type of a message refused before parsing."""
+    return _peek(message, "type")
 
 
 def peek_event_id(message: str | bytes) -> str | None:
-    """The event_id of a message refused before parsing (a large one is searched, not parsed)."""
-    if isinstance(message, bytes):
-        return None
-    if len(message) > 64 * 1024:
-        m = _EVENT_ID.search(message)
-        return m.group(1) if m else None
-    try:
-        return _event_id(json.loads(message))
-    except (ValueError, RecursionError):
-        return None
+    """The event_id of a message refused before parsing."""
+    return _peek(message, "event_id")
