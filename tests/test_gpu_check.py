@@ -61,8 +61,9 @@ def test_cpu_smoke_fills_every_section_with_figures(smoke):
         _num(r, "decode_step_ms", "answer_tok_s", "answer_tok_s_wall", "busy_share", "kernels_per_step",
              "launches_per_step", "frame_step_ms_8")
         assert r["busy_share"] <= 1.0
-    # more sessions in one step cost more per step but less per token
-    assert many["runs"][-1]["answer_tok_s"] > many["runs"][0]["answer_tok_s"]
+    # answer tokens/s is N tokens per all-decode step (timings themselves are the bench's, not a test's)
+    for r in many["runs"]:
+        assert r["answer_tok_s"] == pytest.approx(r["sessions"] * 1e3 / r["decode_step_ms"], rel=0.01)
     for r in many["streaming"]:
         _num(r, "frame_latency_ms_p50", "frame_latency_ms_p99", "frames_processed")
         assert r["frame_latency_ms_p99"] >= r["frame_latency_ms_p50"]

@@ -2,7 +2,7 @@
 
 Pure and model-free: it sees one :class:`Want` per session that has model work ready (the next
 decode token of an answer, a frame, a question or instruction prefill, a recall probe) and returns
-a :class:`Plan` under the step's token budget. The model worker turns the plan into one
+a :class:`Plan` under the step's token budget. The engine core turns the plan into one
 :class:`model.executor.Executor` step. The rules:
 
 * **Across sessions, waiting goes first.** Work that was left out of the previous step is served
@@ -17,7 +17,7 @@ a :class:`Plan` under the step's token budget. The model worker turns the plan i
 * ``max_items`` caps the sessions per step: 1 is ``engine.batching: off``.
 
 Within one session the order (the running answer's decode, else the latest frame, else the
-next question) is the worker's: a session has at most one operation, so one want, at a time.
+next question) is the core's: a session has at most one operation, so one want, at a time.
 """
 
 from __future__ import annotations
