@@ -11,14 +11,14 @@ from .core.commands import SessionSettings
 
 @dataclass(frozen=True)
 class CoreConfig:
-    """The engine-wide settings the core runs with (taken from ``engine.*``)."""
+    """The engine-wide settings the core runs with (``EngineConfig.core()``: defaults and checks are there)."""
 
-    batching: bool = True
-    max_step_tokens: int = 2048
-    min_chunk_tokens: int = 64
-    max_queued_questions: int = 8
-    max_new_tokens: int = 256
-    prep_threads: int = 2
+    batching: bool
+    max_step_tokens: int
+    min_chunk_tokens: int
+    max_queued_questions: int
+    max_new_tokens: int
+    prep_threads: int
 
 
 @dataclass
@@ -62,13 +62,13 @@ class EngineConfig:
             raise ValueError(f"engine.transport must be thread or process, got {self.transport!r}")
         if not 0.0 < self.kv_pool_memory <= 1.0:
             raise ValueError("engine.kv_pool_memory must be in (0, 1]")
-        if self.fps <= 0 or self.proactive_every <= 0 or self.proactive_cooldown < 0:
-            raise ValueError("engine.fps and engine.proactive_every must be > 0, proactive_cooldown >= 0")
-        if min(self.max_new_tokens, self.max_queued_questions, self.max_question_chars,
-               self.proactive_max_new_tokens) < 1 or self.subscriber_queue < 8:
+        if min(self.max_new_tokens, self.max_queued_questions, self.max_question_chars) < 1 \
+                or self.subscriber_queue < 8:
             raise ValueError("engine: token, question and queue limits must be >= 1 (subscriber_queue >= 8)")
-        if not 0.0 <= self.proactive_threshold <= 1.0:
-            raise ValueError("engine.proactive_threshold must be in [0, 1]")
+        try:  # the per-session defaults: SessionSettings holds their rules (session.update checks the same)
+            self.session_defaults()
+        except ValueError as exc:
+            raise ValueError(f"engine.{exc}") from None
 
     def session_defaults(self) -> SessionSettings:
         """A new session's live settings (``session.update`` changes them per session)."""

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from streamer.engine import EngineClient
 from vl3live.config import Config
 
@@ -15,9 +13,7 @@ def engine_for(lm, cfg: Config, transport: str = "thread") -> EngineClient:
     if transport == "process":
         from streamer.core.process import ProcessEngine
 
-        model = dataclasses.replace(cfg.model, spec=lm.spec, device=str(lm.device), dtype=str(lm.dtype).removeprefix(
-            "torch."))
-        return ProcessEngine(model, cfg.engine, cfg.session, cfg.server.max_sessions)
+        return ProcessEngine.like(lm, cfg.model, cfg.engine, cfg.session, cfg.server.max_sessions)
     from streamer.engine import Engine
 
     return Engine(lm, cfg.engine, cfg.session, cfg.server.max_sessions)

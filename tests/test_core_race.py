@@ -19,7 +19,7 @@ def _config() -> Config:
     cfg = Config()
     cfg.session.layout = "stream"
     cfg.session.frame_pixels = 56 * 56
-    cfg.session.budget.max_tokens = 12000  # thousands of frames in the cache: unpin walks long
+    cfg.session.budget.max_tokens = 2400  # hundreds of frames in the cache, evictions every few frames
     cfg.engine.fps = 1000.0
     cfg.engine.proactive_threshold = 0.0  # every frame may make the model speak
     cfg.engine.proactive_cooldown = 0.0

@@ -111,3 +111,24 @@ def test_real_out_of_memory_stays_in_its_session_on_cuda():
     assert oom["mode"] == "real" and oom["oom_raised"], oom
     assert oom["others_went_on"] and oom["victim_recovered"], oom
     assert batched_vs_alone(lm, plan)["argmax_equal"]
+
+
+def test_quick_halves_the_plan_and_keeps_to_the_2b():
+    from vl3live.gpu_check import GpuCheckConfig, make_plan
+
+    full, quick = make_plan(GpuCheckConfig()), make_plan(GpuCheckConfig(quick=True))
+    assert full.models == ("random-2b", "random-7b") and quick.models == ("random-2b",)
+    assert (full.ttft_frames, full.budget_tokens, full.decode_tokens, full.evictions) == ((60, 180), 16384, 128, 40)
+    assert quick.seconds == full.seconds / 2 and max(quick.ttft_frames) == max(full.ttft_frames) // 2
+    assert quick.budget_tokens == full.budget_tokens // 2 and quick.decode_tokens == full.decode_tokens // 2
+    assert max(quick.sessions) == max(full.sessions) // 2 and quick.evictions == full.evictions // 2
+    assert make_plan(GpuCheckConfig(quick=True, seconds=100)).seconds == 100
+
+
+def test_past_the_time_limit_nothing_new_starts_and_the_report_says_so(tmp_path):
+    out = tmp_path / "report.json"
+    r = _run("--cpu-smoke", "--seconds", "0.01", "--out", str(out), timeout=120)
+    data = json.loads(out.read_text())
+    assert r.returncode == 0 and data["skipped"] == ["tiny"] and data["models"] == {}
+    assert isinstance(data["environment"]["torch"], str)  # what ran before the limit is in the report
+    assert "time limit reached" in r.stderr

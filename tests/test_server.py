@@ -449,9 +449,11 @@ def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, 
     asyncio.run(main())
 
 
-def test_cli_serve_and_cli_client(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cli_serve_and_cli_client(tmp_path, transport):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
     serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0",
+                              "--set", f"engine.transport={transport}",
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
                               "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True,
                              # a background job inherits SIGINT ignored: give Ctrl-C back to the server

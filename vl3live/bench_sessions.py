@@ -143,9 +143,7 @@ async def _engine_run(lm, config: Config, batching: bool, coro, transport: str =
     if transport == "process":  # the child loads the same model by its spec
         from streamer.core.process import ProcessEngine
 
-        model = dataclasses.replace(config.model, spec=lm.spec, device=str(lm.device),
-                                    dtype=str(lm.dtype).removeprefix("torch."))
-        eng = ProcessEngine(model, engine_cfg, config.session, config.server.max_sessions)
+        eng = ProcessEngine.like(lm, config.model, engine_cfg, config.session, config.server.max_sessions)
     else:
         eng = Engine(lm, engine_cfg, config.session, config.server.max_sessions)
     async with eng:

@@ -45,7 +45,7 @@ from .commands import (
     Snapshot,
     UpdateSettings,
 )
-from .prep import Preprocessing
+from .prep import Prepared, Preprocessing
 from .state import FRAME_OUTCOMES, CoreSession, PendingFrame, PendingQuestion
 from .steps import Steps, Task
 
@@ -71,7 +71,7 @@ class EngineCore(Steps):
         self._sessions: dict[str, CoreSession] = {}
         self._tasks: dict[str, Task] = {}
         self._totals: Counter = Counter()  # frames by outcome over every session, closed ones included
-        self._prep = Preprocessing(config.prep_threads, self._prepared)
+        self._prep = Preprocessing(config.prep_threads, lambda done: self.post(None, done))
         self._out = Outputs()
         self._touched: set[str] = set()
         self._rr = 0
@@ -82,7 +82,6 @@ class EngineCore(Steps):
         self.iterations = 0  # of the loop: what orders the states a client mirrors
         self.history: deque = deque(maxlen=512)  # (step, {sid: rows}, model ms, host ms) per step
         self._ran: tuple | None = None  # this iteration's step: (rows, ms in the executor)
-        self.owner: int | None = None  # the core thread's ident (checked by tests)
 
     # -- the way in (any thread) ------------------------------------------------------------------
     def post(self, request: int | None, command: object) -> None:
@@ -123,8 +122,6 @@ class EngineCore(Steps):
         self._frame_at[c.sid] = len(self._inbox)
         return c
 
-    def _prepared(self, sid: str, pending: PendingFrame, fut) -> None:  # a preprocessing thread
-        self.post(None, ("prepared", sid, pending, fut))
 
     def start(self) -> None:
         self._running = True
@@ -147,7 +144,6 @@ class EngineCore(Steps):
     def run(self) -> None:
         """The core's loop (its own thread, or the main thread of a child process)."""
         self._running = True
-        self.owner = threading.get_ident()
         try:
             while True:
                 with self._wake:
@@ -265,15 +261,13 @@ class EngineCore(Steps):
         return session
 
     def _command(self, c: object) -> object:
-        if isinstance(c, tuple) and c and c[0] == "prepared":
-            _, sid, pending, fut = c
-            session = self._sessions.get(sid)
-            if session is not None:
-                Preprocessing.prepared(session, pending, fut)
-                self._prep.feed(session)  # a newer frame came meanwhile
-                self._touched.add(sid)
-            return None
         match c:
+            case Prepared():
+                session = self._sessions.get(c.sid)
+                if session is not None:  # (closed meanwhile: that frame was counted dropped then)
+                    self._prep.prepared(session, c)
+                    self._touched.add(c.sid)
+                return None
             case PushFrame():
                 return self._push(c)
             case Ask():

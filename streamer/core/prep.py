@@ -12,14 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from .state import CoreSession, PendingFrame
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame's preprocessing ended: the message a preprocessing thread posts to the core's inbox."""
+
+    sid: str
+    pending: PendingFrame
+    fut: Future
 
 
 class Preprocessing:
     """The core's preprocessing threads (see the module doc)."""
 
-    def __init__(self, threads: int, done: Callable[[str, PendingFrame, Future], None]):
+    def __init__(self, threads: int, done: Callable[[Prepared], None]):
         # (no torch.set_num_threads in these threads: OpenMP can deadlock in it, pytorch/pytorch#75147)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vl3live-prep")
         self._done = done
@@ -37,21 +47,20 @@ class Preprocessing:
             session.frame = pending
             return
         session.preparing = pending
-        fut.add_done_callback(lambda f: self._done(session.id, pending, f))
+        fut.add_done_callback(lambda f: self._done(Prepared(session.id, pending, f)))
 
-    @staticmethod
-    def prepared(session: CoreSession, pending: PendingFrame, fut: Future) -> None:
-        """(Core thread.) A frame's preprocessing ended: it becomes the session's latest frame."""
-        if session.preparing is not pending:
+    def prepared(self, session: CoreSession, done: Prepared) -> None:
+        """(Core thread.) A frame's preprocessing ended: it becomes the session's latest frame, and the next
+        one (a newer frame that came meanwhile) starts."""
+        pending = done.pending
+        if session.preparing is not pending:  # (the session closed meanwhile: counted dropped then)
             return
         session.preparing = None
-        pending.prepared = fut
-        if session.closed:
-            session.count("dropped")
-            return
+        pending.prepared = done.fut
         if session.frame is not None:  # the newest wins
             session.count("dropped")
         session.frame = pending
+        self.feed(session)
 
     def shutdown(self) -> None:
         self._pool.shutdown(True, cancel_futures=True)

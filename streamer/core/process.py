@@ -11,6 +11,7 @@ client's ``alive`` (``/health``) turns false; the process that holds the client 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import sys
@@ -30,8 +31,10 @@ def _child(conn, model: ModelConfig, spec: str | None, config: EngineConfig, ses
            max_sessions: int) -> None:
     """The child's main: load, build the core, tell the parent it is ready (or why not), run."""
     import os
+    import signal
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides when to stop
     from model import load_configured
 
     from .engine_core import build_core
@@ -78,6 +81,14 @@ class ProcessEngine(EngineClient):
         self._outbox: list = []  # commands of this turn of the loop, sent together
         self._reader: threading.Thread | None = None
         self._stopping = False
+
+    @classmethod
+    def like(cls, lm, model: ModelConfig, config: EngineConfig | None = None,
+             session_config: SessionConfig | None = None, max_sessions: int = 16) -> ProcessEngine:
+        """A child core that loads the same model as ``lm`` (its spec, device and dtype; the rest of ``model``)."""
+        same = dataclasses.replace(model, spec=lm.spec, device=str(lm.device),
+                                   dtype=str(lm.dtype).removeprefix("torch."))
+        return cls(same, config, session_config, max_sessions)
 
     @property
     def pid(self) -> int | None:
