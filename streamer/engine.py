@@ -122,6 +122,8 @@ class EngineClient:
     each new session's model settings; on CPU the pool holds ``max_sessions`` budgets. Transports
     implement ``_start_core``, ``_post``, ``_stop_core`` and ``alive``."""
 
+    outlives_doors = False  # sessions live on after this front end stops (resumable elsewhere: the cluster)
+
     def __init__(self, config: EngineConfig | None = None, session_config: SessionConfig | None = None,
                  max_sessions: int = 16, bus: EventBus | None = None):
         self.config = config or EngineConfig()
@@ -137,6 +139,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine = EngineState(None, 0, 0, FrameCounts(), 0)
         self.lost: str | None = None  # why the core is gone, once it is
+        self.moved_hooks: list = []  # called with a session id that another front door took over
 
     # -- transport ----------------------------------------------------------------------------------
     async def _start_core(self) -> None:
@@ -282,6 +285,22 @@ class EngineClient:
     def answering(self, session: SessionHandle) -> bool:
         """Whether an answer is being generated in ``session`` (as of the last batch)."""
         return session.state.answering
+
+    def health(self) -> dict:
+        """What ``/health`` adds about the engine (the cluster: its workers)."""
+        return {}
+
+    def workers(self) -> list[dict]:
+        """The workers behind this client (the cluster; ``/metrics`` labels their figures by name)."""
+        return []
+
+    # -- resume through another front end (the cluster; here a session lives and dies with this client) --
+    async def remember(self, session: SessionHandle, token: str, resume_seconds: float, api: dict) -> None:
+        """``session``'s current resume token and the front end's own counters for it."""
+
+    async def adopt(self, token: str) -> tuple[SessionHandle, dict, list] | None:
+        """The session another front end registered under ``token``, its counters and the events it missed."""
+        return None
 
     # -- sessions ---------------------------------------------------------------------------------
     async def open_session(self, session_config: SessionConfig | None = None, session_id: str | None = None,

@@ -27,7 +27,7 @@ from streamer.websocket.config import ServerConfig
 from streamer.websocket.server import Server
 from tests import ws_rig
 from tests.conftest import eventually, wait_for_line
-from tests.engines import TRANSPORTS
+from tests.engines import SERVER_TRANSPORTS
 from tests.test_sources import _free_port, _start_server, _stop
 
 
@@ -63,7 +63,7 @@ async def _ack(c: Client, pred, timeout: float = 60.0, log: list | None = None) 
     return await asyncio.wait_for(find(), timeout)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SERVER_TRANSPORTS)
 def test_client_streams_a_clip_asks_twice_mid_stream_and_gets_an_alert(lm, tmp_path, transport):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=6.0)
     cfg = ws_rig.config()
@@ -293,7 +293,7 @@ def test_every_limit_answers_with_its_code_and_the_session_survives(lm):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SERVER_TRANSPORTS)
 def test_session_update_reshapes_a_fresh_session_and_tunes_a_live_one(lm, transport):
     async def main():
         async with ws_rig.serving(lm, transport=transport) as (engine, server, url), Client(url) as c:
@@ -449,13 +449,15 @@ def test_binding_beyond_loopback_needs_a_token_and_a_wrong_token_is_refused(lm, 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SERVER_TRANSPORTS)
 def test_cli_serve_and_cli_client(tmp_path, transport):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
-    serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0",
-                              "--set", f"engine.transport={transport}",
+    where = ["--set", f"engine.transport={transport}"] if transport != "cluster" else \
+        ["--set", "cluster.worker_cpus=0.5"]  # and serve --cluster local:2 (a local Ray, two worker actors)
+    serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0", *where,
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
-                              "serve", "--model", "tiny"], stderr=subprocess.PIPE, text=True,
+                              "serve", "--model", "tiny", *(["--cluster", "local:2"] if transport == "cluster" else [])],
+                             stderr=subprocess.PIPE, text=True,
                              # a background job inherits SIGINT ignored: give Ctrl-C back to the server
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
@@ -463,6 +465,8 @@ def test_cli_serve_and_cli_client(tmp_path, transport):
         m, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:(\d+)/")  # and keeps draining stderr
         assert m, f"serve did not start: {''.join(lines)}"
         port = int(m.group(1))
+        family = descendants(serve.pid)  # with --cluster local:2: Ray's own processes and the two workers
+        assert transport != "cluster" or len(family) >= 4, family
         serve.send_signal(signal.SIGUSR1)  # prints every thread's stack and goes on serving
         deadline = time.monotonic() + 10
         while not any("vl3live-model" in x or "Thread 0x" in x for x in lines) and time.monotonic() < deadline:
@@ -473,7 +477,7 @@ def test_cli_serve_and_cli_client(tmp_path, transport):
                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
         assert re.search(r"@1\.\d+s \S", r.stdout), r.stdout  # the answer, tagged with its stream time
-        assert "session s1" in r.stderr and re.search(r"\[ack\] sent [1-6] processed [1-6]", r.stderr)
+        assert re.search(r"session (\S+-)?s1\b", r.stderr) and re.search(r"\[ack\] sent [1-6] processed [1-6]", r.stderr)
         r = subprocess.run([sys.executable, "-m", "vl3live", "client", str(clip), "--url",
                             f"ws://127.0.0.1:{port}/", "--token", "x"], capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)
@@ -492,6 +496,51 @@ def test_cli_serve_and_cli_client(tmp_path, transport):
             serve.kill()
             raise AssertionError(f"serve did not stop within 30 s of Ctrl-C; it said: {''.join(lines)}") from None
     assert serve.returncode == 0, "".join(lines)
+    assert eventually_gone(family), f"still running after serve stopped: {alive_of(family)}"
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid`` (from /proc): pid -> command line."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                try:
+                    found[child] = open(f"/proc/{child}/cmdline").read().replace("\0", " ")[:120]
+                except OSError:
+                    continue
+                frontier.append(child)
+    return found
+
+
+def alive_of(family: dict[int, str]) -> dict[int, str]:
+    out = {}
+    for pid, cmd in family.items():
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out[pid] = cmd
+    return out
+
+
+def eventually_gone(family: dict[int, str], timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while alive_of(family):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_a_server_bug_is_an_internal_error_and_the_session_goes_on(lm):

@@ -28,13 +28,15 @@ from . import (
     proof,
     schema,
     serve,
+    status,
     train,
     watch,
+    worker,
 )
 
 COMMANDS = {"bench": bench, "ask": ask, "watch": watch, "demo": demo, "camera": camera, "serve": serve,
             "client": client, "train": train, "data": data, "eval": evaluation, "proof": proof, "convert": convert,
-            "protocol-schema": schema, "gpu-check": gpu_check}
+            "protocol-schema": schema, "gpu-check": gpu_check, "worker": worker, "status": status}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import yaml
 
 from model.config import ModelConfig, SessionConfig
 from model.configtree import apply_overrides, from_dict, yaml_problem
+from streamer.cluster.config import ClusterConfig
 from streamer.config import AudioConfig, EngineConfig
 from streamer.websocket.config import ServerConfig
 from training.config import TrainConfig
@@ -28,6 +29,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

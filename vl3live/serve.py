@@ -17,6 +17,9 @@ class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
     host: str | None = field(default=None, metadata={"help": "overrides server.host"})
     port: int | None = field(default=None, metadata={"help": "overrides server.port"})
+    cluster: str | None = field(default=None, metadata={
+        "help": "serve sessions on the workers of a Ray cluster: auto | HOST:PORT | ray://HOST:PORT | local:N "
+                "(overrides cluster.address)"})
 
 
 async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None) -> None:
@@ -27,9 +30,15 @@ async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
+    if cfg.cluster is not None:
+        from streamer.cluster.config import check_address
+
+        config.cluster.address = check_address(cfg.cluster)
     async with open_engine(config, cfg.model, err, server_cfg.max_sessions) as engine, Server(engine, server_cfg) as server:
+        where = f"; sessions on {len(engine.links)} worker(s) of Ray cluster {config.cluster.address}" \
+            if config.cluster.address is not None else ""
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
-              f"{'; token required' if server.token else ''}", file=err, flush=True)
+              f"{'; token required' if server.token else ''}{where}", file=err, flush=True)
         if ready is not None:
             ready(server.port)
         await server.serve_forever()

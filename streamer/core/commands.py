@@ -71,6 +71,7 @@ class PushFrame:
     event_id: str | None = None
     source: int = 0  # 0: from the client; else the attached source it came from (numbered per session)
     continue_clock: bool = False  # that source's pts are shifted to continue the session's clock
+    superseded: int = 0  # frames of this session the transport replaced with this one on the way (dropped)
 
 
 @dataclass(frozen=True)

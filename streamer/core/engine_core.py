@@ -109,11 +109,13 @@ class EngineCore(Steps):
         session = self._sessions.get(c.sid)
         if session is None:
             return c
+        if c.superseded:
+            session.admission.superseded(c.superseded, c.source)
         pts = session.admission.admit(c.pts, c.source, c.continue_clock)
         self._admitted.add(c.sid)
         if pts is None:
             return None
-        c = dataclasses.replace(c, pts=pts, source=0, continue_clock=False)  # admitted: its pts are final
+        c = dataclasses.replace(c, pts=pts, source=0, continue_clock=False, superseded=0)  # admitted: its pts are final
         at = self._frame_at.get(c.sid)
         if at is not None:
             session.admission.replaced()

@@ -101,6 +101,15 @@ class Admission:
         """A sampled frame still waiting in the inbox was replaced by a newer one."""
         self._count("dropped")
 
+    def superseded(self, n: int, source: int) -> None:
+        """``n`` frames a transport replaced with a newer one before they reached the core (a remote
+        client's outbox under backpressure): offered, and dropped."""
+        for _ in range(n):
+            self._count("accepted")
+            if source:
+                self._count("source_frames")
+            self._count("dropped")
+
     def set_fps(self, fps: float) -> None:
         self.sampler = FpsSampler(fps, last=self.sampler.last)  # the clock goes on
 

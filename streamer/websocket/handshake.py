@@ -40,9 +40,9 @@ class Handshake:
     """Answers plain HTTP requests and vets websocket handshakes (``process_request`` of websockets)."""
 
     def __init__(self, config: ServerConfig, token: str | None, metrics: Metrics, alive: Callable[[], bool],
-                 sessions: Callable[[], int]):
+                 sessions: Callable[[], int], engine_health: Callable[[], dict] = dict):
         self.config, self.token, self.metrics = config, token, metrics
-        self._alive, self._sessions = alive, sessions
+        self._alive, self._sessions, self._engine_health = alive, sessions, engine_health
         self.resume_failures = FailureThrottle(config.resume_failures_per_minute, burst=10)
 
     def _authorized(self, request: Request) -> bool:
@@ -71,7 +71,7 @@ class Handshake:
         if path == "/health":
             alive = self._alive()
             body = {"status": "ok" if alive else "engine core stopped", "sessions": self._sessions(),
-                    "protocol": P.PROTOCOL_VERSION}
+                    "protocol": P.PROTOCOL_VERSION, **self._engine_health()}
             return _response(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body),
                              "application/json")
         if not self._authorized(request):

@@ -92,12 +92,45 @@ class _PoolGauges(Collector):
         return out
 
 
+class _WorkerGauges(Collector):
+    """Each worker of a cluster (none for a local engine), labelled by its name: up, sessions, KV pool, frames."""
+
+    def __init__(self, workers: Callable[[], list[dict]]):
+        self._workers = workers
+
+    def collect(self):
+        workers = self._workers()
+        if not workers:
+            return []
+        up = GaugeMetricFamily("vl3live_worker_up", "1 while the worker runs", labels=["worker"])
+        sessions = GaugeMetricFamily("vl3live_worker_sessions", "sessions on the worker", labels=["worker"])
+        pool = GaugeMetricFamily("vl3live_worker_kv_tokens", "the worker's KV pool in tokens: size, reserved by "
+                                 "sessions' budgets, holding tokens", labels=["worker", "state"])
+        frames = CounterMetricFamily("vl3live_worker_frames", "frames by outcome on the worker",
+                                     labels=["worker", "outcome"])
+        steps = CounterMetricFamily("vl3live_worker_steps", "packed model steps the worker ran", labels=["worker"])
+        for w in workers:
+            name = w["name"]
+            up.add_metric([name], 1.0 if w["alive"] else 0.0)
+            sessions.add_metric([name], w["sessions"])
+            p = w["pool"]
+            if p is not None:
+                pool.add_metric([name, "size"], p.pool_tokens)
+                pool.add_metric([name, "reserved"], p.pages_reserved * p.page_tokens)
+                pool.add_metric([name, "used"], p.tokens_used)
+            for outcome in ENGINE_FRAME_COUNTS:
+                frames.add_metric([name, outcome], getattr(w["frames"], outcome))
+            steps.add_metric([name], w["steps"])
+        return [up, sessions, pool, frames, steps]
+
+
 class Metrics:
     """The server's Prometheus metrics (``GET /metrics``): sessions, frames by outcome, errors, latencies,
     the KV pool."""
 
     def __init__(self, sessions: Callable[[], list[tuple[SessionHandle, bool]]],
-                 frame_counts: Callable[[], FrameCounts], engine_stats: Callable[[], EngineStats] | None = None):
+                 frame_counts: Callable[[], FrameCounts], engine_stats: Callable[[], EngineStats] | None = None,
+                 workers: Callable[[], list[dict]] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Counter("vl3live_connections", "websocket connections accepted", registry=r)
@@ -116,6 +149,8 @@ class Metrics:
         r.register(_FrameCounts(frame_counts, self.frames))
         if engine_stats is not None:
             r.register(_PoolGauges(engine_stats))
+        if workers is not None:
+            r.register(_WorkerGauges(workers))
 
     def observe(self, ev: Event) -> None:
         """Bus observer: runs on the event loop for every published event."""

@@ -78,15 +78,17 @@ class Server:
         self.token = self.check(self.config)
         self.sessions: dict[str, ApiSession] = {}  # by resume token
         self.metrics = Metrics(lambda: [(s.session, s.conn is not None) for s in self.sessions.values()],
-                               engine.frame_counts, engine.stats)
+                               engine.frame_counts, engine.stats, engine.workers)
         engine.bus.observe(self.metrics.observe)
+        engine.moved_hooks.append(self._moved)
         self._ws: WsServer | None = None
         self._opening = 0
         self.port: int | None = None
         cfg = self.config
         self._transport_max = cfg.max_frame_bytes * 4 // 3 + 64 * 1024
         self._source_allow = [parse_pattern(p) for p in cfg.source_allow]  # a bad pattern fails at start
-        self._handshake = Handshake(cfg, self.token, self.metrics, lambda: engine.alive, lambda: len(self.sessions))
+        self._handshake = Handshake(cfg, self.token, self.metrics, lambda: engine.alive, lambda: len(self.sessions),
+                                    engine.health)
         defaults = engine.session_config
         self.max_session_frame_pixels = cfg.max_session_frame_pixels or 4 * defaults.frame_pixels
         # every session's recall store gets its share of server.recall_memory_mb
@@ -126,7 +128,14 @@ class Server:
                 log.warning("connections still open 15 s after closing; shutting down anyway")
             self._ws = None
         for s in list(self.sessions.values()):
+            if self.engine.outlives_doors:  # the sessions stay on the workers, resumable through another door
+                if s.expiry is not None:
+                    s.expiry.cancel()
+                s.sub.close()
+                await self._remember(s)
+                continue
             await self._end(s)
+        self.sessions.clear()
 
     # -- connections ----------------------------------------------------------------------------------
     async def _handle(self, conn: ServerConnection) -> None:
@@ -165,6 +174,10 @@ class Server:
     async def _resume(self, conn: ServerConnection, given: list[str]) -> ApiSession | None:
         token = given[0] if len(given) == 1 else ""
         s = self.sessions.get(token) if RESUME_TOKEN.fullmatch(token) else None
+        if s is None and RESUME_TOKEN.fullmatch(token):  # held behind another front door (the cluster)?
+            s = await self._adopt(conn, token)
+            if s is not None:
+                return s
         if s is None:
             self._handshake.resume_failures.failed(address(conn))
             why = "unknown or expired resume token" if RESUME_TOKEN.fullmatch(token) else \
@@ -180,6 +193,7 @@ class Server:
         del self.sessions[s.resume_token]
         s.resume_token = secrets.token_urlsafe(24)
         self.sessions[s.resume_token] = s
+        await self._remember(s)
         old, s.conn = s.conn, conn
         if old is not None:  # a dead peer not noticed yet, or the same client twice
             await old.close(4003, "resumed on another connection")
@@ -188,6 +202,45 @@ class Server:
             s.backlog = [ev for ev in iter(old_sub.get_nowait, None)]
             s.sub = self.engine.bus.subscribe(s.session.id)
         return s
+
+    async def _adopt(self, conn: ServerConnection, token: str) -> ApiSession | None:
+        """The session another front door registered under ``token`` (a cluster's worker holds it), or None."""
+        if len(self.sessions) + self._opening >= self.config.max_sessions:
+            return None
+        self._opening += 1
+        try:
+            adopted = await self.engine.adopt(token)
+        finally:
+            self._opening -= 1
+        if adopted is None:
+            return None
+        session, api, missed = adopted
+        s = ApiSession(session, secrets.token_urlsafe(24), self.engine.bus.subscribe(session.id), conn=conn,
+                       received=api.get("received", 0), rate_dropped=api.get("rate_dropped", 0),
+                       rejected=api.get("rejected", 0), last_event_id=api.get("last_event_id"), backlog=list(missed))
+        s.fps_bucket = TokenBucket(self.config.max_fps, max(2.0, self.config.max_fps))
+        self.sessions[s.resume_token] = s
+        await self._remember(s)
+        return s
+
+    async def _remember(self, s: ApiSession) -> None:
+        """Tell the engine the session's resume token and this server's counters for it (a cluster keeps them
+        with the session, so that another front door can resume it)."""
+        await self.engine.remember(s.session, s.resume_token, self.config.resume_seconds,
+                                   {"received": s.received, "rate_dropped": s.rate_dropped, "rejected": s.rejected,
+                                    "last_event_id": s.last_event_id})
+
+    def _moved(self, sid: str) -> None:
+        """(Loop.) The session was resumed through another front door: it is not this server's any more."""
+        for s in list(self.sessions.values()):
+            if s.session.id == sid:
+                del self.sessions[s.resume_token]
+                if s.expiry is not None:
+                    s.expiry.cancel()
+                s.sub.close()
+                conn, s.conn = s.conn, None
+                if conn is not None:
+                    asyncio.ensure_future(conn.close(4003, "resumed on another connection"))
 
     async def _open(self, conn: ServerConnection) -> ApiSession | None:
         if len(self.sessions) + self._opening >= self.config.max_sessions:
@@ -213,12 +266,15 @@ class Server:
         s = ApiSession(session, secrets.token_urlsafe(24), self.engine.bus.subscribe(session.id), conn=conn)
         s.fps_bucket = TokenBucket(self.config.max_fps, max(2.0, self.config.max_fps))
         self.sessions[s.resume_token] = s
+        await self._remember(s)
         return s
 
     def _detach(self, s: ApiSession) -> None:
         if self.config.resume_seconds <= 0:
             asyncio.get_running_loop().create_task(self._end(s))
             return
+        if self.engine.outlives_doors:  # its counters as they are now, for a resume through another door
+            asyncio.get_running_loop().create_task(self._remember(s))
 
         def expire() -> None:
             if s.conn is None:
