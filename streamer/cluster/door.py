@@ -29,7 +29,7 @@ from model.sampling import Sampling
 
 from ..bus import EventBus
 from ..config import EngineConfig
-from ..core.commands import EngineSnapshot, EngineState, OpenSession, PushFrame, SetInstruction
+from ..core.commands import EngineSnapshot, EngineState, OpenSession, PushFrame, SessionState, SetInstruction
 from ..engine import EngineClient, EngineError, EngineStats, SessionHandle
 from ..events import Error, Event, FrameCounts
 from . import ray_env
@@ -80,6 +80,7 @@ class ClusterEngine(EngineClient):
         self._where: dict[str, WorkerLink] = {}  # sid -> the worker that holds it
         self._tokens: dict[str, tuple[str, float, dict]] = {}  # sid -> (token hash, resume_seconds, api)
         self._orphans: set[str] = set()  # sessions whose worker died and no other had room yet
+        self._noted: set[str] = set()  # sessions whose front-end counters changed since the last push
         self._owned: list = []  # worker actors this door started (local:N)
         self._retired = Counter()  # frame totals of workers that died (so /metrics counters never go back)
         self._refresher: asyncio.Task | None = None
@@ -104,6 +105,7 @@ class ClusterEngine(EngineClient):
         while True:
             await asyncio.sleep(self.cluster.refresh_seconds)
             try:
+                await self._push_notes()
                 await self._refresh()
             except Exception:
                 log.exception("looking for workers failed")
@@ -135,6 +137,9 @@ class ClusterEngine(EngineClient):
     def _post(self, request: int | None, command: object) -> None:
         link = self._where.get(getattr(command, "sid", None))
         if link is None or not link.alive:
+            handle = self.sessions.get(getattr(command, "sid", None))
+            if isinstance(command, PushFrame) and handle is not None:
+                handle.lost_frame(command.source)
             why = EngineError("the session's worker is gone; it is being reopened", "worker_lost")
             if request is not None:
                 fut = self._waiting.pop(request, None)
@@ -233,6 +238,9 @@ class ClusterEngine(EngineClient):
         for sid in lost:
             del self._where[sid]
             self._orphans.add(sid)
+            handle = self.sessions.get(sid)
+            if handle is not None:  # its counts so far stay; what was on its way or inside is dropped
+                handle.restart(SessionState(sid, FrameCounts(), None, None, False, True, 0), lost=True)
             self.bus.publish(Error(session=sid, code="worker_lost",
                                    message=f"the worker holding this session is gone ({why}); it is reopened "
                                            "on another worker with an empty cache"))
@@ -253,7 +261,7 @@ class ClusterEngine(EngineClient):
             log.warning("session %s: no worker can take it yet: %s", sid, exc)
             return
         self._orphans.discard(sid)
-        handle.state = opened["state"]
+        handle.mirror(opened["state"])
         handle.sent_questions = 0
         if handle.instruction is not None:
             self._send(SetInstruction(sid, handle.instruction, f"r{next(self._responses)}"))
@@ -315,6 +323,26 @@ class ClusterEngine(EngineClient):
         self._tokens[session.id] = (token_hash(token), resume_seconds, dict(api))
         await self._register(session.id)
 
+    def note(self, session: SessionHandle, api: dict) -> None:
+        held = self._tokens.get(session.id)
+        if held is not None and held[2] != api:
+            self._tokens[session.id] = (held[0], held[1], dict(api))
+            self._noted.add(session.id)
+
+    async def _push_notes(self) -> None:
+        """The counters noted since the last push, one call per worker."""
+        by_link: dict[str, dict] = {}
+        for sid in self._noted:
+            link = self._where.get(sid)
+            if link is not None and link.alive and sid in self._tokens:
+                by_link.setdefault(link.name, {})[sid] = self._tokens[sid][2]
+        self._noted = set()
+        for name, apis in by_link.items():
+            try:
+                await self.links[name].actor.note.remote(self.door, apis)
+            except Exception as exc:  # the worker died: its poll says so
+                log.info("worker %s: noting counters failed: %s", name, ray_env.first_line(exc))
+
     async def _register(self, sid: str) -> None:
         link = self._where.get(sid)
         if link is None or not link.alive:
@@ -338,7 +366,7 @@ class ClusterEngine(EngineClient):
                     old.closed = True
                 handle = SessionHandle(sid, got["config"], got["settings"], got["sampling"], got["max_tokens"])
                 handle.instruction = got["instruction"]
-                handle.state = got["state"]
+                handle.resume(got["state"])
                 self.sessions[sid] = handle
                 self._where[sid] = link
                 return handle, got["api"], got["missed"]

@@ -276,6 +276,13 @@ class Worker:
             self._tokens[token] = sid
         return True
 
+    async def note(self, door: str, apis: dict[str, dict]) -> None:
+        """The door's counters for its sessions, as of now (pushed every ``cluster.refresh_seconds``)."""
+        for sid, api in apis.items():
+            placed = self._placed.get(sid)
+            if placed is not None and placed.door == door:
+                placed.api = dict(api)
+
     async def claim(self, door: str, token: str) -> dict | None:
         """The session whose resume token hashes to ``token`` moves to ``door``: what a door needs to serve it
         (settings, state, the door counters and the events it missed). None: no such session here."""

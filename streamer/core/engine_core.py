@@ -149,8 +149,8 @@ class EngineCore(Steps):
         try:
             while True:
                 with self._wake:
-                    while self._running and not self._inbox and not self._has_work():
-                        self._wake.wait()
+                    while self._running and not self._inbox and not self._admitted and not self._has_work():
+                        self._wake.wait()  # (frames admitted and sampled out: their counts go out now)
                     if not self._running:
                         break
                     inbox, self._inbox, self._frame_at = self._inbox, [], {}

@@ -61,6 +61,7 @@ class ApiSession:
     last_event_id: str | None = None
     last_stats: FrameStats | None = None
     ack_dirty: bool = False
+    acked: tuple = ()  # the engine's frame counts in the last frame.ack sent
     decoding: int = 0  # frames received and being decoded (not counted anywhere else yet: no ack meanwhile)
     stats_dirty: bool = False
     meta: tuple[float | None, str | None] | None = None  # from input_frame.meta, for the next binary frame
@@ -147,7 +148,7 @@ class Server:
             return
         if s is None:
             return
-        s.ack_dirty = s.received > 0  # a resumed client is told at once where its session is
+        s.ack_dirty = s.ack_dirty or s.received > 0  # a resumed client is told at once where its session is
         writer = None
         try:
             await conn.send(P.dump(P.SessionCreated(
@@ -219,6 +220,7 @@ class Server:
                        received=api.get("received", 0), rate_dropped=api.get("rate_dropped", 0),
                        rejected=api.get("rejected", 0), last_event_id=api.get("last_event_id"), backlog=list(missed))
         s.fps_bucket = TokenBucket(self.config.max_fps, max(2.0, self.config.max_fps))
+        s.ack_dirty = True  # told at once where its session is
         self.sessions[s.resume_token] = s
         await self._remember(s)
         return s
@@ -226,9 +228,12 @@ class Server:
     async def _remember(self, s: ApiSession) -> None:
         """Tell the engine the session's resume token and this server's counters for it (a cluster keeps them
         with the session, so that another front door can resume it)."""
-        await self.engine.remember(s.session, s.resume_token, self.config.resume_seconds,
-                                   {"received": s.received, "rate_dropped": s.rate_dropped, "rejected": s.rejected,
-                                    "last_event_id": s.last_event_id})
+        await self.engine.remember(s.session, s.resume_token, self.config.resume_seconds, self._api_counts(s))
+
+    @staticmethod
+    def _api_counts(s: ApiSession) -> dict:
+        return {"received": s.received, "rate_dropped": s.rate_dropped, "rejected": s.rejected,
+                "last_event_id": s.last_event_id}
 
     def _moved(self, sid: str) -> None:
         """(Loop.) The session was resumed through another front door: it is not this server's any more."""
@@ -456,9 +461,15 @@ class Server:
                 now = loop.time()
                 if now >= next_ack:
                     next_ack = now + cfg.ack_interval
-                    if s.ack_dirty and not s.decoding:  # an ack always adds up: none mid-decode
-                        s.ack_dirty = False
+                    c = self.engine.counters(s.session)
+                    counts = (c.accepted, c.sampled_out, c.dropped, c.processed, c.refused, c.pending)
+                    if s.received and counts != s.acked:  # the counters moved without an event (sampled out)
+                        s.ack_dirty = True
+                    # an ack always adds up: none while a frame is decoded or on its way to the core
+                    if s.ack_dirty and not s.decoding and not s.session.in_transit:
+                        s.ack_dirty, s.acked = False, counts
                         await conn.send(P.dump(self._ack(s)))
+                        self.engine.note(s.session, self._api_counts(s))
                 if now >= next_stats:
                     next_stats = now + cfg.stats_interval
                     if s.stats_dirty and s.last_stats is not None:
@@ -466,6 +477,9 @@ class Server:
                         await conn.send(P.dump(translate.stats(s.last_stats)))
         except ConnectionClosed:
             pass
+        except Exception:  # a bug: say so and end the connection (a mute one helps nobody); resumable
+            log.exception("session %s: writing events failed", s.session.id)
+            await conn.close(1011, "internal error")
 
     async def _forward(self, conn: ServerConnection, s: ApiSession, ev: Event) -> None:
         if isinstance(ev, FrameStats):  # coalesced into frame.ack and stats
