@@ -102,10 +102,12 @@ class Workers(Proc):
 class Door(Proc):
     """``vl3live serve --cluster``: a front door, its websocket URL and HTTP base."""
 
-    def __init__(self, address: str, **settings):
-        super().__init__(vl3live("serve", "--cluster", address, "--model", "tiny", **settings),
+    def __init__(self, address: str, *args: str, **settings):
+        super().__init__(vl3live("serve", "--cluster", address, "--model", "tiny", *args, **settings),
                          r"serving ws://127\.0\.0\.1:(\d+)/")
         self.port = int(self.matches[0].group(1))
+        m = re.search(r"WebRTC: (http://\S+/)", self.matches[0].string)
+        self.webrtc = m.group(1) if m else None
         self.url = f"ws://127.0.0.1:{self.port}/"
         self.http = f"http://127.0.0.1:{self.port}/"
 
@@ -125,9 +127,11 @@ class RayHead:
     """``ray start --head`` on a free port; ``stop()`` is ``ray stop``."""
 
     def __init__(self, tmp: Path):
-        self.port = free_port()
+        self.port, self.client_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.client_address = f"ray://127.0.0.1:{self.client_port}"  # Ray Client, as a door outside would use
         r = subprocess.run([ray_bin(), "start", "--head", f"--port={self.port}", "--num-cpus=16",
+                            f"--ray-client-server-port={self.client_port}",
                             "--include-dashboard=false", "--object-store-memory=200000000",
                             "--disable-usage-stats"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})

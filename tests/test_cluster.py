@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ def cluster(tmp_path_factory):
     try:
         workers = rig.Workers(head.address, 2)
         procs.append(workers)
-        door_a, door_b = rig.Door(head.address), rig.Door(head.address)
+        door_a, door_b = rig.Door(head.address), rig.Door(head.client_address)  # (B through Ray Client)
         procs += [door_a, door_b]
         yield {"address": head.address, "workers": workers, "a": door_a, "b": door_b, "procs": procs}
         for p in reversed(procs):  # Ctrl-C: each ends cleanly
@@ -189,6 +191,33 @@ def test_a_door_that_dies_leaves_its_sessions_resumable_for_resume_seconds(clust
         assert gone in await asyncio.to_thread(_where, address)  # still waiting for its client...
         assert await _eventually(lambda: gone not in _where(address), timeout=40)  # ...until resume_seconds
         await again.close()
+    asyncio.run(main())
+
+
+def test_a_door_stopped_with_ctrl_c_hands_its_sessions_over(cluster):
+    address, b = cluster["address"], cluster["b"]
+    door = rig.Door(address, "--webrtc-port", "0")  # (and its WebRTC page and /offer, on the same engine)
+    cluster["procs"].append(door)
+    assert door.webrtc is not None
+    with urllib.request.urlopen(door.webrtc, timeout=10) as r:
+        assert r.status == 200 and b"RTCPeerConnection" in r.read()
+    bad = urllib.request.Request(door.webrtc + "offer", data=b'{"sdp": "v=0", "type": "offer"}', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=10)
+    assert refused.value.code == 400 and "no video" in refused.value.read().decode()
+
+    async def main():
+        c = Client(door.url)
+        await c.connect()
+        await _feed(c, 2)
+        token = c.session.resume_token
+        assert await asyncio.to_thread(door.stop) == 0  # Ctrl-C: a clean stop...
+        assert c.closed is not None or await _eventually(lambda: c.closed is not None)
+        async with Client(b.url, resume=token) as again:  # ...that leaves the session to the other doors
+            assert again.session.resumed and again.session.session_id == c.session.session_id
+            ack = await _ack(again, lambda ack: True)
+            assert ack.processed == 2 and ack.received == 2
+            await _answer(again)
     asyncio.run(main())
 
 

@@ -123,11 +123,12 @@ CORE_STATE = ("streamer.core.state", "streamer.core.engine_core", "streamer.core
 def test_front_ends_talk_to_the_client_never_to_the_cores_state():
     """The websocket layer, the demo, the sources and the commands import the client (``streamer.engine``,
     ``streamer.core.process``), the commands and the events: never the core or its state classes. Only the
-    transports build a core (``streamer/engine.py`` and ``streamer/core/process.py``)."""
+    transports build a core (``streamer/engine.py``, ``streamer/core/process.py`` and the Ray worker,
+    ``streamer/cluster/worker.py``)."""
     front = [p for p in _files() if _module(p).startswith(("streamer.websocket", "streamer.sources", "ui", "vl3live"))]
     bad = [f"{p.relative_to(ROOT)}:{line}: {mod}" for p in front for line, mod in _imports(p)
            if mod.startswith(CORE_STATE)]
     assert not bad, "front ends reach into the engine core:\n" + "\n".join(bad)
     builders = sorted(str(p.relative_to(ROOT)) for p in _files() for _, mod in _imports(p)
                       if mod.startswith("streamer.core.engine_core") and not _module(p).startswith("streamer.core.e"))
-    assert builders == ["streamer/core/process.py", "streamer/engine.py"], builders
+    assert builders == ["streamer/cluster/worker.py", "streamer/core/process.py", "streamer/engine.py"], builders

@@ -41,12 +41,13 @@ class MovingSquare(VideoStreamTrack):
         return frame
 
 
-def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice):
+@pytest.mark.parametrize("transport", ["thread", "cluster"])  # cluster: /offer on a Ray-backed engine
+def test_an_aiortc_peer_streams_into_a_session(lm, loopback_ice, transport):
     async def main():
         cfg = Config()
         cfg.engine.fps = 4.0
         cfg.session.frame_pixels = 28 * 28 * 12
-        async with engine_for(lm, cfg) as engine:
+        async with engine_for(lm, cfg, transport) as engine:
             ingest = WebRTCIngest(engine)
             port = await ingest.start("127.0.0.1", 0)
             sub = engine.bus.subscribe(maxsize=10000)

@@ -65,6 +65,9 @@ class BenchConfig:
     transport: str = field(default="thread", metadata={
         "help": "with --sessions: the engine core in a thread of this process or in a child process (process: "
                 "the batched runs also run on a thread, and process_adds_ms is the difference)"})
+    cluster: str | None = field(default=None, metadata={
+        "help": "with --sessions: local:W runs the engine on a local Ray cluster with 1 and W workers against the "
+                "in-process engine, same run (frames/s, answer tokens/s, TTFT, what Ray adds)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object only"})
 
     def __post_init__(self) -> None:
@@ -276,7 +279,13 @@ def run(args) -> int:
 
     cfg = dataclass_from_args(BenchConfig, args)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the JSON)
-    if cfg.sessions is not None:
+    if cfg.cluster is not None:
+        if cfg.sessions is None:
+            raise ValueError("--cluster goes with --sessions N")
+        from .bench_cluster import run_cluster_bench
+
+        result = run_cluster_bench(cfg, load_config(args.config, args.overrides), progress)
+    elif cfg.sessions is not None:
         from .bench_sessions import run_sessions_bench
 
         result = run_sessions_bench(cfg, load_config(args.config, args.overrides), progress)

@@ -17,6 +17,9 @@ class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "overrides model.spec (tiny | dir | hub id)"})
     host: str | None = field(default=None, metadata={"help": "overrides server.host"})
     port: int | None = field(default=None, metadata={"help": "overrides server.port"})
+    webrtc_port: int | None = field(default=None, metadata={
+        "help": "also serve the WebRTC page and /offer on this port of server.host (each browser or WebRTC "
+                "peer that connects gets a session; 0 = any free port)"})
     cluster: str | None = field(default=None, metadata={
         "help": "serve sessions on the workers of a Ray cluster: auto | HOST:PORT | ray://HOST:PORT | local:N "
                 "(overrides cluster.address)"})
@@ -30,6 +33,9 @@ async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None
     server_cfg = dataclasses.replace(config.server, **{k: v for k, v in (("host", cfg.host), ("port", cfg.port))
                                                        if v is not None})
     Server.check(server_cfg)  # refuse a bad bind before spending minutes on the model
+    if cfg.webrtc_port is not None and not server_cfg.loopback:
+        raise ValueError("--webrtc-port: the WebRTC page and /offer have no token check; serve them on loopback "
+                         "(server.host 127.0.0.1) behind a proxy that authenticates")
     if cfg.cluster is not None:
         from streamer.cluster.config import check_address
 
@@ -37,11 +43,22 @@ async def run_serve(cfg: ServeConfig, config: Config, err=sys.stderr, ready=None
     async with open_engine(config, cfg.model, err, server_cfg.max_sessions) as engine, Server(engine, server_cfg) as server:
         where = f"; sessions on {len(engine.links)} worker(s) of Ray cluster {config.cluster.address}" \
             if config.cluster.address is not None else ""
+        ingest = None
+        if cfg.webrtc_port is not None:
+            from streamer.sources.webrtc import WebRTCIngest
+
+            ingest = WebRTCIngest(engine, max_peers=server_cfg.max_sessions)
+            webrtc_port = await ingest.start(server_cfg.host, cfg.webrtc_port)
+            where += f"; WebRTC: http://{server_cfg.host}:{webrtc_port}/ (POST /offer)"
         print(f"serving ws://{server_cfg.host}:{server.port}/ (health: /health, metrics: /metrics)"
               f"{'; token required' if server.token else ''}{where}", file=err, flush=True)
         if ready is not None:
             ready(server.port)
-        await server.serve_forever()
+        try:
+            await server.serve_forever()
+        finally:
+            if ingest is not None:
+                await ingest.close()
 
 
 HELP = "serve the websocket API (docs/protocol.md)"

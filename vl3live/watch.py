@@ -93,12 +93,12 @@ async def run_watch(cfg: WatchConfig, config: Config, out=sys.stdout, err=sys.st
 
 async def _watch_webrtc(cfg: WatchConfig, config: Config, out, err) -> None:
     """Serve the WebRTC page; print every session's answers; stdin questions go to the newest session."""
-    from streamer.engine import Engine
     from streamer.sources.webrtc import WebRTCIngest
 
-    lm = load(cfg.model, config, err)
+    from .engines import open_engine
+
     loop = asyncio.get_running_loop()
-    async with Engine(lm, config.engine, config.session, config.server.max_sessions) as engine:
+    async with open_engine(config, cfg.model, err) as engine:  # (cluster.address: sessions on Ray workers)
         ingest = WebRTCIngest(engine, [cfg.ice_server] if cfg.ice_server else [])
         port = await ingest.start(cfg.host, cfg.port)
         print(f"open http://{cfg.host}:{port}/ in a browser to stream its camera", file=err, flush=True)

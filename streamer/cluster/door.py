@@ -37,6 +37,7 @@ from .config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
+START_WAIT = 600.0  # seconds a starting door waits for the workers Ray lists to load their model
 _COUNTS = ("accepted", "source_frames", "sampled_out", "dropped", "processed", "refused", "errors")
 
 
@@ -93,10 +94,17 @@ class ClusterEngine(EngineClient):
             self._owned = await asyncio.to_thread(
                 ray_env.start_workers, n, self.model, self.spec, self.config, self.session_config,
                 self.max_sessions, self.cluster)
-        await self._refresh()
-        if not self.links:
-            raise RuntimeError(f"no vl3live worker runs in the Ray cluster {self.cluster.address} (namespace "
-                               f"{self.cluster.namespace!r}): start some with vl3live worker --cluster ADDRESS")
+        deadline = asyncio.get_running_loop().time() + START_WAIT
+        while not self.links:
+            found = await self._refresh(wait=10.0)
+            if not found:
+                raise RuntimeError(f"no vl3live worker runs in the Ray cluster {self.cluster.address} (namespace "
+                                   f"{self.cluster.namespace!r}): start some with vl3live worker --cluster ADDRESS")
+            if not self.links:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"none of the {found} worker(s) in the Ray cluster got ready in "
+                                       f"{START_WAIT:.0f} s")
+                log.warning("waiting for %d worker(s) to load their model", found)
         self._refresher = asyncio.create_task(self._refresh_loop(), name="cluster-refresh")
         first = next(iter(self.links.values()))
         self._print_pool(first.engine.pool, f"{len(self.links)} worker(s), e.g. {first.info['device']}")
@@ -110,15 +118,16 @@ class ClusterEngine(EngineClient):
             except Exception:
                 log.exception("looking for workers failed")
 
-    async def _refresh(self) -> None:
-        """Take in workers that joined; reopen sessions left without one."""
+    async def _refresh(self, wait: float = 2.0) -> int:
+        """Take in workers that joined (and got ready within ``wait`` s: else next time); reopen sessions left
+        without one. Returns how many workers Ray lists."""
         found = await asyncio.to_thread(ray_env.find_workers, self.cluster)
         new = {name: actor for name, actor in found.items() if name not in self.links}
-        for name, actor in new.items():
-            try:
-                info = await asyncio.wait_for(actor.ready.remote(), 120)
-            except Exception as exc:  # still loading past the wait, or dead: next time
-                log.info("worker %s is not ready: %s", name, ray_env.first_line(exc))
+        infos = await asyncio.gather(*(asyncio.wait_for(actor.ready.remote(), wait) for actor in new.values()),
+                                     return_exceptions=True)
+        for (name, actor), info in zip(new.items(), infos):
+            if isinstance(info, BaseException):  # still loading its model, or dead: next time
+                log.info("worker %s is not ready: %s", name, ray_env.first_line(info) if str(info) else "loading")
                 continue
             self._check_worker(info)
             link = self.links[name] = WorkerLink(name, actor, info)
@@ -126,6 +135,7 @@ class ClusterEngine(EngineClient):
             log.info("worker %s joined (%s, %s)", name, info["host"], info["device"])
         for sid in list(self._orphans):
             await self._reopen(sid)
+        return len(found)
 
     def _check_worker(self, info: dict) -> None:
         mine = dataclasses.asdict(self.config.core())
@@ -175,21 +185,63 @@ class ClusterEngine(EngineClient):
             link.sending = False
 
     async def _poll(self, link: WorkerLink) -> None:
+        errors = ray_env.ray().exceptions
+        unreachable_since = None
         while True:
             try:
                 got = await link.actor.poll.remote(self.door, self.cluster.poll_seconds)
+                unreachable_since = None
             except asyncio.CancelledError:
                 raise
+            except errors.ActorUnavailableError as exc:  # (a network blip) dead only if it lasts
+                now = asyncio.get_running_loop().time()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since < self.cluster.door_timeout:
+                    await asyncio.sleep(0.5)
+                    continue
+                self._worker_died(link, ray_env.first_line(exc))
+                return
             except Exception as exc:
                 self._worker_died(link, ray_env.first_line(exc))
                 return
-            if got is None:  # the worker counted this door gone (it stalled): its sessions wait for resume
-                log.error("worker %s dropped this front door (it stopped polling)", link.name)
+            if got is None:  # the worker counted this door gone (it stalled): take its sessions back
+                log.error("worker %s counted this front door gone (it stalled); taking its sessions back",
+                          link.name)
+                await self._reattach(link)
                 continue
             out, moved, engine = got
             link.engine = engine
             self._on_outputs(out)
             for sid in moved:
+                self._moved(sid)
+
+    async def close(self) -> None:
+        """Stop this door. Its sessions stay on the workers, which keep them ``server.resume_seconds`` for a
+        resume through another door; with ``local:N`` the workers (and the sessions) end with it."""
+        if self._owned:
+            return await super().close()
+        for sid in list(self.sessions):
+            handle = self.sessions.pop(sid)
+            handle.closed = True
+            await self.detach(handle)
+        await self._stop_core()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(EngineError("the front door stopped", "internal"))
+        self.bus.close()
+
+    async def _reattach(self, link: WorkerLink) -> None:
+        mine = [sid for sid, held in self._where.items() if held is link]
+        try:
+            missed = await link.actor.reattach.remote(self.door, mine)
+        except Exception as exc:  # it died meanwhile: the next poll says so
+            log.info("worker %s: reattach failed: %s", link.name, ray_env.first_line(exc))
+            return
+        for events in missed.values():
+            for ev in events:
+                self.bus.publish(ev)
+        for sid in mine:
+            if sid not in missed:  # resumed through another door meanwhile
                 self._moved(sid)
 
     async def _stop_core(self) -> None:

@@ -103,6 +103,7 @@ class Worker:
         self._tokens: dict[str, str] = {}  # token hash -> sid
         self._requests: dict[int, tuple[str, int]] = {}  # core request -> (door, the door's request)
         self._internal: dict[int, asyncio.Future] = {}  # core request -> this worker's own waiter
+        self._opening: dict[int, str] = {}  # core request of an OpenSession -> its sid
         self._ids = itertools.count(1)
         self._engine = self.core.engine_state()
         self.doors_gone = 0
@@ -159,6 +160,8 @@ class Worker:
             if request is not None:
                 core_request = next(self._ids)
                 self._requests[core_request] = (door, request)
+                if isinstance(command, OpenSession):
+                    self._opening[core_request] = sid
                 request = core_request
             commands.append((request, command))
         if commands:
@@ -223,6 +226,9 @@ class Worker:
                 if not fut.done():
                     fut.set_result(reply)
                 continue
+            opened = self._opening.pop(reply.request, None)
+            if opened is not None and reply.code is not None:  # refused (no room): it was never here
+                self._placed.pop(opened, None)
             door, request = self._requests.pop(reply.request, (None, None))
             if door is not None:
                 self._reply(door, dataclasses.replace(reply, request=request))
@@ -311,6 +317,19 @@ class Worker:
         return {"sid": sid, "config": snap.config, "settings": snap.settings, "sampling": snap.sampling,
                 "instruction": snap.instruction, "state": snap.state, "max_tokens": snap.stats.max_tokens, "api": dict(placed.api), "missed": missed,
                 "missed_dropped": placed.backlog_dropped}
+
+    async def reattach(self, door: str, sids: list[str]) -> dict[str, list]:
+        """A door that was counted gone (it stalled) takes back its sessions that no other door claimed
+        meanwhile; the events each missed."""
+        self._door(door)
+        missed = {}
+        for sid in sids:
+            placed = self._placed.get(sid)
+            if placed is not None and placed.door is None:
+                placed.door, placed.deadline = door, None
+                missed[sid] = list(placed.backlog)
+                placed.backlog = deque()
+        return missed
 
     async def door_closed(self, door: str) -> None:
         """A door shut down cleanly: its sessions wait for a resume through another door from now."""
