@@ -22,6 +22,7 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 PREFIX = "vl3live-worker-"
+INLINE_BYTES = 8 << 20  # call arguments up to this size travel inside the call, not through the object store
 
 
 def ray():
@@ -37,6 +38,10 @@ def connect(cluster: ClusterConfig) -> int:
     """Join ``cluster.address`` (once per process); for ``local:N``, start a local Ray first. Returns N for
     ``local:N`` (the workers this process must start), else 0."""
     n = local_workers(cluster.address)
+    # Ray passes a call's arguments over the object store once they exceed 100 KB: a 448x336 frame (450 KB)
+    # took 1.5 ms more per frame that way than inline in the call (README "Beyond one GPU"). Inline up to
+    # 8 MB (a 1080p frame); read when Ray is imported.
+    os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
     if not n and "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
         # `ray start` authenticates with the token there when it finds one; a driver joining must send it
         # (read when Ray is imported: set before that)

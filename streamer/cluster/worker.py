@@ -114,6 +114,7 @@ class Worker:
         """Start the core (once) and say who this worker is (what ``info`` says)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            _full_priority(self.name)  # (the core's and the preprocessing threads inherit it)
             self.core.start()
             self._loop.create_task(self._watch())
         return self.info()
@@ -365,3 +366,14 @@ class Worker:
                         placed.token = None
                     log.info("worker %s: session %s was not resumed in time; closing it", self.name, sid)
                     self.core.post(None, CloseSession(sid))
+
+
+def _full_priority(name: str) -> None:
+    """Ray starts worker processes at nice 15 (``RAY_worker_niceness``): right for background tasks, wrong for
+    the process that serves live cameras. Back to 0 for this thread and those it starts, where allowed."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.warning("worker %s runs at Ray's lowered priority (%s); start Ray with RAY_worker_niceness=0 to avoid "
+                    "it", name, exc)
