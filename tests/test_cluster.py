@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -189,6 +190,10 @@ def test_a_door_that_dies_leaves_its_sessions_resumable_for_resume_seconds(clust
         assert ack.processed == 2 and ack.received == 2
         await _answer(again)
         assert gone in await asyncio.to_thread(_where, address)  # still waiting for its client...
+        table = await asyncio.to_thread(subprocess.run, rig.vl3live("status", "--cluster", address),
+                                        capture_output=True, text=True, timeout=120)
+        assert table.returncode == 0 and re.search(rf"{gone}  no front door: resumable for \d+ s", table.stdout), \
+            table.stdout + table.stderr
         assert await _eventually(lambda: gone not in _where(address), timeout=40)  # ...until resume_seconds
         await again.close()
     asyncio.run(main())

@@ -281,6 +281,34 @@ def test_a_cross_site_page_in_a_real_browser_cannot_use_the_local_server(lm, tmp
     assert re.search(r"^vl3live_connections_total 1\.0$", metrics, re.M)  # the refused one never got a session
 
 
+def test_a_ray_backed_door_places_each_session_on_the_freest_worker_and_refuses_when_none_has_room(lm):
+    cfg = ws_rig.config(max_sessions=8)
+    cfg.session.budget.max_tokens = 1000
+    cfg.engine.kv_pool_tokens = 1500  # one session's budget per worker, two workers
+
+    async def main():
+        async with ws_rig.serving(lm, cfg, "cluster") as (engine, server, url):
+            async with websockets.connect(url) as first, websockets.connect(url) as second:
+                a = await ws_rig.recv_json(first, ("session.created",))
+                b = await ws_rig.recv_json(second, ("session.created",))
+                placed = {engine.worker_of(engine.get(x["session_id"])) for x in (a, b)}
+                assert len(placed) == 2  # one on each: the other had the free pool
+                async with websockets.connect(url) as third:
+                    err = await ws_rig.recv_json(third)
+                    assert err["code"] == "too_many_sessions" and "KV pool" in err["message"]
+                    with pytest.raises(websockets.ConnectionClosed):
+                        await third.recv()
+                    assert third.close_code == 1013
+                _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/metrics")
+                assert "vl3live_kv_pool_tokens 2976.0" in body and "vl3live_kv_sessions 2.0" in body
+                for w in placed:
+                    assert f'vl3live_worker_sessions{{worker="{w}"}} 1.0' in body
+            assert await eventually(lambda: not engine.sessions, timeout=10)
+            async with websockets.connect(url) as fourth:  # the pages came back
+                assert (await ws_rig.recv_json(fourth, ("session.created",)))["type"] == "session.created"
+    asyncio.run(main())
+
+
 def test_a_session_the_kv_pool_cannot_hold_is_refused_with_1013_until_another_closes(lm):
     cfg = ws_rig.config(max_sessions=8)
     cfg.session.budget.max_tokens = 1000
