@@ -58,7 +58,7 @@ def _popen(cmd: list[str]) -> subprocess.Popen:
 class Proc:
     """A ``vl3live`` process of the cluster and what it printed."""
 
-    def __init__(self, cmd: list[str], ready: str, count: int = 1, timeout: float = 120.0):
+    def __init__(self, cmd: list[str], ready: str, count: int = 1, timeout: float = 240.0):
         self.proc = _popen(cmd)
         m, self.lines = wait_for_line(self.proc, ready, timeout)
         deadline = time.monotonic() + timeout
@@ -127,15 +127,22 @@ class RayHead:
     """``ray start --head`` on a free port; ``stop()`` is ``ray stop``."""
 
     def __init__(self, tmp: Path):
-        self.port, self.client_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.client_address = f"ray://127.0.0.1:{self.client_port}"  # Ray Client, as a door outside would use
-        r = subprocess.run([ray_bin(), "start", "--head", f"--port={self.port}", "--num-cpus=16",
-                            f"--ray-client-server-port={self.client_port}",
-                            "--include-dashboard=false", "--object-store-memory=200000000",
-                            "--disable-usage-stats"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        for _ in range(2):  # (a port taken between picking it and Ray binding it: once more, new ports)
+            self.port = free_port()
+            self.client_port = free_port()
+            while self.client_port == self.port:
+                self.client_port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            self.client_address = f"ray://127.0.0.1:{self.client_port}"  # Ray Client, as a door outside uses
+            r = subprocess.run([ray_bin(), "start", "--head", f"--port={self.port}", "--num-cpus=16",
+                                f"--ray-client-server-port={self.client_port}",
+                                "--include-dashboard=false", "--object-store-memory=200000000",
+                                "--disable-usage-stats"], capture_output=True, text=True, timeout=180,
+                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+            if r.returncode == 0:
+                return
+            self.stop()
+        raise AssertionError(f"ray start --head failed twice: {r.stdout[-2000:]}\n{r.stderr[-3000:]}")
 
     def stop(self) -> None:
         subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
