@@ -8,14 +8,19 @@ executor runs a list of them, possibly chunks of them (``Forward.chunk``), as on
    independent attention segments: their grids are passed together);
 2. every item's new tokens are packed into one sequence and run through the stock text model
    once. A :class:`~model.kvpool.PackedCache` writes each token's keys at its session's slots and
-   hands the attention the keys; each session's queries see only its own keys: per-session SDPA
-   on slices of the pool (``segments``), flash-attn's varlen over the gathered keys (``varlen``),
-   or one eager call with a block-diagonal causal mask (``masked``);
+   hands the attention the keys; each session's queries see only its own keys: one FlexAttention
+   call per layer over the pool with a block mask of the sessions' slot ranges (``flex``, CPU),
+   per-session SDPA on slices of the pool (``segments``, the reference), flash-attn's varlen over
+   the gathered keys (``varlen``), or one eager call with a block-diagonal causal mask (``masked``);
+   positions, slots and masks are built for the whole step with a few tensor ops;
 3. the logits head runs on the rows that need them only, and their argmax is taken for the whole
    step at once (greedy decoding needs no more).
 
 If the packed step fails, each item is run again alone, so a failure costs only the item that
-causes it (``Forward.error``); the others' results are committed.
+causes it (``Forward.error``); the others' results are committed. Out of memory, the allocator's cache
+is freed before that. A sticky device error (a device-side assert, an illegal address: the CUDA context
+is unusable from then on) fails every item of the step and every later one (:attr:`Executor.fault`):
+whoever runs the executor must stop serving.
 """
 
 from __future__ import annotations
@@ -28,38 +33,44 @@ from dataclasses import dataclass, field
 import torch
 
 from . import upstream
+from .attention import POOL_ATTENTION, FlexPlan
 from .frames import MERGE, PixelFrame
 from .kvpool import KVSeq, PackedCache
-from .upstream import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
 
-SEGMENTED = "vl3live_segments"
 # The varlen arguments the flash path passes to transformers' flash entry point, by keyword. That entry point
 # takes **kwargs, so a name it does not know is swallowed and the call attends across sessions:
-# ``vl3live gpu-check`` checks each against the installed transformers.
+# ``vl3live gpu-check`` and a test check each against the installed transformers.
 VARLEN_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+ATTENTIONS = ("flex", "segments", "masked", "varlen")
+# what a CUDA error that poisons the context says (every later call fails too)
+STICKY_ERRORS = ("device-side assert", "illegal memory access", "illegal instruction", "misaligned address",
+                 "unspecified launch failure", "uncorrectable ECC error", "CUBLAS_STATUS_EXECUTION_FAILED")
 
 
-def segmented_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, vl3_segments: list | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA per session of a packed step, on each session's own slice of the KV pool.
-
-    Registered with transformers' ``AttentionInterface`` as ``vl3live_segments``; the stock layers
-    call it like any attention function. ``vl3_segments`` lists, per session, its query rows
-    ``qa:qb``, its key slots ``ka:kb`` in ``key``/``value`` (the whole pool, not a copy) and its
-    causal mask (None for one new token). Without segments (any other caller) it is plain SDPA.
-    """
-    if vl3_segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outs = [sdpa_attention_forward(module, query[:, :, qa:qb], key[:, :, ka:kb], value[:, :, ka:kb], mask,
-                                   **kwargs)[0] for qa, qb, ka, kb, mask in vl3_segments]
-    return torch.cat(outs, dim=1), None
+class DeviceFault(RuntimeError):
+    """The device hit a sticky error: nothing more runs on it in this process."""
 
 
-upstream.register_attention(SEGMENTED, segmented_attention)
+def is_sticky(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device error that leaves the device unusable (see :data:`STICKY_ERRORS`)."""
+    return isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and \
+        any(s in str(exc) for s in STICKY_ERRORS)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return the allocator's cached blocks (before re-running a step that ran out of memory)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_attention(lm: object, shared: bool = True) -> str:
+    """The attention path an executor takes when none is named (see :class:`Executor`)."""
+    attn = getattr(lm, "attn", "sdpa")
+    return "varlen" if attn == "flash_attention_2" else "masked" if attn == "eager" else \
+        "flex" if shared and lm.device.type == "cpu" else "segments"
 
 
 @dataclass(eq=False)
@@ -97,10 +108,12 @@ class Forward:
 class Executor:
     """Runs :class:`Forward` items of any sessions sharing one model and one KV pool."""
 
-    def __init__(self, lm: object, attention: str | None = None):
-        """``attention``: "segments" (SDPA per session on slices of the pool), "masked" (one call over
-        the gathered keys with a block-diagonal mask) or "varlen" (flash-attn over the gathered keys);
-        None = varlen with flash_attention_2, segments with SDPA, masked with eager."""
+    def __init__(self, lm: object, attention: str | None = None, shared: bool = True):
+        """``attention`` (see :mod:`model.attention`): "flex" (one FlexAttention call per layer over the
+        pool, CPU), "segments" (SDPA per session on slices of the pool), "masked" (one call over the
+        gathered keys with a block-diagonal mask; eager models) or "varlen" (flash-attn over the gathered
+        keys). None: varlen with flash_attention_2, masked with eager, else flex on CPU for an executor
+        ``shared`` by many sessions and segments otherwise (one session: one SDPA call per layer)."""
         self.lm = lm
         model = lm.model
         self.text_model = upstream.text_model(model)
@@ -109,22 +122,26 @@ class Executor:
         self.layer_types = sorted(set(getattr(tc, "layer_types", None) or ["full_attention"]))
         self.heads = tc.num_attention_heads
         attn = getattr(lm, "attn", "sdpa")
-        if attention is None:  # SDPA: per-session attention on slices of the pool (no gather, and no
-            # scores across sessions, which at 100+ sessions would not fit a GPU); eager: one masked call
-            attention = "varlen" if attn == "flash_attention_2" else "segments" if attn in ("sdpa", SEGMENTED) \
-                else "masked"
-        if attention not in ("segments", "masked", "varlen"):
-            raise ValueError(f"attention must be segments, masked or varlen, got {attention!r}")
-        if (attention == "varlen") != (attn == "flash_attention_2") or (attention == "segments" and attn == "eager"):
+        attention = attention or default_attention(lm, shared)
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if (attention == "varlen") != (attn == "flash_attention_2") or (attention in ("segments", "flex")
+                                                                         and attn == "eager"):
             raise ValueError(f"attention {attention!r} does not go with the model's {attn!r} attention")
+        if attention == "flex" and lm.device.type != "cpu":
+            raise ValueError("attention 'flex' runs on CPU (its one-row query blocks are inductor's CPU kernel's); "
+                             "use segments or varlen on a GPU")
         self.attention = attention
         self.varlen = attention == "varlen"  # flash-attn: varlen over the gathered keys
         self.segmented = attention == "segments"
-        if self.segmented:  # (plain SDPA for every other caller: they pass no segments)
-            upstream.use_attention(self.text_model, SEGMENTED)
+        self.flex = attention == "flex"
+        if self.segmented or self.flex:  # (plain SDPA for every other caller: they pass no segments or plan)
+            upstream.use_attention(self.text_model, POOL_ATTENTION)
         self.bool_mask = attn != "eager"  # SDPA takes a boolean mask, eager an additive one
         self.steps = 0  # packed forwards run
         self.fallbacks = 0  # packed steps that failed and were re-run item by item
+        self.oom_retries = 0  # of those, the ones that ran out of memory (the cache was freed first)
+        self.fault: BaseException | None = None  # a sticky device error: every later run fails at once
 
     # -- one step ---------------------------------------------------------------------------------
     def run(self, items: list[Forward]) -> None:
@@ -134,16 +151,23 @@ class Executor:
             if it.seq.released:  # never write into slots that may belong to another session now
                 it.error = RuntimeError("this session's KV slots were released")
         items = [it for it in items if it.error is None]
-        if not items:
+        if not items or self._faulted(items):
             return
         with torch.inference_mode():
             self._vision([it for it in items if it.embeds is None])
+            if self._faulted(items, *(it.error for it in items)):
+                return
             ready = [it for it in items if it.error is None]
             if not ready:
                 return
             try:
                 self._packed(ready)
             except Exception as exc:  # find the item that fails; the rest are committed
+                if self._faulted(ready, exc):
+                    return
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self.oom_retries += 1
+                    free_memory(self.lm.device)
                 if len(ready) == 1:
                     ready[0].error = exc
                     return
@@ -153,7 +177,22 @@ class Executor:
                     try:
                         self._packed([it])
                     except Exception as one:
+                        if self._faulted(ready, one):
+                            return
                         it.error = one
+
+    def _faulted(self, items: list[Forward], *errors: BaseException | None) -> bool:
+        """Whether the device is gone (now or before): then every item of the step fails with it."""
+        if self.fault is None:
+            sticky = next((e for e in errors if e is not None and is_sticky(e)), None)
+            if sticky is None:
+                return False
+            self.fault = sticky
+            log.critical("the device failed, nothing more runs on it: %s", sticky)
+        for it in items:
+            if not it.finished:
+                it.error = DeviceFault(f"the device failed: {self.fault}")
+        return True
 
     def _vision(self, items: list[Forward]) -> None:
         """Encode every frame of the step in one call, then build each item's embeddings."""
@@ -195,50 +234,66 @@ class Executor:
 
     def _packed(self, items: list[Forward]) -> None:
         dev = self.lm.device
-        rows, writes, reads, qpos, segments, cu_q, cu_k = [], [], [], [], [], [0], [0]
+        # per item, Python ints only: first position, rows, first slot (a session's slot of position p is
+        # base + p: its range is contiguous); the step's tensors are then built with a few ops in all
+        los, ns, bases, rows = [], [], [], []
         for it in items:
             start = it.seq.length if it.start is None else it.start
             n = it.left if it.chunk is None else min(it.chunk, it.left)
-            lo, hi = start + it.done, start + it.done + n
+            lo = start + it.done
+            it.seq.ensure(lo + n)
+            los.append(lo)
+            ns.append(n)
+            bases.append(it.seq.base)
             rows.append(it.embeds[it.done: it.done + n])
-            writes.append(it.seq.slots(lo, hi))
-            qpos.append(torch.arange(lo, hi, device=dev))
-            if self.segmented:
-                mask = None if n == 1 else torch.ones(n, hi, dtype=torch.bool, device=dev).tril(hi - n)[None, None]
-                segments.append((cu_q[-1], cu_q[-1] + n, it.seq.base, it.seq.base + hi, mask))
-            else:
-                reads.append(it.seq.table[:hi])
+        cu_q = [0]
+        for n in ns:
             cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + hi)
-        positions = torch.cat(qpos)
+        total = cu_q[-1]
+        per_item = torch.tensor([los, ns, bases, cu_q[:-1]], dtype=torch.int64).to(dev, non_blocking=True)
+        item_lo, item_n, item_base, item_off = per_item
+        which = torch.repeat_interleave(torch.arange(len(items), device=dev), item_n, output_size=total)
+        positions = item_lo[which] + torch.arange(total, device=dev) - item_off[which]
+        kstart = item_base[which]
         pool = items[0].seq.pool
-        cache = PackedCache(pool, torch.cat(writes), None if self.segmented else torch.cat(reads))
-        kwargs: dict = {"position_ids": positions.unsqueeze(0), "use_cache": True, self.cache_kw: cache}
-        if self.segmented:
+        writes = kstart + positions
+        reads = None
+        kwargs: dict = {"position_ids": positions.unsqueeze(0), "use_cache": True}
+        if self.flex:
+            kwargs.update(vl3_flex=FlexPlan.build(kstart, positions, pool.tokens),
+                          attention_mask=dict.fromkeys(self.layer_types))
+        elif self.segmented:  # the reference: a causal mask per session
+            segments = []
+            for i, (lo, n, base) in enumerate(zip(los, ns, bases)):
+                hi = lo + n
+                mask = None if n == 1 else torch.ones(n, hi, dtype=torch.bool, device=dev).tril(hi - n)[None, None]
+                segments.append((cu_q[i], cu_q[i + 1], base, base + hi, mask))
             kwargs.update(vl3_segments=segments, attention_mask=dict.fromkeys(self.layer_types))
-        elif self.varlen:  # flash-attn: per-session lengths, causal within each (bottom-right aligned)
-            kwargs["attention_mask"] = dict.fromkeys(self.layer_types)
-            kwargs.update(zip(VARLEN_KEYWORDS, (torch.tensor(cu_q, device=dev, dtype=torch.int32),
-                                                torch.tensor(cu_k, device=dev, dtype=torch.int32),
-                                                max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                                                max(b - a for a, b in zip(cu_k, cu_k[1:])))))
-        else:  # one call over the gathered keys with a block-diagonal causal mask
-            qs = torch.repeat_interleave(torch.arange(len(items), device=dev),
-                                         torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:])], device=dev))
-            ks = torch.repeat_interleave(torch.arange(len(items), device=dev),
-                                         torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:])], device=dev))
-            kpos = torch.cat([torch.arange(b - a, device=dev) for a, b in zip(cu_k, cu_k[1:])])
-            mask = (qs[:, None] == ks[None, :]) & (kpos[None, :] <= positions[:, None])
-            if not self.bool_mask:  # eager adds the mask to the scores
-                mask = torch.zeros(mask.shape, dtype=self.lm.dtype, device=dev).masked_fill_(
-                    ~mask, torch.finfo(self.lm.dtype).min)
-            kwargs["attention_mask"] = dict.fromkeys(self.layer_types, mask[None, None])
+        else:  # the gathered keys of each session, one after another
+            lens = item_lo + item_n
+            cu_k = torch.zeros(len(items) + 1, dtype=torch.int64, device=dev)
+            torch.cumsum(lens, 0, out=cu_k[1:])
+            kitem = torch.repeat_interleave(torch.arange(len(items), device=dev), lens)
+            kpos = torch.arange(kitem.numel(), device=dev) - cu_k[kitem]
+            reads = item_base[kitem] + kpos
+            if self.varlen:  # flash-attn: per-session lengths, causal within each (bottom-right aligned)
+                kwargs["attention_mask"] = dict.fromkeys(self.layer_types)
+                kwargs.update(zip(VARLEN_KEYWORDS, (torch.tensor(cu_q, device=dev, dtype=torch.int32),
+                                                    cu_k.to(torch.int32), max(ns),
+                                                    max(lo + n for lo, n in zip(los, ns)))))
+            else:  # one call with a block-diagonal causal mask
+                mask = (which[:, None] == kitem[None, :]) & (kpos[None, :] <= positions[:, None])
+                if not self.bool_mask:  # eager adds the mask to the scores
+                    mask = torch.zeros(mask.shape, dtype=self.lm.dtype, device=dev).masked_fill_(
+                        ~mask, torch.finfo(self.lm.dtype).min)
+                kwargs["attention_mask"] = dict.fromkeys(self.layer_types, mask[None, None])
+        kwargs[self.cache_kw] = PackedCache(pool, writes, reads)
         probing = any(it.probe for it in items)
         with upstream.capture_queries(self.text_model) if probing else nullcontext([]) as captured:
             hidden = self.text_model(inputs_embeds=torch.cat(rows).unsqueeze(0), **kwargs).last_hidden_state[0]
         self.steps += 1
-        # commit: lengths, last rows, logits only where wanted
-        want, ends = [], []
+        # commit: lengths, last rows (a copy of those rows, not a view of the step's), logits only where wanted
+        finished, want = [], []
         for i, it in enumerate(items):
             n = cu_q[i + 1] - cu_q[i]
             if it.start is None:
@@ -250,13 +305,18 @@ class Executor:
             if not it.probe:
                 it.seq.length = it.start + it.done
             if it.done >= it.tokens:
-                it.hidden = hidden[cu_q[i + 1] - 1]
                 if it.probe:
                     it.queries = torch.cat(it._queries)
                 if it.logits:
-                    want.append(it)
-                    ends.append(cu_q[i + 1] - 1)
+                    want.append(len(finished))
+                finished.append((it, cu_q[i + 1] - 1))
+        if not finished:
+            return
+        last = hidden[[row for _, row in finished]]
+        for (it, _), h in zip(finished, last):
+            it.hidden = h
         if want:
-            logits = upstream.lm_head(self.lm.model)(hidden[ends])
-            for it, row, best in zip(want, logits, logits.argmax(dim=-1).tolist()):
+            logits = upstream.lm_head(self.lm.model)(last[want])
+            for j, row, best in zip(want, logits, logits.argmax(dim=-1).tolist()):
+                it = finished[j][0]
                 it.out_logits, it.greedy = row, best

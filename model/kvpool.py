@@ -56,9 +56,13 @@ class KVSeq:
 
     def slots(self, start: int, end: int) -> torch.Tensor:
         """Slots of positions ``start..end-1``."""
+        self.ensure(end)
+        return self.table[start:end]
+
+    def ensure(self, end: int) -> None:
+        """Room for positions ``0..end-1`` (a private pool grows; a shared one refuses past the reservation)."""
         if end > self.reserved:
             self.pool.grow_seq(self, end)
-        return self.table[start:end]
 
 
 @dataclass(frozen=True)
@@ -250,11 +254,20 @@ class PackedCache(Cache):
         return self.pool.layers
 
 
-def pool_size(lm: object, budget: int | None, sessions: int, page_tokens: int, memory_fraction: float) -> int:
-    """A pool's size in tokens when none is set: ``memory_fraction`` of the free GPU memory (CUDA), else
-    room for ``sessions`` sessions at ``budget`` tokens each (None: the model's positions)."""
+def pool_size(lm: object, budget: int | None, sessions: int, page_tokens: int,
+              memory_fraction: float) -> tuple[int, str]:
+    """A pool's size in tokens when none is set, and why: room for ``sessions`` sessions at ``budget``
+    tokens each (None: the model's positions), and on CUDA at most ``memory_fraction`` of the free GPU
+    memory (the smaller of the two)."""
     tc = lm.model.config.text_config
-    if lm.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(lm.device)
-        return max(page_tokens, int(free * memory_fraction) // bytes_per_token(tc, lm.dtype))
-    return max(page_tokens, sessions * ((budget or tc.max_position_embeddings) + page_tokens))
+    per = (budget or tc.max_position_embeddings) + page_tokens
+    wanted = max(page_tokens, sessions * per)
+    why = f"{sessions} sessions x {per} tokens"
+    if lm.device.type != "cuda":
+        return wanted, why
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    fits = max(page_tokens, int(free * memory_fraction) // bytes_per_token(tc, lm.dtype))
+    room = f"{memory_fraction:g} of the {free / 2**30:.1f} GiB free"
+    if fits < wanted:
+        return fits, f"{room} (less than {why}: {fits // per} sessions at their budget)"
+    return wanted, f"{why} (less than {room})"

@@ -124,7 +124,7 @@ class StreamSession(Memory, Answering):
         if pool is None:
             pool = KVPool(self._text_config, 16 * 64, lm.device, lm.dtype, growable=True)
         self._pool = pool
-        self._executor = executor or Executor(lm)
+        self._executor = executor or Executor(lm, shared=False)
         self._seq = pool.open(self.max_tokens)  # admission: the whole budget fits the pool, or PoolFullError
         self._mover = RopeMover(self._text_model.rotary_emb)
         self._store: RecallStore | None = None
@@ -379,7 +379,9 @@ class StreamSession(Memory, Answering):
             unit.emb = None
         self._append_parts(parts)
         self._pending_ids, self._pending_text, self._pending_owner = [], "", None
-        self._last_logits, self._last_hidden = item.out_logits, item.hidden
+        # copies: an idle session must not keep a whole step's hidden states or logits alive through a view
+        self._last_logits = item.out_logits.clone() if item.out_logits is not None else None
+        self._last_hidden = item.hidden.clone() if item.hidden is not None else None
         self._last_event, self._last_t = "frame", t
         self.frames_added += 1
         rows, cols = pf.grid_thw[1] // MERGE, pf.grid_thw[2] // MERGE

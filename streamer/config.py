@@ -19,6 +19,7 @@ class CoreConfig:
     max_queued_questions: int
     max_new_tokens: int
     prep_threads: int
+    attention: str | None = None
 
 
 @dataclass
@@ -50,6 +51,11 @@ class EngineConfig:
     kv_page_tokens: int = setting("tokens per KV page (the block-table granularity)", default=16)
     prep_threads: int = setting("threads that preprocess frames (resize, normalize, patchify) as they arrive",
                               default=2)
+    attention: str | None = setting(
+        "how a packed step attends: flex (one FlexAttention call per layer over the KV pool; CPU), segments (SDPA "
+        "per session on its slice of the pool: the reference), masked (gathered keys, block-diagonal mask; "
+        "eager), varlen (flash-attn); None = flex on CPU, segments on CUDA, varlen with flash_attention_2",
+        default=None)
     transport: str = setting('where the engine core runs: "thread" (a thread of this process) or "process" (a '
                              'child process that loads the model, over a pipe)', default="thread")
 
@@ -58,6 +64,8 @@ class EngineConfig:
                 self.kv_pool_tokens is not None and self.kv_pool_tokens < self.kv_page_tokens):
             raise ValueError("engine: max_step_tokens, min_chunk_tokens, kv_page_tokens and prep_threads must be "
                              ">= 1, kv_pool_tokens >= kv_page_tokens")
+        if self.attention not in (None, "flex", "segments", "masked", "varlen"):
+            raise ValueError(f"engine.attention must be flex, segments, masked, varlen or null, got {self.attention!r}")
         if self.transport not in ("thread", "process"):
             raise ValueError(f"engine.transport must be thread or process, got {self.transport!r}")
         if not 0.0 < self.kv_pool_memory <= 1.0:
@@ -78,7 +86,7 @@ class EngineConfig:
     def core(self) -> CoreConfig:
         """The engine-wide settings the core runs with."""
         return CoreConfig(self.batching, self.max_step_tokens, self.min_chunk_tokens, self.max_queued_questions,
-                          self.max_new_tokens, self.prep_threads)
+                          self.max_new_tokens, self.prep_threads, self.attention)
 
 
 @dataclass

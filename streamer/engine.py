@@ -239,8 +239,8 @@ class EngineClient:
         return session.state.answering
 
     def health(self) -> dict:
-        """What ``/health`` adds about the engine (the cluster: its workers)."""
-        return {}
+        """What ``/health`` adds about the engine (the cluster: its workers; a core that is gone: why)."""
+        return {"lost": self.lost} if self.lost is not None else {}
 
     def workers(self) -> list[dict]:
         """The workers behind this client (the cluster; ``/metrics`` labels their figures by name)."""

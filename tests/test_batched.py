@@ -310,31 +310,72 @@ def test_a_4k_client_does_not_hold_back_another_clients_answer(lm):
     assert prepared_here == 0  # every 4K frame was resized on a preprocessing thread
 
 
-@pytest.mark.parametrize("attn, attention", [("sdpa", "masked"), ("eager", "masked")])
+@pytest.mark.parametrize("attn, attention", [("sdpa", "flex"), ("sdpa", "masked"), ("eager", "masked")])
 def test_every_attention_path_of_a_packed_step_equals_per_session_sdpa(attn, attention):
-    """The gathered-keys paths (a GPU without flash-attn: one SDPA call with a block-diagonal mask;
-    eager: the same with an additive mask) give what per-session SDPA on the pool's slices gives."""
-    from model import load_model
+    """Every path (flex: one FlexAttention call per layer over the pool with a block mask; masked: one SDPA
+    call over gathered keys with a block-diagonal mask; eager: the same with an additive mask) gives what
+    per-session SDPA on the pool's slices gives, on a step mixing a decode row, a chunked prefill, a new
+    prefill and a session whose frames were evicted (keys moved and re-rotated); flex attends once per layer."""
+    from model import attention as attention_fns
+    from model import load_model, upstream
+    from model.kvcache import RopeMover
 
     ref_lm, lm = load_model("tiny", device="cpu", dtype="float32"), load_model("tiny", device="cpu", dtype="float32",
                                                                              attn=attn)
-    results = []
+    layers = lm.model.config.text_config.num_hidden_layers
+    results, greedy = [], []
     for model, mode in ((ref_lm, "segments"), (lm, attention)):
         ex = Executor(model, attention=mode)
         assert ex.attention == mode
         pool = KVPool(model.model.config.text_config, 4096, "cpu", torch.float32)
         def rows(ids, m=model):
             return lambda _: m.model.get_input_embeddings()(torch.tensor(ids))
-        seqs = [pool.open(512) for _ in range(3)]
+        seqs = [pool.open(512) for _ in range(4)]
         rng = np.random.default_rng(0)
-        history = [rng.integers(100, 5000, n).tolist() for n in (40, 7, 90)]
+        history = [rng.integers(100, 5000, n).tolist() for n in (40, 7, 90, 120)]
         ex.run([Forward(q, len(h), rows(h)) for q, h in zip(seqs, history)])
-        step = [Forward(seqs[0], 1, rows([17])),  # a decode, a chunked prefill, a new one
+        keep = torch.cat([torch.arange(10), torch.arange(60, 120)])  # evict 50 tokens from the middle
+        pool.compact(seqs[3], keep, RopeMover(upstream.text_model(model.model).rotary_emb))
+        calls, steps = dict(attention_fns.calls), ex.steps
+        step = [Forward(seqs[0], 1, rows([17])),  # a decode, a chunked prefill, a new one, an evicted session
                 Forward(seqs[1], 30, rows(list(range(200, 230))), chunk=12),
-                Forward(seqs[2], 5, rows([5, 6, 7, 8, 9]))]
+                Forward(seqs[2], 5, rows([5, 6, 7, 8, 9])),
+                Forward(seqs[3], 3, rows([41, 42, 43]))]
         ex.run(step)
         step[1].chunk = None
         ex.run([step[1]])
+        assert ex.steps - steps == 2
+        if mode in ("flex", "segments"):  # one attention call per layer per step
+            assert attention_fns.calls[mode] - calls[mode] == 2 * layers
         results.append([it.out_logits for it in step])
+        greedy.append([it.greedy for it in step])
     for got, want in zip(results[1], results[0]):
         assert (got - want).abs().max() <= 1e-4
+    assert greedy[1] == greedy[0]
+
+
+def test_the_engine_attends_once_per_layer_per_step_and_a_lone_session_per_slice(lm):
+    """The engine's executor on CPU is flex (what the scenarios above compare against lone sessions, whose
+    executor is the per-session SDPA reference), and each of its steps calls attention once per layer."""
+    from model import attention as attention_fns
+
+    assert Executor(lm).attention == "flex" and StreamSession(lm)._executor.attention == "segments"
+    layers = lm.model.config.text_config.num_hidden_layers
+
+    async def main():
+        async with engine_for(lm, _config()) as eng:
+            sessions = [await eng.open_session(SPECS[name][0]) for name in ("watch", "long", "stream")]
+            before, steps = attention_fns.calls["flex"], eng.stats().steps
+            frames = scene_frames(2, 84, 112)
+            for k, f in enumerate(frames):
+                for s in sessions:
+                    eng.push_frame(s, Frame(float(k), f))
+                assert await eventually(lambda k=k: all(s.processed == k + 1 for s in sessions))
+            for s in sessions:
+                eng.ask(s, "What is there?", Sampling(max_new_tokens=5))
+            for s in sessions:
+                await eng.settled(s)
+            return attention_fns.calls["flex"] - before, eng.stats().steps - steps
+
+    calls, steps = asyncio.run(main())
+    assert steps >= 7 and calls == layers * steps

@@ -42,7 +42,7 @@ def test_cpu_smoke_fills_every_section_with_figures(smoke):
     assert set(env["flash_varlen"]["keywords"]) == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     assert env["flash_varlen"]["all_named"] is True  # the installed transformers names each one
     tiny = data["models"]["tiny"]
-    assert tiny["attention"]["engine_step"] in ("segments", "masked", "varlen")
+    assert tiny["attention"]["engine_step"] in ("flex", "segments", "masked", "varlen")
 
     one = tiny["single_session"]
     _num(one, "ingest_ms_p50", "ingest_ms_p99", "peak_rss_mb")

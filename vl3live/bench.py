@@ -65,6 +65,10 @@ class BenchConfig:
     transport: str = field(default="thread", metadata={
         "help": "with --sessions: the engine core in a thread of this process or in a child process (process: "
                 "the batched runs also run on a thread, and process_adds_ms is the difference)"})
+    against: str = field(default="off", metadata={
+        "help": "with --sessions: what the batched engine is compared with in the same run: off (engine.batching "
+                "off) or an engine.attention path (segments: the per-session attention loop, the previous path)"})
+    no_max_streams: bool = field(default=False, metadata={"help": "with --sessions: skip the max_streams probes"})
     cluster: str | None = field(default=None, metadata={
         "help": "with --sessions: local:W runs the engine on a local Ray cluster with 1 and W workers against the "
                 "in-process engine, same run (frames/s, answer tokens/s, TTFT, what Ray adds)"})
@@ -80,6 +84,8 @@ class BenchConfig:
             raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
         if self.transport not in ("thread", "process"):
             raise ValueError("--transport must be thread or process")
+        if self.against not in ("off", "flex", "segments", "masked", "varlen"):
+            raise ValueError("--against must be off, flex, segments, masked or varlen")
         if self.sessions is not None and (self.sessions < 1 or self.seconds <= 0 or self.probe_seconds <= 0
                                           or self.max_streams_limit < 1 or self.flood_fps <= 0):
             raise ValueError("--sessions, --seconds, --probe-seconds and --max-streams-limit must be > 0")

@@ -22,6 +22,7 @@ import dataclasses
 import time
 
 from model.checkpoints.synthetic import SyntheticCamera
+from model.executor import default_attention
 from model.sampling import Sampling
 from streamer.engine import Engine
 from streamer.events import FrameStats, ResponseDelta, ResponseDone
@@ -138,8 +139,10 @@ def _ok(run: dict) -> bool:
     return run["kept_up"] and (run["ttft_ms_p99"] is None or run["ttft_ms_p99"] < TTFT_GOAL_MS)
 
 
-async def _engine_run(lm, config: Config, batching: bool, coro, transport: str = "thread"):
-    engine_cfg = dataclasses.replace(config.engine, batching=batching, fps=1e6)
+async def _engine_run(lm, config: Config, batching: bool, coro, transport: str = "thread",
+                      attention: str | None = None):
+    engine_cfg = dataclasses.replace(config.engine, batching=batching, fps=1e6,
+                                     attention=attention or config.engine.attention)
     if transport == "process":  # the child loads the same model by its spec
         from streamer.core.process import ProcessEngine
 
@@ -169,19 +172,23 @@ def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
                  "max_new_tokens": cfg.max_new_tokens, "max_step_tokens": config.engine.max_step_tokens,
                  "torch": torch.__version__}
     out["transport"] = cfg.transport
-    modes = [("batched", True, cfg.transport), ("off", False, cfg.transport)]
+    base = "off" if cfg.against == "off" else "previous"  # what "ratios" compare the batched engine with
+    out["against"] = cfg.against
+    modes = [("batched", True, cfg.transport, None),
+             (base, cfg.against != "off", cfg.transport, None if cfg.against == "off" else cfg.against)]
     if cfg.transport == "process":  # what the process boundary adds, against the core in a thread, same run
-        modes.append(("batched_thread", True, "thread"))
-    for mode, batching, transport in modes:
+        modes.append(("batched_thread", True, "thread", None))
+    for mode, batching, transport, attention in modes:
         loads = [("frames", cfg.flood_fps, False), ("answers", cfg.fps, True)]
         if cfg.transport == "process" and batching:  # frames at --fps, no questions: the transport's own cost
             loads.append(("paced", cfg.fps, False))
         for load, fps, keep in loads:
             say(f"bench: {n} sessions, {load}-bound, batching {'on' if batching else 'off'}, core in a {transport}, "
-                f"{cfg.seconds:g} s ...")
+                f"attention {attention or 'default'}, {cfg.seconds:g} s ...")
             run, pool = asyncio.run(_engine_run(
                 lm, config, batching, lambda eng, f=fps, k=keep: drive_cameras(eng, n, cfg, cfg.seconds, f, k, asking=k),
-                transport))
+                transport, attention))
+            run["attention"] = attention or config.engine.attention or default_attention(lm)
             out.setdefault(mode, {})[load] = run
     if cfg.transport == "process":
         p, t = out["batched"], out["batched_thread"]
@@ -196,7 +203,7 @@ def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
     out["pool_tokens"] = pool.pool_tokens
     budget = config.session.budget.max_tokens or lm.model.config.text_config.max_position_embeddings
     out["pool_bytes_per_session"] = -(-budget // pool.page_tokens) * pool.page_tokens * pool.bytes_per_token
-    b, o = out["batched"], out["off"]
+    b, o = out["batched"], out[base]
 
     def ratio(load: str, key: str) -> float | None:
         x, y = b[load][key], o[load][key]
@@ -204,8 +211,10 @@ def run_sessions_bench(cfg: BenchConfig, config: Config, progress=None) -> dict:
     out["ratios"] = {"frames_per_s": ratio("frames", "frames_per_s"),
                      "answer_tokens_per_s": ratio("answers", "answer_tokens_per_s"),
                      "ttft_p99": ratio("answers", "ttft_ms_p99"),
-                     "frame_latency_p99": ratio("frames", "frame_latency_ms_p99")}
-    out["max_streams"], out["max_streams_probes"] = _max_streams(lm, config, cfg, say)
+                     "frame_latency_p99": ratio("frames", "frame_latency_ms_p99"),
+                     "host_us_per_row_p50": ratio("answers", "host_us_per_row_p50")}
+    if not cfg.no_max_streams:
+        out["max_streams"], out["max_streams_probes"] = _max_streams(lm, config, cfg, say)
     return out
 
 

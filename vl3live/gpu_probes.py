@@ -520,7 +520,7 @@ def pool_sizing(lm, plan) -> dict:
 
     dev, defaults = lm.device, EngineConfig()  # the engine's own defaults: what `vl3live serve` would take
     page = defaults.kv_page_tokens
-    tokens = pool_size(lm, plan.budget_tokens, plan.pool_sessions, page, defaults.kv_pool_memory)
+    tokens, _ = pool_size(lm, plan.budget_tokens, plan.pool_sessions, page, defaults.kv_pool_memory)
     free0 = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
     t0 = time.perf_counter()
     pool = KVPool(lm.model.config.text_config, tokens, dev, lm.dtype, page)

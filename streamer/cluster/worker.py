@@ -199,6 +199,10 @@ class Worker:
         """Each event and state to the door that owns its session; replies to the door that asked."""
         if out.engine is not None:
             self._engine = out.engine
+        if out.lost is not None:  # the core stopped for good (its device failed): this worker is gone, and its
+            # doors reopen its sessions on other workers as for any dead worker
+            log.critical("worker %s: %s; exiting", self.name, out.lost)
+            self._loop.call_later(0.2, os._exit, 70)
         touched: set[str] = set()
         for ev in out.events:
             placed = self._placed.get(ev.session)

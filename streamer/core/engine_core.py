@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -62,7 +63,7 @@ class EngineCore(Steps):
 
     def __init__(self, lm: LoadedModel, pool: KVPool, config: CoreConfig, emit: Callable[[Outputs], None]):
         self.lm, self.pool, self.config = lm, pool, config
-        self.executor = Executor(lm)
+        self.executor = Executor(lm, config.attention)
         self._emit_batch = emit
         self._inbox: list = []  # (request id or None, command), applied in order between two steps
         self._frame_at: dict[str, int] = {}  # sid -> where its newest PushFrame waits in the inbox
@@ -168,6 +169,9 @@ class EngineCore(Steps):
                     log.exception("a model step failed")
                     for task in list(self._tasks.values()):
                         self._fail(task, exc)
+                if self.executor.fault is not None:  # the device is unusable: say so and serve nothing more
+                    self._out.lost = f"the device failed: {self.executor.fault}"
+                    self._running = False
                 self._flush()
                 if self._ran is not None:  # host time: the iteration outside the executor's run
                     rows, model_ms = self._ran
@@ -432,7 +436,10 @@ def build_core(lm: LoadedModel, config: EngineConfig, session_config: SessionCon
     checking that ``session_config`` can open a session at all."""
     check_session_config(lm, session_config)
     budget = session_config.budget.max_tokens  # each session reserves its whole budget
-    tokens = config.kv_pool_tokens or pool_size(lm, budget, max_sessions, config.kv_page_tokens,
-                                                config.kv_pool_memory)
+    if config.kv_pool_tokens:
+        tokens = config.kv_pool_tokens
+    else:
+        tokens, why = pool_size(lm, budget, max_sessions, config.kv_page_tokens, config.kv_pool_memory)
+        print(f"vl3live: KV pool sized by {why}: {tokens} tokens", file=sys.stderr, flush=True)
     pool = KVPool(lm.model.config.text_config, tokens, lm.device, lm.dtype, config.kv_page_tokens)
     return EngineCore(lm, pool, config.core(), emit)
