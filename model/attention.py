@@ -21,6 +21,7 @@ registered as one transformers attention function (``vl3live_pool``) that the st
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from .upstream import sdpa_attention_forward
 
 POOL_ATTENTION = "vl3live_pool"
 KV_BLOCK = 128  # keys per block of the flex block mask
+Q_BLOCK = 32  # query rows per block (a decode row is padded to one block's work in a step with longer items)
 
 _compiled = None
 _compile_lock = threading.Lock()
@@ -43,35 +45,88 @@ def compiled_flex():
         if _compiled is None:
             from torch.nn.attention.flex_attention import flex_attention
 
+            # a kernel for decode-only steps, one for the rest, per dtype; the rest of dynamo's limit is headroom
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
             _compiled = torch.compile(flex_attention, dynamic=True)
     return _compiled
 
 
 @dataclass
 class FlexPlan:
-    """One step's block mask over the pool: built once per step (a few tensor ops), used by every layer."""
+    """One step's FlexAttention layout, built once per step (a few tensor ops) and used by every layer.
+
+    The step's sessions are FlexAttention's batch: queries ``(sessions, heads, rows, head_dim)`` with each
+    session's rows padded to the step's longest (a copy of the queries, never of the keys),
+    keys and values the whole pool ``(1, kv_heads, slots, head_dim)`` broadcast over the batch. The block
+    mask lists, per session and block of ``Q_BLOCK`` query rows, the key blocks of that session's range up
+    to the block's last position; ``mask_mod`` cuts the exact range, the causal edge and the padding."""
 
     block_mask: object
+    sessions: int  # the batch (at least 2: a lone session gets an empty one beside it)
+    rows: int  # the longest session's rows this step (every session's queries are padded to it)
+    dest: torch.Tensor  # where each packed query row goes in the padded (sessions x rows)
 
     @staticmethod
-    def build(kstart: torch.Tensor, qpos: torch.Tensor, pool_tokens: int) -> FlexPlan:
-        """``kstart[r]``: the first slot of row r's session; ``qpos[r]``: row r's position (it sees slots
-        ``kstart[r] .. kstart[r] + qpos[r]``). Both (rows,) int64 on the pool's device."""
+    def build(n: torch.Tensor, lo: torch.Tensor, base: torch.Tensor, dest: torch.Tensor, rows: int,
+              max_blocks: int, pool_tokens: int) -> FlexPlan:
+        """Per session (int64 tensors on the pool's device): ``n`` query rows from position ``lo``, keys from
+        slot ``base`` (position p at slot base + p). ``dest``: each packed row's index in the padded layout;
+        ``max_blocks``: the most key blocks any session spans (a host int, so nothing waits on the device)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        rows = kstart.numel()
-        blocks = -(-pool_tokens // KV_BLOCK)
-        first = kstart // KV_BLOCK
-        count = ((kstart + qpos) // KV_BLOCK - first + 1).to(torch.int32)
-        # the kernel wants a row of every block per query block; only the first ``count`` are read
-        indices = (first.to(torch.int32)[:, None] + torch.arange(blocks, dtype=torch.int32, device=kstart.device))
-        indices.clamp_(max=blocks - 1)
+        sessions, dev = n.numel(), n.device
+        if sessions == 1:  # a batch of at least 2 and 2 query blocks: sizes 1 would each compile a kernel
+            n, lo, base = (torch.cat([x, x.new_zeros(1)]) for x in (n, lo, base))  # (an empty session)
+        batch, max_blocks = n.numel(), max(2, max_blocks)
+        q_blocks, kv_blocks = max(2, -(-rows // Q_BLOCK)), -(-pool_tokens // KV_BLOCK)
+        j = torch.arange(q_blocks, device=dev)[None]
+        last = torch.minimum((j + 1) * Q_BLOCK, n[:, None]) - 1  # each query block's last real row
+        first = base // KV_BLOCK
+        count = torch.where(j * Q_BLOCK < n[:, None],
+                            (base[:, None] + lo[:, None] + last) // KV_BLOCK - first[:, None] + 1, 0)
+        # a session's key blocks are first, first + 1, ...: one row per session, shared by its query blocks
+        # (stride 0), and the kernel's full-width rows read past it into the next (never beyond ``count``)
+        buf = torch.zeros(batch * max_blocks + kv_blocks, dtype=torch.int32, device=dev)
+        buf[:batch * max_blocks].view(batch, max_blocks).copy_(first[:, None] + torch.arange(max_blocks, device=dev))
+        indices = buf.as_strided((batch, 1, q_blocks, kv_blocks), (max_blocks, 0, 0, 1))
+        base = base.clone()  # its own storage: a view's offset would be guarded (a kernel per offset)
+        top = base + lo  # row q of session b sees slots base[b] .. top[b] + q (padding rows see more:
+        # their output is dropped; a mask on them trips inductor's C++ codegen with dynamic shapes)
 
         def mask_mod(b, h, q, k):
-            return (k >= kstart[q]) & (k <= kstart[q] + qpos[q])
-        bm = BlockMask.from_kv_blocks(count[None, None], indices[None, None], BLOCK_SIZE=(1, KV_BLOCK),
+            return (k >= base[b]) & (k <= top[b] + q)
+        bm = BlockMask.from_kv_blocks(count.to(torch.int32)[:, None], indices, BLOCK_SIZE=(Q_BLOCK, KV_BLOCK),
                                       mask_mod=mask_mod, seq_lengths=(rows, pool_tokens), compute_q_blocks=False)
-        return FlexPlan(bm)
+        return FlexPlan(bm, batch, rows, dest)
+
+    def pad(self, query: torch.Tensor) -> torch.Tensor:
+        """Packed ``(1, heads, total, head_dim)`` -> ``(sessions, heads, rows, head_dim)``."""
+        q = query[0]  # (a copy of the queries even for one row each: one memory layout, one compiled kernel)
+        heads, _, dim = q.shape
+        out = q.new_zeros(heads, self.sessions * self.rows, dim)
+        out[:, self.dest] = q
+        return out.view(heads, self.sessions, self.rows, dim).transpose(0, 1)
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """``(sessions, heads, rows, head_dim)`` -> packed ``(1, total, heads, head_dim)``."""
+        heads, dim = out.shape[1], out.shape[3]
+        return out.transpose(0, 1).reshape(heads, self.sessions * self.rows, dim)[:, self.dest].transpose(0, 1)[None]
+
+
+def warm_up(pool: object, heads: int, scale: float) -> float:
+    """Compile FlexAttention's two kernels for ``pool`` (decode-only steps, and the rest) before the first
+    step needs them, so no frame waits on the compiler; seconds taken (about 0 once done in this process)."""
+    started = time.perf_counter()
+    dev = pool.device
+    key = pool.keys[0].transpose(0, 1).unsqueeze(0)
+    value = pool.values[0].transpose(0, 1).unsqueeze(0)
+    one = torch.ones(1, dtype=torch.int64, device=dev)
+    for rows in (1, 2):
+        plan = FlexPlan.build(one * rows, one * 0, one * 0, torch.arange(rows, device=dev), rows, 2, pool.tokens)
+        query = torch.zeros(1, heads, rows, pool.head_dim, dtype=pool.dtype, device=dev)
+        with torch.inference_mode():
+            compiled_flex()(plan.pad(query), key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=True)
+    return time.perf_counter() - started
 
 
 def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -84,9 +139,9 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     ``qa:qb``, its key slots ``ka:kb`` and its causal mask (None for one new token)."""
     if vl3_flex is not None:
         calls["flex"] += 1
-        out = compiled_flex()(query, key, value, block_mask=vl3_flex.block_mask,
+        out = compiled_flex()(vl3_flex.pad(query), key, value, block_mask=vl3_flex.block_mask,
                               scale=kwargs.get("scaling"), enable_gqa=True)
-        return out.transpose(1, 2), None
+        return vl3_flex.unpad(out), None
     if vl3_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     calls["segments"] += 1

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import upstream
-from .attention import POOL_ATTENTION, FlexPlan
+from .attention import KV_BLOCK, POOL_ATTENTION, FlexPlan, warm_up
 from .frames import MERGE, PixelFrame
-from .kvpool import KVSeq, PackedCache
+from .kvpool import KVPool, KVSeq, PackedCache
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def default_attention(lm: object, shared: bool = True) -> str:
-    """The attention path an executor takes when none is named (see :class:`Executor`)."""
+def default_attention(lm: object) -> str:
+    """The attention path an executor takes when none is named (see :class:`Executor`): varlen with
+    flash-attn, masked with eager, else segments. On CPU, flex (one call per layer) measured slower than
+    per-session SDPA at every size (README "Attention per step"): a CPU SDPA call costs microseconds of
+    Python, and ATen's CPU flash kernel outruns inductor's flex template, so the loop stays the default."""
     attn = getattr(lm, "attn", "sdpa")
-    return "varlen" if attn == "flash_attention_2" else "masked" if attn == "eager" else \
-        "flex" if shared and lm.device.type == "cpu" else "segments"
+    return "varlen" if attn == "flash_attention_2" else "masked" if attn == "eager" else "segments"
 
 
 @dataclass(eq=False)
@@ -108,12 +110,11 @@ class Forward:
 class Executor:
     """Runs :class:`Forward` items of any sessions sharing one model and one KV pool."""
 
-    def __init__(self, lm: object, attention: str | None = None, shared: bool = True):
+    def __init__(self, lm: object, attention: str | None = None):
         """``attention`` (see :mod:`model.attention`): "flex" (one FlexAttention call per layer over the
         pool, CPU), "segments" (SDPA per session on slices of the pool), "masked" (one call over the
         gathered keys with a block-diagonal mask; eager models) or "varlen" (flash-attn over the gathered
-        keys). None: varlen with flash_attention_2, masked with eager, else flex on CPU for an executor
-        ``shared`` by many sessions and segments otherwise (one session: one SDPA call per layer)."""
+        keys). None: :func:`default_attention`."""
         self.lm = lm
         model = lm.model
         self.text_model = upstream.text_model(model)
@@ -122,7 +123,7 @@ class Executor:
         self.layer_types = sorted(set(getattr(tc, "layer_types", None) or ["full_attention"]))
         self.heads = tc.num_attention_heads
         attn = getattr(lm, "attn", "sdpa")
-        attention = attention or default_attention(lm, shared)
+        attention = attention or default_attention(lm)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         if (attention == "varlen") != (attn == "flash_attention_2") or (attention in ("segments", "flex")
@@ -142,6 +143,13 @@ class Executor:
         self.fallbacks = 0  # packed steps that failed and were re-run item by item
         self.oom_retries = 0  # of those, the ones that ran out of memory (the cache was freed first)
         self.fault: BaseException | None = None  # a sticky device error: every later run fails at once
+
+    def warm_up(self, pool: KVPool) -> float:
+        """Compile what the first step would (flex: its kernels); seconds taken."""
+        if not self.flex:
+            return 0.0
+        attn = upstream.decoder_layers(self.lm.model)[0].self_attn
+        return warm_up(pool, self.heads, attn.scaling)
 
     # -- one step ---------------------------------------------------------------------------------
     def run(self, items: list[Forward]) -> None:
@@ -260,7 +268,10 @@ class Executor:
         reads = None
         kwargs: dict = {"position_ids": positions.unsqueeze(0), "use_cache": True}
         if self.flex:
-            kwargs.update(vl3_flex=FlexPlan.build(kstart, positions, pool.tokens),
+            rows_max = max(ns)
+            dest = which * rows_max + torch.arange(total, device=dev) - item_off[which]
+            spans = max((b + lo + n - 1) // KV_BLOCK - b // KV_BLOCK + 1 for lo, n, b in zip(los, ns, bases))
+            kwargs.update(vl3_flex=FlexPlan.build(item_n, item_lo, item_base, dest, rows_max, spans, pool.tokens),
                           attention_mask=dict.fromkeys(self.layer_types))
         elif self.segmented:  # the reference: a causal mask per session
             segments = []
@@ -317,6 +328,7 @@ class Executor:
             it.hidden = h
         if want:
             logits = upstream.lm_head(self.lm.model)(last[want])
-            for j, row, best in zip(want, logits, logits.argmax(dim=-1).tolist()):
+            # max(dim).indices is argmax (the first maximum, as documented) at under half of argmax's CPU time
+            for j, row, best in zip(want, logits, logits.max(dim=-1).indices.tolist()):
                 it = finished[j][0]
                 it.out_logits, it.greedy = row, best

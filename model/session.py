@@ -124,7 +124,7 @@ class StreamSession(Memory, Answering):
         if pool is None:
             pool = KVPool(self._text_config, 16 * 64, lm.device, lm.dtype, growable=True)
         self._pool = pool
-        self._executor = executor or Executor(lm, shared=False)
+        self._executor = executor or Executor(lm)
         self._seq = pool.open(self.max_tokens)  # admission: the whole budget fits the pool, or PoolFullError
         self._mover = RopeMover(self._text_model.rotary_emb)
         self._store: RecallStore | None = None

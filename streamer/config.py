@@ -54,7 +54,7 @@ class EngineConfig:
     attention: str | None = setting(
         "how a packed step attends: flex (one FlexAttention call per layer over the KV pool; CPU), segments (SDPA "
         "per session on its slice of the pool: the reference), masked (gathered keys, block-diagonal mask; "
-        "eager), varlen (flash-attn); None = flex on CPU, segments on CUDA, varlen with flash_attention_2",
+        "eager), varlen (flash-attn); None = segments (varlen with flash_attention_2, masked with eager)",
         default=None)
     transport: str = setting('where the engine core runs: "thread" (a thread of this process) or "process" (a '
                              'child process that loads the model, over a pipe)', default="thread")

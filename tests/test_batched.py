@@ -124,7 +124,8 @@ def _alone(lm, name: str, log: list) -> StreamSession:
     ({"max_step_tokens": 24, "min_chunk_tokens": 8}, "thread"),  # every frame and question prefill chunked
     ({"batching": False}, "thread"),
     ({}, "process"),  # the core in a child process: only commands and outputs cross
-], ids=["packed", "chunked", "off", "packed-process"])
+    ({"attention": "flex"}, "thread"),  # one FlexAttention call per layer per step
+], ids=["packed", "chunked", "off", "packed-process", "packed-flex"])
 def test_batched_sessions_equal_each_session_alone(lm, engine, transport):
     async def main():
         async with engine_for(lm, _config(**engine), transport) as eng:
@@ -354,16 +355,16 @@ def test_every_attention_path_of_a_packed_step_equals_per_session_sdpa(attn, att
     assert greedy[1] == greedy[0]
 
 
-def test_the_engine_attends_once_per_layer_per_step_and_a_lone_session_per_slice(lm):
-    """The engine's executor on CPU is flex (what the scenarios above compare against lone sessions, whose
-    executor is the per-session SDPA reference), and each of its steps calls attention once per layer."""
+def test_the_flex_engine_attends_once_per_layer_per_step(lm):
+    """With ``engine.attention: flex`` each step calls attention once per layer, whatever its sessions; lone
+    sessions (what the scenarios above compare with) keep the per-session SDPA reference."""
     from model import attention as attention_fns
 
-    assert Executor(lm).attention == "flex" and StreamSession(lm)._executor.attention == "segments"
+    assert Executor(lm).attention == StreamSession(lm)._executor.attention == "segments"
     layers = lm.model.config.text_config.num_hidden_layers
 
     async def main():
-        async with engine_for(lm, _config()) as eng:
+        async with engine_for(lm, _config(attention="flex")) as eng:
             sessions = [await eng.open_session(SPECS[name][0]) for name in ("watch", "long", "stream")]
             before, steps = attention_fns.calls["flex"], eng.stats().steps
             frames = scene_frames(2, 84, 112)

@@ -442,4 +442,9 @@ def build_core(lm: LoadedModel, config: EngineConfig, session_config: SessionCon
         tokens, why = pool_size(lm, budget, max_sessions, config.kv_page_tokens, config.kv_pool_memory)
         print(f"vl3live: KV pool sized by {why}: {tokens} tokens", file=sys.stderr, flush=True)
     pool = KVPool(lm.model.config.text_config, tokens, lm.device, lm.dtype, config.kv_page_tokens)
-    return EngineCore(lm, pool, config.core(), emit)
+    core = EngineCore(lm, pool, config.core(), emit)
+    took = core.executor.warm_up(pool)
+    if took > 1.0:
+        print(f"vl3live: attention kernels compiled in {took:.1f} s (once per process; inductor caches them on "
+              "disk)", file=sys.stderr, flush=True)
+    return core
