@@ -136,6 +136,7 @@ class StreamSession(Memory, Answering):
         self._pending_ids: list[int] = []  # generated but not yet forwarded
         self._pending_text = ""  # closing text of the last answer
         self._pending_owner: Unit | None = None  # the exchange the pending tokens belong to
+        self._anchors: dict = {}  # pinned exchanges' float32 keys (uid -> positions, per-layer keys): memory.py
         self._turn: Unit | None = None  # video-turn: the exchange of the open user turn
         self._last_logits: torch.Tensor | None = None
         self._last_hidden: torch.Tensor | None = None  # after a frame: its last row, for logits on demand
