@@ -7,6 +7,7 @@ same patchify permutation (merge-block-major), all as whole-tensor torch ops.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,8 @@ import torchvision.transforms.v2.functional as tvF
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
 from .upstream import smart_resize
+
+log = logging.getLogger(__name__)
 
 PATCH = 14
 MERGE = 2
@@ -79,6 +82,7 @@ class FramePreprocessor:
         # Fused rescale + normalize, as transformers does: (x - 255 mean) / (255 std).
         self.mean = torch.tensor(IMAGENET_STANDARD_MEAN, device=self.device).view(3, 1, 1) * 255.0
         self.std = torch.tensor(IMAGENET_STANDARD_STD, device=self.device).view(3, 1, 1) * 255.0
+        self.cpu_fallbacks = 0  # frames the device's resize refused, resized on the CPU
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, factor=FACTOR, min_pixels=self.min_pixels, max_pixels=self.frame_pixels)
@@ -87,13 +91,27 @@ class FramePreprocessor:
         rgb = validate_frame(frame)
         rh, rw = self.target_size(*rgb.shape[:2])
         x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)  # (3, H, W) uint8
-        x = tvF.resize(x, [rh, rw], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        x = self._resize(x, rh, rw)
         x = (x.to(torch.float32) - self.mean) / self.std  # (3, rh, rw)
         gh, gw = rh // PATCH, rw // PATCH
         # (C, gh/m, m, p, gw/m, m, p) -> (gh/m, gw/m, m, m, C, p, p): merge-block-major like transformers
         x = x.view(3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH).permute(1, 4, 2, 5, 0, 3, 6)
         patches = x.reshape(gh * gw, 3 * PATCH * PATCH)
         return PixelFrame(pixel_values=patches, grid_thw=(1, gh, gw), size=(rh, rw))
+
+    def _resize(self, x: torch.Tensor, rh: int, rw: int) -> torch.Tensor:
+        """Bicubic antialiased resize on the frame's device. CUDA's antialias kernel refuses very large
+        downscales (its filter support is bounded): such a frame is resized on the CPU instead of failing."""
+        try:
+            return tvF.resize(x, [rh, rw], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        except RuntimeError as exc:
+            if x.device.type == "cpu":
+                raise
+            self.cpu_fallbacks += 1
+            if self.cpu_fallbacks == 1:
+                log.warning("a %dx%d frame resized on the CPU: %s", x.shape[2], x.shape[1], str(exc).splitlines()[0])
+            small = tvF.resize(x.cpu(), [rh, rw], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+            return small.to(x.device)
 
     def grey_scale(self) -> torch.Tensor:
         """Per-element factor that turns a normalized-pixel difference into grey levels (0-255)."""
