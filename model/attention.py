@@ -12,6 +12,11 @@ registered as one transformers attention function (``vl3live_pool``) that the st
   on CPU) once per process; its first call takes seconds (15 s cold, 1-3 s from inductor's disk cache).
   Query blocks are one row, which is what lets rows of different sessions share a call: inductor's CPU
   template takes that, its GPU (Triton) template does not, so CUDA uses the next two.
+* ``paged`` (CUDA): one call per layer of torch's flash varlen kernel (``torch.nn.attention.varlen``)
+  reading the pool as pages through a block table (each session's pages are consecutive: its range),
+  with per-session key lengths and bottom-right causal masking; flash's paged KV takes pages of a
+  multiple of 256 tokens (``PAGED_PAGE``), so an engine on this path uses such pages. Not yet run on a
+  GPU by this project: its test (``tests/test_gpu_paths.py``) carries the gpu marker.
 * ``segments``: SDPA per session on its slice of the pool (a Python loop: one call per session per
   layer). The reference the others are tested against, and the path of a lone ``StreamSession`` (one
   session: one call per layer).
@@ -31,11 +36,12 @@ from .upstream import sdpa_attention_forward
 
 POOL_ATTENTION = "vl3live_pool"
 KV_BLOCK = 128  # keys per block of the flex block mask
+PAGED_PAGE = 256  # the page size flash's paged KV takes (a multiple of 256 tokens)
 Q_BLOCK = 32  # query rows per block (a decode row is padded to one block's work in a step with longer items)
 
 _compiled = None
 _compile_lock = threading.Lock()
-calls = {"flex": 0, "segments": 0}  # attention calls made (tests count them per step)
+calls = {"flex": 0, "paged": 0, "segments": 0}  # attention calls made (tests count them per step)
 
 
 def compiled_flex():
@@ -113,6 +119,43 @@ class FlexPlan:
         return out.transpose(0, 1).reshape(heads, self.sessions * self.rows, dim)[:, self.dest].transpose(0, 1)[None]
 
 
+@dataclass
+class PagedPlan:
+    """One step's varlen layout over the paged pool (built once per step, used by every layer)."""
+
+    cu_q: torch.Tensor  # (sessions + 1,) int32: where each session's query rows start in the packed step
+    cu_k: torch.Tensor  # (sessions + 1,) int32: cumulative key lengths
+    lengths: torch.Tensor  # (sessions,) int32: keys each session's last row sees (``seqused_k``)
+    table: torch.Tensor  # (sessions, pages) int32: each session's pages, in order
+    max_q: int
+    max_k: int
+    page: int
+
+    @staticmethod
+    def build(n: torch.Tensor, lo: torch.Tensor, base: torch.Tensor, max_q: int, max_k: int,
+              page: int) -> PagedPlan:
+        """Per session (int64 on the pool's device): ``n`` query rows from position ``lo``, keys from slot
+        ``base`` (a multiple of ``page``); ``max_q``/``max_k`` as host ints."""
+        lengths = (lo + n).to(torch.int32)
+        zero = torch.zeros(1, dtype=torch.int32, device=n.device)
+        cu_q = torch.cat([zero, torch.cumsum(n, 0).to(torch.int32)])
+        cu_k = torch.cat([zero, torch.cumsum(lengths, 0).to(torch.int32)])
+        pages = -(-max_k // page)
+        table = (base // page)[:, None] + torch.arange(pages, device=n.device)[None]
+        return PagedPlan(cu_q, cu_k, lengths, table.to(torch.int32), max_q, max_k, page)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):
+        from torch.nn.attention.varlen import varlen_attn
+
+        slots, kv_heads, dim = key.shape[2], key.shape[1], key.shape[3]
+        k = key[0].transpose(0, 1).reshape(slots // self.page, self.page, kv_heads, dim)  # views of the pool
+        v = value[0].transpose(0, 1).reshape(slots // self.page, self.page, kv_heads, dim)
+        out = varlen_attn(query[0].transpose(0, 1), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                          scale=scale, window_size=(-1, 0), enable_gqa=True, seqused_k=self.lengths,
+                          block_table=self.table)
+        return out.unsqueeze(0)  # (1, rows, heads, head_dim)
+
+
 def warm_up(pool: object, heads: int, scale: float) -> float:
     """Compile FlexAttention's two kernels for ``pool`` (decode-only steps, and the rest) before the first
     step needs them, so no frame waits on the compiler; seconds taken (about 0 once done in this process)."""
@@ -131,12 +174,16 @@ def warm_up(pool: object, heads: int, scale: float) -> float:
 
 def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, vl3_segments: list | None = None,
-                   vl3_flex: FlexPlan | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                   vl3_flex: FlexPlan | None = None, vl3_paged: PagedPlan | None = None,
+                   **kwargs) -> tuple[torch.Tensor, None]:
     """The attention the stock layers call (``vl3live_pool``); see the module doc.
 
     ``key``/``value`` are the whole pool, ``(1, kv_heads, slots, head_dim)``, not a copy. ``vl3_flex``:
     one FlexAttention call with the step's block mask. ``vl3_segments``: per session, its query rows
     ``qa:qb``, its key slots ``ka:kb`` and its causal mask (None for one new token)."""
+    if vl3_paged is not None:
+        calls["paged"] += 1
+        return vl3_paged.attend(query, key, value, kwargs.get("scaling")), None
     if vl3_flex is not None:
         calls["flex"] += 1
         out = compiled_flex()(vl3_flex.pad(query), key, value, block_mask=vl3_flex.block_mask,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import upstream
-from .attention import KV_BLOCK, POOL_ATTENTION, FlexPlan, warm_up
+from .attention import KV_BLOCK, PAGED_PAGE, POOL_ATTENTION, FlexPlan, PagedPlan, warm_up
 from .frames import MERGE, PixelFrame
 from .kvpool import KVPool, KVSeq, PackedCache
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # takes **kwargs, so a name it does not know is swallowed and the call attends across sessions:
 # ``vl3live gpu-check`` and a test check each against the installed transformers.
 VARLEN_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-ATTENTIONS = ("flex", "segments", "masked", "varlen")
+ATTENTIONS = ("flex", "paged", "segments", "masked", "varlen")
 # what a CUDA error that poisons the context says (every later call fails too)
 STICKY_ERRORS = ("device-side assert", "illegal memory access", "illegal instruction", "misaligned address",
                  "unspecified launch failure", "uncorrectable ECC error", "CUBLAS_STATUS_EXECUTION_FAILED")
@@ -130,13 +130,16 @@ class Executor:
                                                                          and attn == "eager"):
             raise ValueError(f"attention {attention!r} does not go with the model's {attn!r} attention")
         if attention == "flex" and lm.device.type != "cpu":
-            raise ValueError("attention 'flex' runs on CPU (its one-row query blocks are inductor's CPU kernel's); "
-                             "use segments or varlen on a GPU")
+            raise ValueError("attention 'flex' runs on CPU (inductor's GPU template does not take its query "
+                             "layout); use paged, segments or varlen on a GPU")
+        if attention == "paged" and (lm.device.type != "cuda" or lm.dtype not in (torch.float16, torch.bfloat16)):
+            raise ValueError("attention 'paged' is flash's paged varlen kernel: CUDA, float16 or bfloat16")
         self.attention = attention
         self.varlen = attention == "varlen"  # flash-attn: varlen over the gathered keys
         self.segmented = attention == "segments"
         self.flex = attention == "flex"
-        if self.segmented or self.flex:  # (plain SDPA for every other caller: they pass no segments or plan)
+        self.paged = attention == "paged"
+        if self.segmented or self.flex or self.paged:  # (plain SDPA for every other caller: they pass no segments or plan)
             upstream.use_attention(self.text_model, POOL_ATTENTION)
         self.bool_mask = attn != "eager"  # SDPA takes a boolean mask, eager an additive one
         self.steps = 0  # packed forwards run
@@ -267,7 +270,14 @@ class Executor:
         writes = kstart + positions
         reads = None
         kwargs: dict = {"position_ids": positions.unsqueeze(0), "use_cache": True}
-        if self.flex:
+        if self.paged:
+            if pool.page_size % PAGED_PAGE:
+                raise RuntimeError(f"attention 'paged' needs KV pages of a multiple of {PAGED_PAGE} tokens, the "
+                                   f"pool has {pool.page_size} (engine.kv_page_tokens)")
+            kwargs.update(vl3_paged=PagedPlan.build(item_n, item_lo, item_base, max(ns),
+                                                    max(lo + n for lo, n in zip(los, ns)), pool.page_size),
+                          attention_mask=dict.fromkeys(self.layer_types))
+        elif self.flex:
             rows_max = max(ns)
             dest = which * rows_max + torch.arange(total, device=dev) - item_off[which]
             spans = max((b + lo + n - 1) // KV_BLOCK - b // KV_BLOCK + 1 for lo, n, b in zip(los, ns, bases))

@@ -53,7 +53,8 @@ class EngineConfig:
                               default=2)
     attention: str | None = setting(
         "how a packed step attends: flex (one FlexAttention call per layer over the KV pool; CPU), segments (SDPA "
-        "per session on its slice of the pool: the reference), masked (gathered keys, block-diagonal mask; "
+        "per session on its slice of the pool: the reference), paged (one flash varlen call per layer reading the "
+        "pool through a block table; CUDA, pages of 256), masked (gathered keys, block-diagonal mask; "
         "eager), varlen (flash-attn); None = segments (varlen with flash_attention_2, masked with eager)",
         default=None)
     transport: str = setting('where the engine core runs: "thread" (a thread of this process) or "process" (a '
@@ -64,8 +65,9 @@ class EngineConfig:
                 self.kv_pool_tokens is not None and self.kv_pool_tokens < self.kv_page_tokens):
             raise ValueError("engine: max_step_tokens, min_chunk_tokens, kv_page_tokens and prep_threads must be "
                              ">= 1, kv_pool_tokens >= kv_page_tokens")
-        if self.attention not in (None, "flex", "segments", "masked", "varlen"):
-            raise ValueError(f"engine.attention must be flex, segments, masked, varlen or null, got {self.attention!r}")
+        if self.attention not in (None, "flex", "paged", "segments", "masked", "varlen"):
+            raise ValueError("engine.attention must be flex, paged, segments, masked, varlen or null, got "
+                             f"{self.attention!r}")
         if self.transport not in ("thread", "process"):
             raise ValueError(f"engine.transport must be thread or process, got {self.transport!r}")
         if not 0.0 < self.kv_pool_memory <= 1.0:

@@ -84,8 +84,8 @@ class BenchConfig:
             raise ValueError("--fps, --stream-hours and --ask-every must be > 0")
         if self.transport not in ("thread", "process"):
             raise ValueError("--transport must be thread or process")
-        if self.against not in ("off", "flex", "segments", "masked", "varlen"):
-            raise ValueError("--against must be off, flex, segments, masked or varlen")
+        if self.against not in ("off", "flex", "paged", "segments", "masked", "varlen"):
+            raise ValueError("--against must be off, flex, paged, segments, masked or varlen")
         if self.sessions is not None and (self.sessions < 1 or self.seconds <= 0 or self.probe_seconds <= 0
                                           or self.max_streams_limit < 1 or self.flood_fps <= 0):
             raise ValueError("--sessions, --seconds, --probe-seconds and --max-streams-limit must be > 0")

@@ -21,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from model import LoadedModel, StreamSession
+from model.attention import PAGED_PAGE
 from model.config import SessionConfig
 from model.executor import Executor
 from model.kvpool import KVPool, PoolFullError, pool_size
@@ -441,7 +442,13 @@ def build_core(lm: LoadedModel, config: EngineConfig, session_config: SessionCon
     else:
         tokens, why = pool_size(lm, budget, max_sessions, config.kv_page_tokens, config.kv_pool_memory)
         print(f"vl3live: KV pool sized by {why}: {tokens} tokens", file=sys.stderr, flush=True)
-    pool = KVPool(lm.model.config.text_config, tokens, lm.device, lm.dtype, config.kv_page_tokens)
+    page = config.kv_page_tokens
+    if config.attention == "paged" and page % PAGED_PAGE:  # flash's paged KV takes pages of 256 tokens
+        page = -(-page // PAGED_PAGE) * PAGED_PAGE
+        print(f"vl3live: KV pages of {page} tokens for attention 'paged' (engine.kv_page_tokens "
+              f"{config.kv_page_tokens})", file=sys.stderr, flush=True)
+        tokens = max(tokens, page)
+    pool = KVPool(lm.model.config.text_config, tokens, lm.device, lm.dtype, page)
     core = EngineCore(lm, pool, config.core(), emit)
     took = core.executor.warm_up(pool)
     if took > 1.0:
