@@ -380,3 +380,20 @@ def test_the_flex_engine_attends_once_per_layer_per_step(lm):
 
     calls, steps = asyncio.run(main())
     assert steps >= 7 and calls == layers * steps
+
+
+def test_the_logits_head_on_cpu_equals_the_models_and_follows_its_weight():
+    """The executor's CPU logits head (a transposed copy of the weight) gives the model's own logits, and a
+    weight changed in place (a fine-tune step in the same process) is picked up."""
+    from model import load_model, upstream
+
+    lm = load_model("tiny", device="cpu", dtype="float32")
+    ex = Executor(lm)
+    rows = torch.randn(3, lm.model.config.text_config.hidden_size)
+    head = upstream.lm_head(lm.model)
+    with torch.inference_mode():
+        assert (ex._logits(rows) - head(rows)).abs().max() <= 1e-4 and ex._head_t is not None
+    with torch.no_grad():
+        head.weight.mul_(2.0)
+    with torch.inference_mode():
+        assert (ex._logits(rows) - head(rows)).abs().max() <= 1e-4
