@@ -2,24 +2,26 @@
 
 A packed step's queries are the rows of every scheduled session, one after another; each session's keys
 are a contiguous range of the pool (:mod:`model.kvpool`): slots ``base .. base + end``. Each query row
-sees the keys of its own session up to its own position, nothing else. Three ways to compute that, all
-registered as one transformers attention function (``vl3live_pool``) that the stock layers call:
+sees the keys of its own session up to its own position, nothing else. The ways to compute that, all
+registered as one transformers attention function (``vl3live_pool``) that the stock layers call
+(``engine.attention`` picks; README "Executor" has the figures behind the default):
 
-* ``flex`` (:class:`FlexPlan`, the default on CPU): one FlexAttention call per layer over the whole pool,
-  with a block mask built from the sessions' slot ranges: each query row lists only the key blocks of its
-  own session, so the work is the sum of the sessions' lengths and nothing is copied (grouped-query
-  attention reads each key head once, ``enable_gqa``). FlexAttention is compiled (inductor's C++ kernel
-  on CPU) once per process; its first call takes seconds (15 s cold, 1-3 s from inductor's disk cache).
-  Query blocks are one row, which is what lets rows of different sessions share a call: inductor's CPU
-  template takes that, its GPU (Triton) template does not, so CUDA uses the next two.
+* ``flex`` (:class:`FlexPlan`, CPU): one FlexAttention call per layer. The step's sessions are its batch
+  (queries padded to the step's longest), the whole pool is the keys (broadcast over the batch, each key
+  head read once: ``enable_gqa``), and a block mask built from the sessions' slot ranges lists only each
+  session's own key blocks, so nothing is copied and the work follows the sessions' lengths. It is
+  compiled (inductor's C++ template) into two kernels at engine start (:func:`warm_up`: 10-15 s cold,
+  1-3 s from inductor's disk cache). Inductor's GPU template does not take this query layout. On this
+  project's CPU machine it measured slower than ``segments`` (ATen's CPU flash kernel is faster, and a
+  CPU SDPA call costs microseconds), so it is not the default.
 * ``paged`` (CUDA): one call per layer of torch's flash varlen kernel (``torch.nn.attention.varlen``)
   reading the pool as pages through a block table (each session's pages are consecutive: its range),
   with per-session key lengths and bottom-right causal masking; flash's paged KV takes pages of a
   multiple of 256 tokens (``PAGED_PAGE``), so an engine on this path uses such pages. Not yet run on a
   GPU by this project: its test (``tests/test_gpu_paths.py``) carries the gpu marker.
-* ``segments``: SDPA per session on its slice of the pool (a Python loop: one call per session per
-  layer). The reference the others are tested against, and the path of a lone ``StreamSession`` (one
-  session: one call per layer).
+* ``segments`` (the default with SDPA): SDPA per session on its slice of the pool (a Python loop: one
+  call per session per layer). The reference the others are tested against; for a lone
+  ``StreamSession`` it is one call per layer.
 * without either (any other caller): plain SDPA.
 """
 
