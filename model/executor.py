@@ -113,7 +113,8 @@ class Executor:
 
     def __init__(self, lm: object, attention: str | None = None):
         """``attention`` (see :mod:`model.attention`): "flex" (one FlexAttention call per layer over the
-        pool, CPU), "segments" (SDPA per session on slices of the pool), "masked" (one call over the
+        pool, CPU), "paged" (one flash varlen call per layer over the pool's pages, CUDA), "segments"
+        (SDPA per session on slices of the pool), "masked" (one call over the
         gathered keys with a block-diagonal mask; eager models) or "varlen" (flash-attn over the gathered
         keys). None: :func:`default_attention`."""
         self.lm = lm
