@@ -128,8 +128,8 @@ class Executor:
         attention = attention or default_attention(lm)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-        if (attention == "varlen") != (attn == "flash_attention_2") or (attention in ("segments", "flex")
-                                                                         and attn == "eager"):
+        if (attention == "varlen" and attn != "flash_attention_2") or (attention in ("segments", "flex", "paged")
+                                                                        and attn == "eager"):
             raise ValueError(f"attention {attention!r} does not go with the model's {attn!r} attention")
         if attention == "flex" and lm.device.type != "cpu":
             raise ValueError("attention 'flex' runs on CPU (inductor's GPU template does not take its query "

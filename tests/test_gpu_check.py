@@ -55,6 +55,13 @@ def test_cpu_smoke_fills_every_section_with_figures(smoke):
     _num(full, "ttft_ms", "ingest_evicting_ms_p50", "evicted_frames")
     assert full["cache_len_at_question"] <= full["budget_tokens"]
 
+    calls = tiny["one_call_attention"]  # on a GPU: paged against segments; here flex
+    assert calls["path"] == "flex" and calls["reference"] == "segments"
+    assert [r["sessions"] for r in calls["runs"]] == [1, 2, 4]
+    for r in calls["runs"]:
+        _num(r["step_ms"], "flex", "segments")
+        assert r["greedy_equal"] and r["max_abs_logit_diff"] <= 1e-4  # fp32: the same attention, one call
+
     many = tiny["many_sessions"]
     assert [r["sessions"] for r in many["runs"]] == [1, 2, 4]
     for r in many["runs"]:

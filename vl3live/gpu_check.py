@@ -141,6 +141,7 @@ def run_check(cfg: GpuCheckConfig) -> dict:
     from model.checkpoints.loading import load_model
 
     from . import gpu_probes as probes
+    from .gpu_attention import one_call_attention
 
     plan = make_plan(cfg)
     if plan.smoke:
@@ -166,7 +167,8 @@ def run_check(cfg: GpuCheckConfig) -> dict:
         report.say(spec, "loaded", f"{where['load_s']} s, attention {lm.attn}")
         sections = [("attention", probes.attention_paths), ("single_session", probes.single_session)]
         if k == 0:  # the 2B (or the tiny model): everything
-            sections += [("many_sessions", probes.many_sessions), ("fidelity", probes.fidelity),
+            sections += [("one_call_attention", one_call_attention), ("many_sessions", probes.many_sessions),
+                         ("fidelity", probes.fidelity),
                          ("memory", probes.memory_faults)]
         for name, fn in sections:
             report.section(where, spec, name, fn, lm)
