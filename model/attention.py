@@ -135,15 +135,18 @@ class PagedPlan:
 
     @staticmethod
     def build(n: torch.Tensor, lo: torch.Tensor, base: torch.Tensor, max_q: int, max_k: int,
-              page: int) -> PagedPlan:
+              page: int, pool_pages: int | None = None) -> PagedPlan:
         """Per session (int64 on the pool's device): ``n`` query rows from position ``lo``, keys from slot
-        ``base`` (a multiple of ``page``); ``max_q``/``max_k`` as host ints."""
+        ``base`` (a multiple of ``page``); ``max_q``/``max_k`` as host ints; table entries past a session's
+        keys (never read) are kept inside the pool's ``pool_pages``."""
         lengths = (lo + n).to(torch.int32)
         zero = torch.zeros(1, dtype=torch.int32, device=n.device)
         cu_q = torch.cat([zero, torch.cumsum(n, 0).to(torch.int32)])
         cu_k = torch.cat([zero, torch.cumsum(lengths, 0).to(torch.int32)])
         pages = -(-max_k // page)
         table = (base // page)[:, None] + torch.arange(pages, device=n.device)[None]
+        if pool_pages is not None:
+            table = table.clamp_(max=pool_pages - 1)
         return PagedPlan(cu_q, cu_k, lengths, table.to(torch.int32), max_q, max_k, page)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):

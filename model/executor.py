@@ -294,7 +294,8 @@ class Executor:
                 raise RuntimeError(f"attention 'paged' needs KV pages of a multiple of {PAGED_PAGE} tokens, the "
                                    f"pool has {pool.page_size} (engine.kv_page_tokens)")
             kwargs.update(vl3_paged=PagedPlan.build(item_n, item_lo, item_base, max(ns),
-                                                    max(lo + n for lo, n in zip(los, ns)), pool.page_size),
+                                                    max(lo + n for lo, n in zip(los, ns)), pool.page_size,
+                                                    pool.total_pages),
                           attention_mask=dict.fromkeys(self.layer_types))
         elif self.flex:
             rows_max = max(ns)

@@ -22,6 +22,8 @@ def test_the_paged_layout_lists_each_sessions_pages_and_lengths():
     assert plan.cu_q.tolist() == [0, 1, 31, 36] and plan.lengths.tolist() == [41, 30, 605]
     assert plan.cu_k.tolist() == [0, 41, 71, 676] and plan.table.dtype == torch.int32
     assert plan.table.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 6]]  # 3 pages cover the longest (605 keys)
+    inside = PagedPlan.build(n, lo, base, max_q=30, max_k=605, page=256, pool_pages=6)
+    assert inside.table.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 5]]  # never a page past the pool
 
 
 def test_paged_attention_is_refused_where_it_cannot_run(lm):
