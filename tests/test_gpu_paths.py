@@ -22,8 +22,10 @@ def test_the_paged_layout_lists_each_sessions_pages_and_lengths():
     assert plan.cu_q.tolist() == [0, 1, 31, 36] and plan.lengths.tolist() == [41, 30, 605]
     assert plan.cu_k.tolist() == [0, 41, 71, 676] and plan.table.dtype == torch.int32
     assert plan.table.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 6]]  # 3 pages cover the longest (605 keys)
-    inside = PagedPlan.build(n, lo, base, max_q=30, max_k=605, page=256, pool_pages=6)
-    assert inside.table.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 5]]  # never a page past the pool
+    # a short session in the pool's last page: its unread entries stay inside the pool
+    last = PagedPlan.build(torch.tensor([1, 1]), torch.tensor([600, 40]), torch.tensor([0, 1536]), max_q=1,
+                           max_k=601, page=256, pool_pages=7)
+    assert last.table.tolist() == [[0, 1, 2], [6, 6, 6]] and last.lengths.tolist() == [601, 41]
 
 
 def test_paged_attention_is_refused_where_it_cannot_run(lm):
