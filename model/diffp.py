@@ -34,23 +34,18 @@ class DiffPruner:
         self.min_tokens = int(min_tokens)
         self.grey_scale = grey_scale
         self._weights: torch.Tensor | None = None  # grey_scale / D, on the frames' device
-        self._diff: torch.Tensor | None = None  # scratch for |frame - reference|
         self._ref: torch.Tensor | None = None  # (tokens, D) normalized pixels
         self._grid: tuple[int, int, int] | None = None
 
     def reset(self) -> None:
         self._ref = None
         self._grid = None
-        self._diff = None
 
     def scores(self, frame: PixelFrame) -> torch.Tensor | None:
         """Per-token difference vs the reference (None when the frame must be kept whole)."""
         if self._ref is None or self._grid != frame.grid_thw:
             return None
-        pixels = frame.token_pixels()
-        if self._diff is None or self._diff.shape != pixels.shape or self._diff.device != pixels.device:
-            self._diff = torch.empty_like(pixels)  # reused: a fresh MB-sized buffer per frame costs page faults
-        diff = torch.sub(pixels, self._ref, out=self._diff).abs_()  # (tokens, D)
+        diff = torch.sub(frame.token_pixels(), self._ref).abs_()  # (tokens, D)
         if self.reference == "previous":
             return diff.mean(dim=-1) * 255
         if self._weights is None or self._weights.device != diff.device:  # the mean of diff x scale: one matvec

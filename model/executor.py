@@ -283,25 +283,24 @@ class Executor:
         per_item = torch.tensor([los, ns, bases, cu_q[:-1]], dtype=torch.int64).to(dev, non_blocking=True)
         item_lo, item_n, item_base, item_off = per_item
         which = torch.repeat_interleave(torch.arange(len(items), device=dev), item_n, output_size=total)
-        positions = item_lo[which] + torch.arange(total, device=dev) - item_off[which]
-        kstart = item_base[which]
+        within = torch.arange(total, device=dev) - item_off[which]  # each row's index in its item
+        positions = item_lo[which] + within
         pool = items[0].seq.pool
-        writes = kstart + positions
+        writes = item_base[which] + positions
         reads = None
+        max_q, max_k = max(ns), max(lo + n for lo, n in zip(los, ns))
         kwargs: dict = {"position_ids": positions.unsqueeze(0), "use_cache": True}
         if self.paged:
             if pool.page_size % PAGED_PAGE:
                 raise RuntimeError(f"attention 'paged' needs KV pages of a multiple of {PAGED_PAGE} tokens, the "
                                    f"pool has {pool.page_size} (engine.kv_page_tokens)")
-            kwargs.update(vl3_paged=PagedPlan.build(item_n, item_lo, item_base, max(ns),
-                                                    max(lo + n for lo, n in zip(los, ns)), pool.page_size,
+            kwargs.update(vl3_paged=PagedPlan.build(item_n, item_lo, item_base, max_q, max_k, pool.page_size,
                                                     pool.total_pages),
                           attention_mask=dict.fromkeys(self.layer_types))
         elif self.flex:
-            rows_max = max(ns)
-            dest = which * rows_max + torch.arange(total, device=dev) - item_off[which]
             spans = max((b + lo + n - 1) // KV_BLOCK - b // KV_BLOCK + 1 for lo, n, b in zip(los, ns, bases))
-            kwargs.update(vl3_flex=FlexPlan.build(item_n, item_lo, item_base, dest, rows_max, spans, pool.tokens),
+            kwargs.update(vl3_flex=FlexPlan.build(item_n, item_lo, item_base, which * max_q + within, max_q, spans,
+                                                  pool.tokens),
                           attention_mask=dict.fromkeys(self.layer_types))
         elif self.segmented:  # the reference: a causal mask per session
             segments = []
@@ -320,8 +319,7 @@ class Executor:
             if self.varlen:  # flash-attn: per-session lengths, causal within each (bottom-right aligned)
                 kwargs["attention_mask"] = dict.fromkeys(self.layer_types)
                 kwargs.update(zip(VARLEN_KEYWORDS, (torch.tensor(cu_q, device=dev, dtype=torch.int32),
-                                                    cu_k.to(torch.int32), max(ns),
-                                                    max(lo + n for lo, n in zip(los, ns)))))
+                                                    cu_k.to(torch.int32), max_q, max_k)))
             else:  # one call with a block-diagonal causal mask
                 mask = (which[:, None] == kitem[None, :]) & (kpos[None, :] <= positions[:, None])
                 if not self.bool_mask:  # eager adds the mask to the scores

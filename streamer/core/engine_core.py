@@ -437,17 +437,16 @@ def build_core(lm: LoadedModel, config: EngineConfig, session_config: SessionCon
     checking that ``session_config`` can open a session at all."""
     check_session_config(lm, session_config)
     budget = session_config.budget.max_tokens  # each session reserves its whole budget
-    if config.kv_pool_tokens:
-        tokens = config.kv_pool_tokens
-    else:
-        tokens, why = pool_size(lm, budget, max_sessions, config.kv_page_tokens, config.kv_pool_memory)
-        print(f"vl3live: KV pool sized by {why}: {tokens} tokens", file=sys.stderr, flush=True)
     page = config.kv_page_tokens
     if config.attention == "paged" and page % PAGED_PAGE:  # flash's paged KV takes pages of 256 tokens
         page = -(-page // PAGED_PAGE) * PAGED_PAGE
         print(f"vl3live: KV pages of {page} tokens for attention 'paged' (engine.kv_page_tokens "
               f"{config.kv_page_tokens})", file=sys.stderr, flush=True)
-        tokens = max(tokens, page)
+    if config.kv_pool_tokens:
+        tokens = max(config.kv_pool_tokens, page)
+    else:  # (sessions' budgets rounded to the pages the pool really has)
+        tokens, why = pool_size(lm, budget, max_sessions, page, config.kv_pool_memory)
+        print(f"vl3live: KV pool sized by {why}: {tokens} tokens", file=sys.stderr, flush=True)
     pool = KVPool(lm.model.config.text_config, tokens, lm.device, lm.dtype, page)
     core = EngineCore(lm, pool, config.core(), emit)
     took = core.executor.warm_up(pool)
