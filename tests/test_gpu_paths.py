@@ -29,6 +29,13 @@ def test_the_paged_layout_lists_each_sessions_pages_and_lengths():
 
 
 def test_paged_attention_is_refused_where_it_cannot_run(lm):
+    from streamer.config import EngineConfig
+    from vl3live.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="engine.attention must be flex, paged, segments, masked, varlen or null"):
+        EngineConfig(attention="fast")
+    with pytest.raises(ValueError, match="--against must be"):
+        BenchConfig(sessions=2, against="fast")
     with pytest.raises(ValueError, match="CUDA, float16 or bfloat16"):
         Executor(lm, attention="paged")  # the tiny model on CPU in fp32
     with pytest.raises(ValueError, match="runs on CPU"):
