@@ -12,14 +12,17 @@ one, a small model from random weights scores 0 %: it learns which colours each 
 
 ``vl3live data synth OUT`` writes (paths relative to OUT):
 
-* ``videos/*.mp4`` (H.264, PyAV) and ``images/*.png``;
+* ``videos/*.mp4`` (H.264, PyAV) and ``images/*.png`` (frames of the training videos and one-shape
+  pictures, both through the same H.264 round trip as the videos the evaluation decodes);
 * ``stage1.jsonl`` one-shape pictures described ("red ring") and ``stage2.jsonl`` image QA on the
   videos' frames (LLaVA format), ``stage3.jsonl``
   video QA on clips cut at each question (stream format, ``video-turn`` layout), ``stage4.jsonl``
   stream samples with timed questions, answers and announcements (``stream`` layout);
-* ``ovo_bench_new.json`` (OVO-Bench: real-time ATR / OJR, backward EPM / ASI, forward REC with
-  ``test_info`` probes) and ``questions_real.json`` / ``questions_proactive.json`` (StreamingBench)
-  for the held-out videos, whose files are under ``videos/`` with the names these annotations use.
+* for each held-out set, ``compositional/`` (shape, colour and place never seen together in
+  training) and ``in_distribution/`` (videos made as the training videos are, never trained on):
+  ``ovo_bench_new.json`` (OVO-Bench: real-time ATR / OJR, backward EPM / ASI, forward REC with
+  ``test_info`` probes) and ``questions_real.json`` / ``questions_proactive.json`` (StreamingBench),
+  whose videos are under ``videos/`` with the names these annotations use.
 """
 
 from __future__ import annotations
@@ -32,14 +35,30 @@ from pathlib import Path
 
 import numpy as np
 
-from model.video import write_video_file
+from model.video import read_video_file, write_video_file
 
-# A ring, not a disc: after the 2 x 2 merge of patches into visual tokens, a disc and a square fill each of
-# their tokens alike (49 and 46 %) and a small model never told them apart; a ring (32 %), a full square
-# (62 %) and a triangle (narrow above, wide below) differ in every token.
+# A visual token is a 2 x 2 merge of 14 px patches: 28 x 28 px. Every shape is centred on a token's centre and
+# spans 3 x 3 tokens, so its middle token is all shape (a ring's is all hole) and its eight others are cut the same
+# way in every frame: a ring, a square and a triangle (narrow above, wide below) differ in every one of them.
+# (Before, 112 x 112 frames of 4 x 4 tokens with each shape on a token corner: a shape was four quarter tokens whose
+# mean coverage, .33 for a ring, .64 for a square, is what the model saw, and coverage times contrast made a green
+# ring token look like a yellow triangle token.)
 SHAPES = ("ring", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
-CELLS = 4  # a 2 x 2 grid of 56 x 56 cells, one shape in each
+BACKGROUND = 110.0  # grey
+CONTRAST = 140.0  # every colour's distance from the background grey, in RGB: the same contrast for each
+
+
+def _colour(direction: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The colour at :data:`CONTRAST` from the background along ``direction`` (rounded to whole levels)."""
+    norm = math.sqrt(sum(v * v for v in direction))
+    return tuple(int(round(BACKGROUND + CONTRAST * v / norm)) for v in direction)
+
+
+COLORS = {"red": _colour((1.0, -0.3, -0.3)), "green": _colour((-0.3, 1.0, -0.3)),
+          "blue": _colour((-0.3, -0.3, 1.0)), "yellow": _colour((1.0, 1.0, -0.6))}
+TOKEN = 28  # px: one merged visual token
+CELL = 3 * TOKEN  # a cell of the 2 x 2 grid, 3 x 3 tokens, one shape in each
+CELLS = 4
 
 
 def heldout_cell(shape: str, color: str) -> int:
@@ -48,13 +67,13 @@ def heldout_cell(shape: str, color: str) -> int:
 
 
 def cell_centre(cell: int) -> tuple[float, float]:
-    """The centre (y, x) of ``cell`` in pixels."""
-    return 28.0 + 56.0 * (cell // 2), 28.0 + 56.0 * (cell % 2)
+    """The centre (y, x) of ``cell`` in pixels: the centre of its middle token."""
+    return CELL / 2 + CELL * (cell // 2), CELL / 2 + CELL * (cell % 2)
 
 
-SIZE = (112, 112)  # height, width: 4 x 4 visual tokens per frame on the tiny model
+SIZE = (2 * CELL, 2 * CELL)  # height, width: 168 x 168, 6 x 6 visual tokens a frame
 FPS = 2
-RADIUS = 22  # a shape covers about 2 x 2 of the 4 x 4 visual tokens (a small model finds it fast)
+RADIUS = 36  # a shape spans its cell's 3 x 3 tokens (22 of the outer tokens' 28 px), 6 px short of the cell's edge
 
 
 @dataclass
@@ -98,7 +117,7 @@ class World:
     def frame(self, t: float, rng: np.random.Generator) -> np.ndarray:
         """The RGB uint8 frame at ``t``: grey background, camera noise, the visible shapes."""
         h, w = SIZE
-        img = np.full((h, w, 3), 110.0)
+        img = np.full((h, w, 3), BACKGROUND)
         yy, xx = np.mgrid[0:h, 0:w]
         for k in self.visible(t):
             cy, cx = k.centre(t)
@@ -108,8 +127,8 @@ class World:
                 mask &= (yy - cy) ** 2 + (xx - cx) ** 2 >= (r * 0.55) ** 2
             elif k.shape == "square":
                 mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-            else:  # triangle, apex up
-                mask = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) * 0.6)
+            else:  # triangle, apex up, as wide at its base as it is tall
+                mask = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) * 0.5)
             img[mask] = COLORS[k.color_at(t)]
         img += rng.normal(0.0, self.noise, img.shape)
         return np.clip(img, 0, 255).astype(np.uint8)
@@ -117,6 +136,10 @@ class World:
     def frames(self) -> list[np.ndarray]:
         rng = np.random.default_rng(self.seed)
         return [self.frame(i / FPS, rng) for i in range(int(self.seconds * FPS))]
+
+
+FIRST_APPEARANCE = (1, 6)  # s: when a video's first shape appears
+APPEARANCE_GAP = (2, 6)  # s: between one shape's appearance and the next one's
 
 
 def make_world(name: str, seed: int, heldout: bool = False, seconds: float = 20.0) -> World:
@@ -134,22 +157,19 @@ def make_world(name: str, seed: int, heldout: bool = False, seconds: float = 20.
         if len(set(cells)) == len(cells) and all((heldout_cell(k, c) == cell) == heldout
                                                  for k, c, cell in zip(shapes, colors, cells)):
             break
-    used_slots: list[float] = []
-    for shape, color, cell in zip(shapes, colors, cells):
-        t_in = float(rng.randint(1, int(seconds * 0.45)))  # whole seconds: StreamingBench's stamps are exact
-        while any(abs(t_in - u) < 2.0 for u in used_slots):  # appearances apart: one event at a time
-            t_in = float(rng.randint(1, int(seconds * 0.6)))
-        used_slots.append(t_in)
+    t_in = float(rng.randint(*FIRST_APPEARANCE))  # whole seconds (StreamingBench's stamps are exact), 2-6 s apart: one event
+    for shape, color, cell in zip(shapes, colors, cells):  # at a time, and room for the ones between
         cy, cx = cell_centre(cell)
-        start = (cy + rng.uniform(-2.0, 2.0), cx + rng.uniform(-2.0, 2.0))
-        velocity = (0.0, rng.choice((-1.0, 1.0)) * rng.uniform(0.1, 0.2))  # drifts, never into the next cell
+        start = (cy + rng.uniform(-1.0, 1.0), cx + rng.uniform(-1.0, 1.0))
+        velocity = (0.0, rng.choice((-1.0, 1.0)) * rng.uniform(0.05, 0.1))  # drifts 2 px at most: on its tokens
         track = Track(shape, color, t_in, seconds, start, velocity, cell=cell)
         if rng.random() < 0.5:  # changes colour once, to one a training video may show there
-            track.t_change = min(seconds - 2.0, t_in + float(rng.randint(4, 8)))
+            track.t_change = min(seconds - 2.0, t_in + float(rng.randint(3, 6)))
             track.new_color = rng.choice([c for c in COLORS if c != color and heldout_cell(shape, c) != cell])
         if rng.random() < 0.3:
             track.t_out = min(seconds, (track.t_change or t_in) + float(rng.randint(3, 6)))
         world.tracks.append(track)
+        t_in += float(rng.randint(*APPEARANCE_GAP))
     return world
 
 
@@ -207,22 +227,52 @@ def backward_items(world: World, rng: random.Random, anytime: bool = False) -> l
     return items
 
 
-def proactive_items(world: World, rng: random.Random | None = None) -> list[dict]:
-    """Standing instructions set before a shape appears, and when the answer is due (None: it never
-    comes). Evaluation: 3 s before, with no other appearance in the window. Training (``rng``): 2-6 s
-    before, another shape may appear first (the model must wait for the one named), and an
-    instruction for the star, which never comes."""
+LEAD = (3, 10)  # seconds an instruction comes before its event, uniform (a fixed delay cannot guess it)
+EVAL_INSTRUCTIONS = 2  # at most, per held-out video, one standing at a time
+
+
+def other_events(world: World, track: Track) -> list[float]:
+    """When something else happens in ``world``: another shape appears, changes colour or leaves."""
+    out = []
+    for o in world.tracks:
+        if o is not track:
+            out += [o.t_in] + [t for t in (o.t_change, o.t_out) if t is not None and t < world.seconds]
+    return sorted(out)
+
+
+def _instruction(k: Track, ask: float) -> dict:
+    return {"time": ask, "due": k.t_in, "shape": k.shape, "color": k.color,
+            "question": f"When a {k.shape} appears, output \"{k.shape}\".", "output": k.shape}
+
+
+def proactive_items(world: World, rng: random.Random, training: bool = False) -> list[dict]:
+    """Standing instructions ("when a ring appears, output ring") and when the answer is due.
+
+    Evaluation: up to :data:`EVAL_INSTRUCTIONS` a video, one standing at a time (the next comes after the
+    last one's window closed), each a :data:`LEAD` drawn uniformly before its shape appears, with
+    something else happening in between (another shape appearing, changing colour or leaving): what
+    answers at once, after every frame, on the first change or after a fixed delay answers too early
+    (README "Proactive scoring"). ``training``: one for every shape, 2-10 s before it as the video
+    allows, and one for the star, which never comes (``due`` None)."""
     items = []
-    for k in world.tracks:
-        ask = max(0.0, k.t_in - (3.0 if rng is None else float(rng.randint(2, 6))))
-        if rng is None and any(o is not k and ask <= o.t_in <= k.t_in + 2.0 for o in world.tracks):
-            continue  # another appearance inside the window would make the time ambiguous
-        items.append({"time": ask, "due": k.t_in, "shape": k.shape, "color": k.color,
-                      "question": f"When a {k.shape} appears, output \"{k.shape}\".", "output": k.shape})
-    if rng is not None:
+    if training:
+        for k in world.tracks:
+            items.append(_instruction(k, k.t_in - rng.randint(min(2, int(k.t_in)), min(LEAD[1], int(k.t_in)))))
         items.append({"time": float(rng.randint(0, 8)), "due": None, "shape": "star", "color": None,
                       "question": 'When a star appears, output "star".', "output": "star"})
-    return items
+        return items
+    free = 0.0
+    for _ in range(EVAL_INSTRUCTIONS):
+        for _ in range(8):  # a lead first, then a shape it fits (the leads stay near uniform)
+            lead = rng.randint(*LEAD)
+            fits = [k for k in world.tracks if k.t_in - lead >= free and not any(k is i["k"] for i in items)
+                    and any(k.t_in - lead < e < k.t_in for e in other_events(world, k))]
+            if fits:
+                k = rng.choice(fits)
+                items.append({"k": k, **_instruction(k, k.t_in - lead)})
+                free = k.t_in + 2.0 + 1.0  # its window, and a frame's gap
+                break
+    return [{key: v for key, v in i.items() if key != "k"} for i in sorted(items, key=lambda i: i["time"])]
 
 
 def appearances_so_far(world: World, t: float) -> int:
@@ -262,7 +312,7 @@ def object_world(name: str, seed: int) -> World:
         shape, color, cell = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randrange(CELLS)
         if heldout_cell(shape, color) != cell:
             break
-    cy, cx = (v + rng.uniform(-4.0, 4.0) for v in cell_centre(cell))
+    cy, cx = (v + rng.uniform(-1.0, 1.0) for v in cell_centre(cell))  # on its middle token, as in the videos
     return World(name, 1.0, [Track(shape, color, 0.0, 1.0, (cy, cx), (0.0, 0.0), cell=cell)], seed=seed)
 
 
@@ -295,7 +345,7 @@ def training_samples(world: World, video: str, images: list[tuple[str, float]],
     for item in backward_items(world, rng, anytime=True) + realtime_items(world, rng, anytime=True):
         out["stage3"].append({"video": video, "start_time": 0.0, "end_time": item["time"], "layout": "video-turn",
                               "conversation": _qa(item, rng)})
-    instructions = proactive_items(world, rng)
+    instructions = proactive_items(world, rng, training=True)
     for n in range(STREAM_SAMPLES_PER_VIDEO):
         turns: list[tuple[float, int, list[dict]]] = []  # (time, order, messages): a question and its answer together
         for item in realtime_items(world, rng, anytime=True) + backward_items(world, rng, anytime=True):
@@ -379,65 +429,101 @@ def streamingbench_items(world: World, video: str, rng: random.Random) -> tuple[
     rec = {"time": span, "questions": real, "video_categories": "synthetic", "video_path": f"./{video}"}
     pro = [{"task_type": "Proactive Output", "question": p["question"], "time_stamp": _clock(p["time"]),
             "ground_truth_time_stamp": _clock(p["due"]), "ground_truth_output": p["output"],
-            "required_ability": "working memory"} for p in proactive_items(world)]
+            "required_ability": "working memory"} for p in proactive_items(world, rng)]
     return rec, ({"time": span, "questions": pro, "video_categories": "synthetic", "video_path": f"./{video}"}
                  if pro else None)
 
 
+def h264(frames: list[np.ndarray], scratch: Path) -> list[np.ndarray]:
+    """``frames`` as a video's decoder gives them back: through H.264 at :data:`FPS` (stages 1-2's pictures
+    go through the same round trip as the videos the evaluation decodes)."""
+    write_video_file(scratch, frames, FPS)
+    try:
+        out = [f.rgb for f in read_video_file(scratch, fps=FPS)]
+    finally:
+        scratch.unlink(missing_ok=True)
+    if len(out) != len(frames):
+        raise RuntimeError(f"H.264 round trip: {len(frames)} frames in, {len(out)} out")
+    return out
+
+
+def _write_eval(out: Path, sub: str, worlds: list[tuple[World, str]], rng: random.Random) -> dict[str, Path]:
+    """A held-out set's annotations (OVO-Bench, StreamingBench real-time and proactive) into ``out/sub``."""
+    ovo: list[dict] = []
+    sb_real: list[dict] = []
+    sb_pro: list[dict] = []
+    for world, video in worlds:
+        ovo += ovo_items(world, video, rng, len(ovo))
+        real, pro = streamingbench_items(world, video, rng)
+        sb_real.append(real)
+        if pro is not None:
+            sb_pro.append(pro)
+    (out / sub).mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, data in (("ovo_bench_new.json", ovo), ("questions_real.json", sb_real),
+                       ("questions_proactive.json", sb_pro)):
+        files[name] = out / sub / name
+        files[name].write_text(json.dumps(data, indent=1))
+    return files
+
+
+HELDOUT_SETS = ("compositional", "in_distribution")  # the two held-out sets' folders under the output
+
+
 def write_synth(out_dir: str | Path, train_videos: int = 24, heldout_videos: int = 8, seed: int = 0,
-                say=print) -> dict[str, Path]:
-    """Render the world into ``out_dir``; returns the files written, by name."""
+                say=print, indist_videos: int | None = None) -> dict[str, Path]:
+    """Render the world into ``out_dir``; returns the files written, by name (a held-out set's as
+    ``"<set>/<file>"``). Two held-out sets, annotated alike: ``compositional/`` (``heldout_videos`` videos
+    that show every shape in the one cell where training never shows it in that colour) and
+    ``in_distribution/`` (``indist_videos``, as many by default: videos made as the training videos are,
+    never trained on)."""
     from PIL import Image
 
     out = Path(out_dir)
     for sub in ("videos", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    indist_videos = heldout_videos if indist_videos is None else indist_videos
     stages: dict[str, list[dict]] = {"stage1": [], "stage2": [], "stage3": [], "stage4": []}
-    ovo: list[dict] = []
-    sb_real: list[dict] = []
-    sb_pro: list[dict] = []
-    total = train_videos + heldout_videos
-    for i in range(total):
-        held = i >= train_videos
-        name = f"{'heldout' if held else 'train'}_{i:04d}"
-        world = make_world(name, seed * 100003 + i, heldout=held)
-        frames = world.frames()
+    held: dict[str, list[tuple[World, str]]] = {k: [] for k in HELDOUT_SETS}
+    plan = ([("train", i, False) for i in range(train_videos)]
+            + [("heldout", train_videos + i, True) for i in range(heldout_videos)]
+            + [("indist", train_videos + heldout_videos + i, False) for i in range(indist_videos)])
+    scratch = out / "videos" / ".roundtrip.mp4"
+    for n, (kind, i, compositional) in enumerate(plan):
+        name = f"{kind}_{i:04d}"
+        world = make_world(name, seed * 100003 + i, heldout=compositional)
         video = f"videos/{name}.mp4"
-        write_video_file(out / video, frames, FPS)
-        if held:
-            ovo += ovo_items(world, video, rng, len(ovo))
-            real, pro = streamingbench_items(world, video, rng)
-            sb_real.append(real)
-            if pro is not None:
-                sb_pro.append(pro)
+        write_video_file(out / video, world.frames(), FPS)
+        if kind != "train":
+            held["compositional" if compositional else "in_distribution"].append((world, video))
         else:
+            decoded = [f.rgb for f in read_video_file(out / video, fps=FPS)]  # pictures as the decoder shows them
             images = []
             times = [max(k.t_in for k in world.tracks) + 0.5] + [rng.uniform(2.0, world.seconds)
                                                                  for _ in range(IMAGES_PER_VIDEO - 1)]
             for j, t_img in enumerate(times):
                 image = f"images/{name}_{j}.png"
-                index = min(len(frames) - 1, int(t_img * FPS))
-                Image.fromarray(frames[index]).save(out / image)
+                index = min(len(decoded) - 1, int(t_img * FPS))
+                Image.fromarray(decoded[index]).save(out / image)
                 images.append((image, index / FPS))
             for stage, samples in training_samples(world, video, images, rng).items():
                 stages[stage] += samples
-            for j in range(OBJECT_IMAGES_PER_VIDEO):
-                alone = object_world(f"{name}_one{j}", rng.randrange(2**31))
-                image = f"images/{alone.name}.png"
-                Image.fromarray(alone.frames()[0]).save(out / image)
-                k = alone.tracks[0]
+            alone = [object_world(f"{name}_one{j}", rng.randrange(2**31)) for j in range(OBJECT_IMAGES_PER_VIDEO)]
+            pictures = h264([w.frames()[0] for w in alone], scratch)
+            for w, picture in zip(alone, pictures):
+                image = f"images/{w.name}.png"
+                Image.fromarray(picture).save(out / image)
+                k = w.tracks[0]
                 stages["stage1"].append({"image": image, "conversations": [
                     {"from": "human", "value": "<image>\nDescribe the image."},
                     {"from": "gpt", "value": f"{k.color} {k.shape}"}]})
-        if say is not None and ((i + 1) % 8 == 0 or i + 1 == total):
-            say(f"synth: {i + 1}/{total} videos")
+        if say is not None and ((n + 1) % 8 == 0 or n + 1 == len(plan)):
+            say(f"synth: {n + 1}/{len(plan)} videos")
     files = {}
     for stage, samples in stages.items():
         files[stage] = out / f"{stage}.jsonl"
         files[stage].write_text("".join(json.dumps(s) + "\n" for s in samples))
-    for name, data in (("ovo_bench_new.json", ovo), ("questions_real.json", sb_real),
-                       ("questions_proactive.json", sb_pro)):
-        files[name] = out / name
-        files[name].write_text(json.dumps(data, indent=1))
+    for sub, worlds in held.items():
+        files.update({f"{sub}/{k}": v for k, v in _write_eval(out, sub, worlds, rng).items()})
     return files

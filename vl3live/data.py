@@ -20,8 +20,10 @@ def add_arguments(p) -> None:
                                                                      "(default: train.clip_seconds)")
     p.add_argument("--model", default=None, help="check: the tokenizer's checkpoint (default: model.spec)")
     p.add_argument("--train-videos", type=int, default=24, help="synth: videos for the training data")
-    p.add_argument("--heldout-videos", type=int, default=8, help="synth: held-out videos for the benchmarks' "
-                                                                 "annotations (shape-colour pairs never trained on)")
+    p.add_argument("--heldout-videos", type=int, default=8, help="synth: compositional held-out videos for the "
+                   "benchmarks' annotations (shape, colour and place never seen together in training)")
+    p.add_argument("--indist-videos", type=int, default=None, help="synth: in-distribution held-out videos "
+                   "(made as the training videos are; default: as many as --heldout-videos)")
     p.add_argument("--seed", type=int, default=0, help="synth: the world's seed")
 
 
@@ -39,9 +41,10 @@ def run(args) -> int:
         from training.synth import write_synth
 
         if len(args.paths) != 1:
-            raise ValueError("usage: vl3live data synth OUT [--train-videos N] [--heldout-videos M] [--seed S]")
+            raise ValueError("usage: vl3live data synth OUT [--train-videos N] [--heldout-videos M] "
+                             "[--indist-videos K] [--seed S]")
         files = write_synth(args.paths[0], args.train_videos, args.heldout_videos, args.seed,
-                            say=lambda m: print(m, file=sys.stderr, flush=True))
+                            say=lambda m: print(m, file=sys.stderr, flush=True), indist_videos=args.indist_videos)
         for name, path in files.items():
             print(f"{name}: {path}", file=sys.stderr)
         return 0

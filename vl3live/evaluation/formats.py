@@ -9,8 +9,9 @@
 - **StreamingBench** (``src/data/questions_real.json`` and friends): a list of videos, each with
   ``video_path`` and ``questions``: ``task_type``, ``question``, ``time_stamp`` ("HH:MM:SS"),
   ``options`` ("A. ...") and ``answer`` (a letter). ``questions_proactive.json`` items have
-  ``ground_truth_time_stamp`` and ``ground_truth_output`` instead: the answer must come within 2 s
-  of that time and contain that output.
+  ``ground_truth_time_stamp`` and ``ground_truth_output`` instead: the first answer must come at
+  that time or within 2 s after it and contain that output; anything said before it, or naming
+  something else, is a false alarm (:func:`score_proactive`).
 
 Everything here is pure: files in, :class:`Probe` lists out, scored by :func:`score`.
 """
@@ -215,14 +216,35 @@ def parse(kind: str, text: str) -> str | int | None:
     raise ValueError(f"no parser for {kind!r}")
 
 
-def score_proactive(probe: Probe, answers: list[tuple[float, str]]) -> dict:
-    """A proactive item from the times and texts the model spoke by itself after the instruction: right
-    when its first answer comes within 2 s of the due time and contains the expected output; an answer
-    before that window is a false alarm."""
-    due = probe.due
-    early = [t for t, _ in answers if t < due - PROACTIVE_WINDOW]
-    in_window = [(t, text) for t, text in answers if abs(t - due) <= PROACTIVE_WINDOW]
-    first = in_window[0] if in_window else None
-    correct = bool(first) and not early and str(probe.expected).lower() in first[1].lower()
-    return {"correct": correct, "false_alarm": bool(early), "answered_at": first[0] if first else None,
-            "delay": round(first[0] - due, 2) if first else None}
+def score_proactive(probe: Probe, answers: list[tuple[float, str]], end: float | None = None) -> dict:
+    """A proactive item, from the times and texts the model spoke by itself between the instruction and
+    the close of the item's window (``due`` + 2 s; for an item whose event never comes, ``end``).
+
+    The rules (README "Proactive scoring"): the item is *recalled* when the model's first answer comes
+    between the event and 2 s after it (``due <= t <= due + 2``) and names the expected output. Every
+    other answer is a *false alarm*: one before the event (it cannot have seen it), one naming
+    something else, one for an event that never comes. The expected output said again inside the window
+    (after the first answer) is a repeat, and after the window it is late (a miss): neither counts as a
+    false alarm. So answering at once, after every frame, or on any change in the picture cannot pass:
+    those answers come before the event."""
+    due, expected = probe.due, str(probe.expected).lower()
+    hit: tuple[float, str] | None = None
+    alarms: list[float] = []
+    repeats = late = 0
+    for t, text in sorted(answers, key=lambda a: a[0]):
+        names = expected in text.lower()
+        if names and due is not None and due <= t <= due + PROACTIVE_WINDOW:
+            if hit is None and not alarms:
+                hit = (t, text)
+            else:  # right, but not the first thing it said: no recall, no false alarm
+                repeats += 1
+        elif names and due is not None and t > due + PROACTIVE_WINDOW:
+            late += 1  # the right output too late: a miss, not a false alarm
+        else:
+            alarms.append(t)
+    close = due + PROACTIVE_WINDOW if due is not None else end
+    watched = max(0.0, (close if close is not None else probe.time) - probe.time)
+    return {"correct": hit is not None, "false_alarm": bool(alarms), "false_alarms": len(alarms), "late": late,
+            "repeats": repeats, "watched_s": round(watched, 2),
+            "answered_at": hit[0] if hit else (min(a[0] for a in answers) if answers else None),
+            "delay": round(hit[0] - due, 2) if hit else None}

@@ -2,8 +2,9 @@
 
 Accuracy is per task, then per category as the mean of its tasks (as OVO-Bench's scorer averages),
 and overall as the mean of the categories. Proactive items report the share answered within the
-window with the expected output, and the share with a false alarm. Unparsable answers count as
-wrong and are counted.
+window with the expected output (recall), the share with a false alarm, the answers' precision, the
+false alarms per minute and the delay distribution (:func:`proactive_figures`). Unparsable answers count
+as wrong and are counted.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ class Results:
         self.done.add(row["key"])
 
 
+def proactive_figures(rows: list[dict]) -> dict:
+    """What :func:`~.formats.score_proactive` rows add up to: ``false_alarms`` (% of items with one),
+    ``precision`` (% of the answers that were recalls), ``false_alarms_per_min`` (over the time watched
+    with an instruction standing) and the recalled answers' delay after the event (p50, p90, max)."""
+    recalls = sum(bool(r["correct"]) for r in rows)
+    alarms = sum(int(r.get("false_alarms", r.get("false_alarm", 0))) for r in rows)
+    minutes = sum(float(r.get("watched_s", 0.0)) for r in rows) / 60
+    delays = sorted(r["delay"] for r in rows if r.get("delay") is not None)
+    return {"false_alarms": round(100 * np.mean([bool(r["false_alarm"]) for r in rows]), 2),
+            "precision": round(100 * recalls / (recalls + alarms), 2) if recalls + alarms else None,
+            "false_alarms_per_min": round(alarms / minutes, 2) if minutes else None,
+            "delay_s": {"p50": round(float(np.percentile(delays, 50)), 2), "p90": round(float(np.percentile(delays, 90)), 2),
+                        "max": delays[-1]} if delays else None}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Accuracy per task and category, unparsable answers, latency and tokens kept, proactive timing."""
     by_task: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -53,9 +69,7 @@ def summarize(rows: list[dict]) -> dict:
     for (category, task), rs in sorted(by_task.items()):
         t = {"category": category, "items": len(rs), "accuracy": round(100 * np.mean([r["correct"] for r in rs]), 2)}
         if category == "proactive":
-            t["false_alarms"] = round(100 * np.mean([r["false_alarm"] for r in rs]), 2)
-            delays = [r["delay"] for r in rs if r.get("delay") is not None]
-            t["mean_delay_s"] = round(float(np.mean(delays)), 2) if delays else None
+            t.update(proactive_figures(rs))
         else:
             t["unparsable"] = sum(bool(r.get("unparsable")) for r in rs)
         ttft = [r["ttft_ms"] for r in rs if r.get("ttft_ms") is not None]
