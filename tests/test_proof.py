@@ -1,9 +1,9 @@
 """``vl3live proof``, shortened: the synthetic world, the four stages from random weights, and the
 online and offline evaluation on held-out videos (README "The proof").
 
-The shortened run (a quarter of the steps) learns, its losses show it, but it does not yet answer
-the held-out videos above chance: these tests check the loop, the split goals and the curve, not the
-accuracy goals.
+The shortened run (a fifth of the steps) learns: its losses show it, and its real-time answers on the
+compositional held-out videos are well above chance (:data:`QUICK_REALTIME`). These tests check the
+loop, the split goals and the curve, not the accuracy goals.
 """
 
 import io
@@ -21,6 +21,8 @@ from vl3live.proof import (
     stage_config,
     table,
 )
+
+QUICK_REALTIME = 40.0  # % the shortened run's real-time answers reach at least, compositional set, online
 
 
 def _summary(realtime: float, backward: float, proactive: float, forward: float, alarms: float) -> dict:
@@ -82,13 +84,16 @@ def test_the_shortened_proof_trains_four_stages_and_evaluates_held_out_videos_on
     for n in (1, 2, 3, 4):
         assert (tmp_path / f"stage{n}" / "final" / "model.safetensors").exists()
     stages = result["stages"]  # every stage learns from its data
-    assert [stages[n]["steps"] for n in (1, 2, 3, 4)] == [62, 62, 38, 95]
-    assert all(stages[n]["last_loss"] < 0.5 * stages[n]["first_loss"] for n in (1, 2, 3, 4))
+    assert [stages[n]["steps"] for n in (1, 2, 3, 4)] == [50, 100, 30, 200]
+    assert all(stages[n]["last_loss"] < 0.6 * stages[n]["first_loss"] for n in (1, 2, 4))
+    assert stages[3]["last_loss"] < stages[3]["first_loss"]  # a fine-tune at 5e-4 from a low loss
     # the curve: each stage's model, and stage 4 at half its steps, at increasing training minutes
     curve = result["curve"]
-    assert [c["model"] for c in curve] == ["stage 1", "stage 2", "stage 3", "stage 4, 47 of 95 steps", "stage 4"]
+    assert [c["model"] for c in curve] == ["stage 1", "stage 2", "stage 3", "stage 4, 100 of 200 steps", "stage 4"]
     assert all(a["minutes"] < b["minutes"] for a, b in zip(curve, curve[1:]))
     assert curve[-1]["categories"] == online["categories"]
+    # and it sees: real-time answers well above chance (25 %; the shortened run measured 49.8 %)
+    assert online["categories"]["realtime"] >= QUICK_REALTIME, online["categories"]
     text = (tmp_path / "proof.md").read_text()
     assert "**Engine fidelity**" in text and "**Accuracy against training minutes**" in text
     assert json.loads((tmp_path / "proof.json").read_text())["goals_met"] == result["goals_met"]

@@ -44,6 +44,7 @@ from model.video import read_video_file, write_video_file
 # mean coverage, .33 for a ring, .64 for a square, is what the model saw, and coverage times contrast made a green
 # ring token look like a yellow triangle token.)
 SHAPES = ("ring", "square", "triangle")
+VERSION = 3  # of what write_synth writes: a run made with another is synthesized again (vl3live proof)
 BACKGROUND = 110.0  # grey
 CONTRAST = 140.0  # every colour's distance from the background grey, in RGB: the same contrast for each
 
@@ -332,6 +333,10 @@ def training_samples(world: World, video: str, images: list[tuple[str, float]],
         seen = world.visible(t_img)
         if not seen:
             continue
+        # the whole picture described, cell by cell ("green ring, yellow triangle"): every shape with its colour
+        described = ", ".join(f"{k.color_at(t_img)} {k.shape}" for k in sorted(seen, key=lambda k: k.cell))
+        out["stage2"].append({"image": image, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": described}]})
         for k in seen:  # each question answered in a word, and as a multiple choice
             color = k.color_at(t_img)
             asked = [(f"What is the color of the {k.shape}?", color, COLOR_OPTIONS)]

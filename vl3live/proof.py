@@ -18,7 +18,7 @@
 A stage whose ``final`` model is there, trained from the same data, config and earlier stages, is not
 trained again (one whose recipe changed is, with every stage after it), and the evaluations resume
 from their results files: a killed run goes on where it stopped. ``--quick`` is the shortened proof the
-tests run (fewer videos, a quarter of the steps).
+tests run (fewer videos, a fifth of the steps).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ProofConfig:
     indist_videos: int | None = field(default=None, metadata={"help": "in-distribution held-out videos (default: "
                                                                       "as many as --heldout-videos)"})
     steps: float = field(default=1.0, metadata={"help": "scale of every stage's train.max_steps"})
-    quick: bool = field(default=False, metadata={"help": "the shortened proof: 48 + 8 + 8 videos, a quarter of the "
+    quick: bool = field(default=False, metadata={"help": "the shortened proof: 48 + 8 + 8 videos, a fifth of the "
                                                          "steps (overrides the four above)"})
     online_only: bool = field(default=False, metadata={"help": "skip the benchmarks' offline protocol (and so the "
                                                                "fidelity goal)"})
@@ -64,7 +64,7 @@ class ProofConfig:
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.train_videos, self.heldout_videos, self.indist_videos, self.steps = 48, 8, 8, 0.25
+            self.train_videos, self.heldout_videos, self.indist_videos, self.steps = 48, 8, 8, 0.2
         if self.indist_videos is None:
             self.indist_videos = self.heldout_videos
         if self.train_videos < 1 or self.heldout_videos < 1 or self.indist_videos < 1 or self.steps <= 0:
@@ -182,7 +182,7 @@ def _loadable(checkpoint: Path, final: Path) -> Path:
 def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
     """Run the proof (resuming what ``cfg.out`` holds); returns the summaries, the goals met, the minutes,
     the curve and each stage's steps and losses."""
-    from training.synth import write_synth
+    from training.synth import VERSION, write_synth
     from training.trainer import run_train
 
     from .evaluation import EvalConfig, evaluate
@@ -194,7 +194,7 @@ def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
     started = time.monotonic()
     stamp = data / "synth.json"
     wanted = {"train_videos": cfg.train_videos, "heldout_videos": cfg.heldout_videos,
-              "indist_videos": cfg.indist_videos, "seed": cfg.seed, "world": 2}
+              "indist_videos": cfg.indist_videos, "seed": cfg.seed, "world": VERSION}
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         say(f"proof: synthesizing {cfg.train_videos} training + {cfg.heldout_videos} compositional + "
             f"{cfg.indist_videos} in-distribution held-out videos into {data}")
