@@ -41,7 +41,6 @@ CAPACITY = {"realtime": 90.0, "backward": 70.0, "proactive": 85.0, "forward": 70
 FALSE_ALARMS_MAX = 10.0
 FIDELITY_POINTS = 2.0  # engine fidelity: online at least offline minus this, in every category, on the same model
 TRAIN_MINUTES_MAX = 30.0
-SETS = ("compositional", "in_distribution")  # training.synth.HELDOUT_SETS
 
 
 @dataclass
@@ -96,10 +95,16 @@ def _cat(summary: dict | None, c: str) -> float | None:
     return None if summary is None else summary["categories"].get(c)
 
 
+def _proactive(summary: dict | None, key: str, pick=max) -> float | None:
+    """``key`` of the summary's proactive tasks (``pick`` of them, when several)."""
+    vals = [t.get(key) for t in (summary or {}).get("tasks", {}).values() if t["category"] == "proactive"]
+    vals = [v for v in vals if v is not None]
+    return pick(vals) if vals else None
+
+
 def false_alarms(summary: dict | None) -> float | None:
     """The share of proactive items with a false alarm (the worst proactive task's), %."""
-    vals = [t["false_alarms"] for t in (summary or {}).get("tasks", {}).values() if t["category"] == "proactive"]
-    return max(vals) if vals else None
+    return _proactive(summary, "false_alarms")
 
 
 def goals_met(online: dict, offline: dict | None, train_minutes: float) -> dict[str, bool]:
@@ -136,7 +141,7 @@ def table(summaries: dict[str, dict | None], minutes: dict[str, float]) -> str:
     lines.append(f"| proactive false alarms % of items | <= {FALSE_ALARMS_MAX:.0f} | {num(false_alarms(comp))} | "
                  f"{num(false_alarms(ind))} | {'yes' if met['false_alarms'] else 'no'} |")
     for label, key in (("proactive precision %", "precision"), ("proactive false alarms / min", "false_alarms_per_min")):
-        vals = [_proactive(s, key) for s in (comp, ind)]
+        vals = [_proactive(s, key, pick=lambda v: sum(v) / len(v)) for s in (comp, ind)]
         lines.append(f"| {label} | | {num(vals[0])} | {num(vals[1])} | |")
     lines.append(f"| probes | | {comp['items']} | {ind['items'] if ind else '-'} | |")
     lines += ["", "**Engine fidelity** (compositional set, the same stage 4 model: the live engine against the "
@@ -151,12 +156,6 @@ def table(summaries: dict[str, dict | None], minutes: dict[str, float]) -> str:
               f"(goal <= {TRAIN_MINUTES_MAX:.0f}: {'met' if met['training minutes'] else 'not met'}); evaluation "
               + ", ".join(f"{k[5:]} {v:.1f}" for k, v in minutes.items() if k.startswith("eval ")) + " minutes."]
     return "\n".join(lines)
-
-
-def _proactive(summary: dict | None, key: str) -> float | None:
-    vals = [t.get(key) for t in (summary or {}).get("tasks", {}).values() if t["category"] == "proactive"]
-    vals = [v for v in vals if v is not None]
-    return vals[0] if len(vals) == 1 else (sum(vals) / len(vals) if vals else None)
 
 
 def curve_table(curve: list[dict]) -> str:
@@ -182,7 +181,7 @@ def _loadable(checkpoint: Path, final: Path) -> Path:
 def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
     """Run the proof (resuming what ``cfg.out`` holds); returns the summaries, the goals met, the minutes,
     the curve and each stage's steps and losses."""
-    from training.synth import VERSION, write_synth
+    from training.synth import HELDOUT_SETS, VERSION, write_synth
     from training.trainer import run_train
 
     from .evaluation import EvalConfig, evaluate
@@ -235,7 +234,7 @@ def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
         if not done:
             say(f"proof: stage {n} ({config.train.max_steps} steps, {', '.join(config.train.trainable)}) from {spec}")
             shutil.rmtree(config.train.output_dir, ignore_errors=True)
-            for held in SETS:  # its results, and every later stage's, are another model's
+            for held in HELDOUT_SETS:  # its results, and every later stage's, are another model's
                 for m in STAGES[n - 1:]:
                     for folder in (out / "eval" / held).glob(f"stage{m}*"):
                         shutil.rmtree(folder, ignore_errors=True)
@@ -260,7 +259,7 @@ def prove(cfg: ProofConfig, say=print, err=sys.stderr) -> dict:
                           "summary": run_eval(spec, config, f"stage{n}")})
     config = stage_config(4, spec, out, cfg.steps)  # evaluated as stage 4 trained it
     summaries: dict[str, dict | None] = {"compositional online": curve[-1]["summary"], "compositional offline": None,
-                                         "in_distribution online": run_eval(spec, config, "stage4", SETS[1])}
+                                         "in_distribution online": run_eval(spec, config, "stage4", "in_distribution")}
     if not cfg.online_only:
         summaries["compositional offline"] = run_eval(spec, config, "stage4", protocol="offline")
     text = table(summaries, minutes)

@@ -216,9 +216,9 @@ def parse(kind: str, text: str) -> str | int | None:
     raise ValueError(f"no parser for {kind!r}")
 
 
-def score_proactive(probe: Probe, answers: list[tuple[float, str]], end: float | None = None) -> dict:
+def score_proactive(probe: Probe, answers: list[tuple[float, str]]) -> dict:
     """A proactive item, from the times and texts the model spoke by itself between the instruction and
-    the close of the item's window (``due`` + 2 s; for an item whose event never comes, ``end``).
+    the close of the item's window (``due`` + 2 s).
 
     The rules (README "Proactive scoring"): the item is *recalled* when the model's first answer comes
     between the event and 2 s after it (``due <= t <= due + 2``) and names the expected output. Every
@@ -242,8 +242,7 @@ def score_proactive(probe: Probe, answers: list[tuple[float, str]], end: float |
             late += 1  # the right output too late: a miss, not a false alarm
         else:
             alarms.append(t)
-    close = due + PROACTIVE_WINDOW if due is not None else end
-    watched = max(0.0, (close if close is not None else probe.time) - probe.time)
+    watched = max(0.0, due + PROACTIVE_WINDOW - probe.time) if due is not None else 0.0
     return {"correct": hit is not None, "false_alarm": bool(alarms), "false_alarms": len(alarms), "late": late,
             "repeats": repeats, "watched_s": round(watched, 2),
             "answered_at": hit[0] if hit else (min(a[0] for a in answers) if answers else None),
