@@ -214,6 +214,9 @@ def test_the_synthetic_world_holds_out_its_pairs_and_writes_every_format(lm, tmp
                 assert TOKEN < RADIUS < CELL / 2  # past the middle of the outer tokens, inside the cell
     # every colour stands out from the background alike
     assert all(abs(np.linalg.norm(np.subtract(c, BACKGROUND)) - CONTRAST) < 1.0 for c in COLORS.values())
+    with pytest.raises(ValueError, match="at least one video of each kind"):
+        write_synth(tmp_path / "none", train_videos=2, heldout_videos=2, seed=1, say=None, indist_videos=0)
+    assert not (tmp_path / "none").exists()  # refused before anything is written
     files = write_synth(tmp_path, train_videos=2, heldout_videos=2, seed=1, say=None)
     pictures = [json.loads(line) for line in files["stage1"].read_text().splitlines()]
     assert len(pictures) == 2 * OBJECT_IMAGES_PER_VIDEO and all((tmp_path / s["image"]).is_file() for s in pictures)

@@ -262,18 +262,19 @@ def proactive_items(world: World, rng: random.Random, training: bool = False) ->
         items.append({"time": float(rng.randint(0, 8)), "due": None, "shape": "star", "color": None,
                       "question": 'When a star appears, output "star".', "output": "star"})
         return items
-    free = 0.0
+    free, chosen = 0.0, []
     for _ in range(EVAL_INSTRUCTIONS):
         for _ in range(8):  # a lead first, then a shape it fits (the leads stay near uniform)
             lead = rng.randint(*LEAD)
-            fits = [k for k in world.tracks if k.t_in - lead >= free and not any(k is i["k"] for i in items)
+            fits = [k for k in world.tracks if k.t_in - lead >= free and k not in chosen
                     and any(k.t_in - lead < e < k.t_in for e in other_events(world, k))]
             if fits:
                 k = rng.choice(fits)
-                items.append({"k": k, **_instruction(k, k.t_in - lead)})
+                chosen.append(k)
+                items.append(_instruction(k, k.t_in - lead))
                 free = k.t_in + 2.0 + 1.0  # its window, and a frame's gap
                 break
-    return [{key: v for key, v in i.items() if key != "k"} for i in sorted(items, key=lambda i: i["time"])]
+    return items
 
 
 def appearances_so_far(world: World, t: float) -> int:
@@ -484,11 +485,14 @@ def write_synth(out_dir: str | Path, train_videos: int = 24, heldout_videos: int
     never trained on)."""
     from PIL import Image
 
+    indist_videos = heldout_videos if indist_videos is None else indist_videos
+    if train_videos < 1 or heldout_videos < 1 or indist_videos < 1:
+        raise ValueError(f"synth needs at least one video of each kind, got {train_videos} training, "
+                         f"{heldout_videos} compositional and {indist_videos} in-distribution")
     out = Path(out_dir)
     for sub in ("videos", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    indist_videos = heldout_videos if indist_videos is None else indist_videos
     stages: dict[str, list[dict]] = {"stage1": [], "stage2": [], "stage3": [], "stage4": []}
     held: dict[str, list[tuple[World, str]]] = {k: [] for k in HELDOUT_SETS}
     plan = ([("train", i, False) for i in range(train_videos)]
