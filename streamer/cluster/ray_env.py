@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 
 PREFIX = "vl3live-worker-"
 INLINE_BYTES = 8 << 20  # call arguments up to this size travel inside the call, not through the object store
+# Ray Client's proxier starts one server process per client; that process now and then dies as it starts
+# (ray-project/ray#63202), and the join fails with "Initialization failure from server". A fresh join
+# gets a fresh process: try this many times, this far apart, before giving up.
+CLIENT_JOIN_ATTEMPTS = 3
+CLIENT_JOIN_PAUSE = 1.0
 
 
 def ray():
@@ -53,11 +59,24 @@ def connect(cluster: ClusterConfig) -> int:
     if n:
         r.init(num_cpus=max(2, int(n * cluster.worker_cpus) + 1), include_dashboard=False, **quiet)
     else:
-        try:
-            r.init(address=cluster.address, **quiet)
-        except ConnectionError as exc:
-            raise RuntimeError(f"cannot reach the Ray cluster at {cluster.address}: {exc}") from None
+        _join(r, cluster.address, quiet)
     return n
+
+
+def _join(r, address: str, options: dict) -> None:
+    """``ray.init(address)``, tried again where Ray Client's per-client server died as it started."""
+    attempts = CLIENT_JOIN_ATTEMPTS if address.startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            r.init(address=address, **options)
+            return
+        except ConnectionError as exc:
+            if attempt == attempts or "Initialization failure from server" not in str(exc):
+                tries = f" ({attempt} tries)" if attempt > 1 else ""
+                raise RuntimeError(f"cannot reach the Ray cluster at {address}{tries}: {exc}") from None
+            log.warning("joining %s failed as Ray Client's server started (try %d of %d), trying again: %s",
+                        address, attempt, attempts, str(exc).splitlines()[-1])
+            time.sleep(CLIENT_JOIN_PAUSE)
 
 
 def worker_class():
