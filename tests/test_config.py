@@ -98,6 +98,16 @@ def test_cli_flags_come_from_dataclass_fields():
         dataclass_from_args(BenchConfig, p.parse_args(["--frames", "many"]))
 
 
+def test_a_flag_on_by_default_can_be_turned_off():
+    from vl3live.proof import ProofConfig
+
+    p = argparse.ArgumentParser()
+    add_dataclass_arguments(p, ProofConfig, positional=("out",))
+    assert dataclass_from_args(ProofConfig, p.parse_args(["o"])).curve is True
+    assert dataclass_from_args(ProofConfig, p.parse_args(["o", "--no-curve"])).curve is False
+    assert dataclass_from_args(ProofConfig, p.parse_args(["o", "--online-only"])).online_only is True
+
+
 def test_from_dict_rejects_wrong_types():
     with pytest.raises(ValueError, match="session"):
         from_dict(Config, {"session": "not a mapping"})

@@ -6,6 +6,7 @@ compositional held-out videos are well above chance (:data:`QUICK_REALTIME`). Th
 loop, the split goals and the curve, not the accuracy goals.
 """
 
+import dataclasses
 import io
 import json
 
@@ -70,6 +71,12 @@ def test_a_stage_is_trained_again_when_its_recipe_or_an_earlier_one_changed(tmp_
     assert same == recipes(1.0, 1.0)
     assert other1[0] != same[0] and other1[1] != same[1]  # stage 1 changed: stage 2 too, its own config unchanged
     assert other2[0] == same[0] and other2[1] != same[1]
+    # a setting at its default is not part of the recipe: one added later leaves earlier stages valid
+    config = stage_config(4, "x", tmp_path, 1.0)
+    assert "frame_cache_mb" not in recipe_of("data", config)
+    assert '"max_steps": 1000' in recipe_of("data", config)
+    moved = dataclasses.replace(config, train=dataclasses.replace(config.train, frame_cache_mb=1.0))
+    assert recipe_of("data", moved) != recipe_of("data", config)
 
 
 def test_the_shortened_proof_trains_four_stages_and_evaluates_held_out_videos_online_and_offline(tmp_path):

@@ -120,6 +120,30 @@ def test_decision_ratio_balances_keep_watching_labels(lm, tmp_path):
     assert counts[:3] == [1, 1, 3] and frames_followed_by_frames >= 4  # at least one; 100x = all of them
 
 
+def test_decision_changed_gives_keep_watching_labels_to_the_frames_that_changed_most(lm, tmp_path):
+    sample = parse_sample(_stream_sample(tmp_path), tmp_path, "test:1")
+    sid = lm.processor.tokenizer.convert_tokens_to_ids("<|stream_start|>")
+
+    def render(**train):
+        return SampleRenderer(lm.processor, SessionConfig(layout="stream", frame_pixels=FRAME_PIXELS),
+                              TrainConfig(fps=2.0, **train)).render(sample)
+
+    every = render(decision_ratio=100.0)
+    starts = [i for i, t in enumerate(every.input_ids) if t == sid]  # frame k opens with the k-th of them
+    change = {p: int(every.keeps[k - 1].sum()) for k, p in enumerate(starts) if k}  # what the frame before kept
+    candidates = [p for p in starts if every.labels[p] == sid]
+    assert len({change[p] for p in candidates}) > 1  # the frames differ in change: the choice can go wrong
+    out = render(decision_ratio=2.0, decision_changed=1.0)
+    chosen = [p for p in candidates if out.labels[p] == sid]
+    others = [p for p in candidates if out.labels[p] != sid]
+    assert len(chosen) == 2 and min(change[p] for p in chosen) >= max(change[p] for p in others)
+    half = render(decision_ratio=2.0, decision_changed=0.5)
+    assert sum(half.labels[p] == sid for p in candidates) == 2
+    assert max(change[p] for p in candidates if half.labels[p] == sid) == max(change[p] for p in candidates)
+    with pytest.raises(ValueError, match="decision_changed"):
+        TrainConfig(decision_changed=1.5)
+
+
 def test_llava_samples_and_bad_samples_are_reported_per_line(lm, tmp_path):
     from PIL import Image
 

@@ -36,6 +36,9 @@ class TrainConfig:
     max_frames: int = setting("most frames per sample (evenly resampled beyond)", default=180)
     clip_seconds: float = setting("stream-from-captions: clip length", default=120.0)
     decision_ratio: float = setting("stream layout: keep-watching decision labels per speak-now label", default=1.0)
+    decision_changed: float = setting(
+        "stream layout: share of the keep-watching labels given first to the frames that changed most (the most "
+        "tokens DiffFP kept), where speaking up is tempting; the rest at random", default=0.0)
     bf16: bool | None = setting("bfloat16 mixed precision; None = on when CUDA is present", default=None)
     gradient_checkpointing: bool = setting("recompute activations in the backward pass", default=True)
     logging_steps: int = setting("log every N steps", default=10)
@@ -69,5 +72,7 @@ class TrainConfig:
         if self.quant and not self.lora:
             raise ValueError("train.quant (QLoRA) needs train.lora: true")
         if min(self.batch_size, self.grad_accum, self.max_length, self.max_frames, self.logging_steps,
-               self.save_steps) < 1 or self.fps <= 0 or self.decision_ratio < 0 or self.frame_cache_mb < 0:
-            raise ValueError("train: sizes and steps must be >= 1, fps > 0, decision_ratio and frame_cache_mb >= 0")
+               self.save_steps) < 1 or self.fps <= 0 or self.decision_ratio < 0 or self.frame_cache_mb < 0 \
+                or not 0 <= self.decision_changed <= 1:
+            raise ValueError("train: sizes and steps must be >= 1, fps > 0, decision_ratio and frame_cache_mb >= 0, "
+                             "decision_changed in [0, 1]")

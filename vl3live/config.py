@@ -3,6 +3,7 @@ dotted overrides (``--set section.key=value``), and CLI flags built from datacla
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -64,8 +65,9 @@ def add_dataclass_arguments(parser: Any, cls: type, positional: tuple[str, ...] 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+        if hints[f.name] is bool:  # on by default: --no-NAME turns it off
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=default, metavar=f.name.upper(),
                                 help=f"{help_text} (default: {default})")

@@ -86,9 +86,20 @@ def stage_config(n: int, spec: str, out: Path, steps: float):
 
 
 def recipe_of(previous: str, config) -> str:
-    """What a stage's model is made from: ``previous`` (the data and the stages before it) and its config."""
-    return json.dumps([previous, dataclasses.asdict(config.model), dataclasses.asdict(config.session),
-                       dataclasses.asdict(config.train)], default=str)
+    """What a stage's model is made from: ``previous`` (the data and the stages before it) and its config,
+    the settings away from their defaults only (a setting added later, at a default that changes nothing,
+    leaves the stages trained before it valid)."""
+    return json.dumps([previous, *(_changed(c) for c in (config.model, config.session, config.train))], default=str)
+
+
+def _changed(settings) -> dict:
+    out = {}
+    for f in dataclasses.fields(settings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(settings, f.name)
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 def _cat(summary: dict | None, c: str) -> float | None:

@@ -9,7 +9,9 @@ Labels (-100 elsewhere): the answer tokens and the ``<|im_end|>`` that closes th
 ``stream`` layout also the decision after each frame that the model makes itself: the
 ``<|im_start|>`` of an assistant turn it opens (speak now) or the next frame's
 ``<|stream_start|>`` (keep watching). Keep-watching labels are subsampled to
-``train.decision_ratio`` per speak-now label (at least one per sample), seeded per sample.
+``train.decision_ratio`` per speak-now label (at least one per sample), seeded per sample; a
+``train.decision_changed`` share of them goes first to the frames that changed most (the most tokens
+DiffFP kept): the moments where speaking up is tempting and wrong.
 """
 
 from __future__ import annotations
@@ -158,8 +160,9 @@ class SampleRenderer:
         else:  # the visuals open the first user turn
             events += [(float("inf"), 1, m) for m in sample.messages]
         pending: list[int] = []  # the close of the last answer: tokenized on its own, sent with the next part
-        decisions: list[tuple[int, bool]] = []  # (position, speak now) of the model's choices after frames
+        decisions: list[tuple[int, bool, int]] = []  # (position, speak now, tokens the frame before kept)
         after_frame = question_open = False
+        kept = 0  # tokens DiffFP kept of the last frame
         for t, kind, item in events:
             if kind == 0:
                 pf = self.prep(item)
@@ -169,7 +172,7 @@ class SampleRenderer:
                 pending = []
                 lead, sep, stamp = self._enc(ft.lead), self._enc(ft.sep), self._enc(ft.stamp)
                 if after_frame and layout == "stream":  # the next frame's <|stream_start|>: keep watching
-                    decisions.append((len(out.input_ids) + len(lead) + len(sep), False))
+                    decisions.append((len(out.input_ids) + len(lead) + len(sep), False, kept))
                 for ids in (lead, sep, stamp):
                     self._add(out, ids, labelled=False)
                 self._add(out, [self.video_id] * int(keep.sum()), labelled=False)
@@ -178,7 +181,8 @@ class SampleRenderer:
                 out.grids.append(pf.grid_thw)
                 out.keeps.append(keep)
                 out.tokens_total += pf.num_tokens
-                out.tokens_kept += int(keep.sum())
+                kept = int(keep.sum())
+                out.tokens_kept += kept
                 after_frame = True
                 continue
             m = item
@@ -190,7 +194,7 @@ class SampleRenderer:
             else:
                 if not question_open:  # the model speaks by itself (stream layout): its <|im_start|>
                     if after_frame:
-                        decisions.append((len(out.input_ids), True))
+                        decisions.append((len(out.input_ids), True, kept))
                     self._add(out, self._enc(r.assistant_open()), labelled=False)
                 self._add(out, self._enc(m.content), labelled=True)
                 pending = self._enc(r.answer_close())
@@ -215,10 +219,14 @@ class SampleRenderer:
         out.input_ids += ids
         out.labels += list(ids) if labelled else [IGNORE] * len(ids)
 
-    def _label_decisions(self, out: Rendered, decisions: list[tuple[int, bool]], seed: int) -> None:
-        speak = [p for p, s in decisions if s]
-        watch = [p for p, s in decisions if not s]
-        n = max(1, round(self.train.decision_ratio * len(speak))) if watch else 0
-        keep = random.Random(seed).sample(watch, min(n, len(watch)))
-        for p in speak + keep:
+    def _label_decisions(self, out: Rendered, decisions: list[tuple[int, bool, int]], seed: int) -> None:
+        speak = [p for p, s, _ in decisions if s]
+        watch = [(p, kept) for p, s, kept in decisions if not s]
+        n = min(max(1, round(self.train.decision_ratio * len(speak))) if watch else 0, len(watch))
+        rng = random.Random(seed)
+        changed = round(n * self.train.decision_changed)
+        taken = [p for p, _ in sorted(rng.sample(watch, len(watch)), key=lambda w: -w[1])[:changed]] \
+            if changed else []  # ties at random
+        rest = [p for p, _ in watch if p not in taken]
+        for p in speak + taken + rng.sample(rest, n - changed):
             out.labels[p] = out.input_ids[p]
