@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from tests import ws_rig
-from tests.conftest import wait_for_line
+from tests.conftest import wait_for_line, with_ctrl_c
 
 # the websocket rig's settings (ws_rig.config), for processes that read the config tree from flags
 SETTINGS = {"session.frame_pixels": ws_rig.H * ws_rig.W, "engine.fps": 2.0, "engine.max_new_tokens": 12,
@@ -51,8 +51,8 @@ def vl3live(*args: str, **settings) -> list[str]:
 
 
 def _popen(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(with_ctrl_c(cmd), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, text=True)
 
 
 class Proc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 import threading
 import time
 
@@ -67,6 +68,18 @@ async def eventually(pred, timeout: float = 60.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+# A background job inherits SIGINT ignored, and so would the commands it starts: this launcher gives Ctrl-C
+# back (SIGINT to its default), then becomes the command (same pid). Not ``Popen(preexec_fn=...)``: Python run
+# in the forked child of a threaded process can deadlock before the exec (it hung a CI run: the child's garbage
+# collection freed a PyAV scaler whose worker threads the fork had not copied).
+_CTRL_C = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def with_ctrl_c(cmd: list[str]) -> list[str]:
+    """``cmd`` (its first item a path to the program) started with SIGINT at its default."""
+    return [sys.executable, "-c", _CTRL_C, *cmd]
 
 
 def wait_for_line(proc, pattern: str, timeout: float = 60.0) -> tuple[re.Match | None, list[str]]:

@@ -26,7 +26,7 @@ from streamer.websocket.client import Client, ClientError
 from streamer.websocket.config import ServerConfig
 from streamer.websocket.server import Server
 from tests import ws_rig
-from tests.conftest import eventually, wait_for_line
+from tests.conftest import eventually, wait_for_line, with_ctrl_c
 from tests.engines import SERVER_TRANSPORTS
 from tests.test_sources import _free_port, _start_server, _stop
 
@@ -454,12 +454,10 @@ def test_cli_serve_and_cli_client(tmp_path, transport):
     clip = ws_rig.write_clip(tmp_path / "clip.mp4", seconds=3.0)
     where = ["--set", f"engine.transport={transport}"] if transport != "cluster" else \
         ["--set", "cluster.worker_cpus=0.5"]  # and serve --cluster local:2 (a local Ray, two worker actors)
-    serve = subprocess.Popen([sys.executable, "-m", "vl3live", "--set", "server.port=0", *where,
+    serve = subprocess.Popen(with_ctrl_c([sys.executable, "-m", "vl3live", "--set", "server.port=0", *where,
                               "--set", f"session.frame_pixels={ws_rig.H * ws_rig.W}", "--set", "engine.max_new_tokens=8",
-                              "serve", "--model", "tiny", *(["--cluster", "local:2"] if transport == "cluster" else [])],
-                             stderr=subprocess.PIPE, text=True,
-                             # a background job inherits SIGINT ignored: give Ctrl-C back to the server
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              "serve", "--model", "tiny", *(["--cluster", "local:2"] if transport == "cluster" else [])]),
+                             stderr=subprocess.PIPE, text=True)  # with Ctrl-C, as a background job would not have it
     lines: list[str] = []
     try:
         m, lines = wait_for_line(serve, r"serving ws://127\.0\.0\.1:(\d+)/")  # and keeps draining stderr
