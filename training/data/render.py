@@ -227,6 +227,7 @@ class SampleRenderer:
         changed = round(n * self.train.decision_changed)
         taken = [p for p, _ in sorted(rng.sample(watch, len(watch)), key=lambda w: -w[1])[:changed]] \
             if changed else []  # ties at random
-        rest = [p for p, _ in watch if p not in taken]
+        chosen = set(taken)
+        rest = [p for p, _ in watch if p not in chosen]
         for p in speak + taken + rng.sample(rest, n - changed):
             out.labels[p] = out.input_ids[p]
